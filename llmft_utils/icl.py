@@ -1,0 +1,297 @@
+"""In-context learning evaluation with a shared, reused demonstration prefix.
+
+Scoring ("score accuracy"): the prediction is the label whose verbalizer continuation has the highest
+log-probability after the prompt. When every verbalizer is a single token, one forward pass per query
+gives all labels (the log-softmax at the answer position); otherwise each (query, label) pair is scored
+by the summed log-probability of its continuation tokens. Full-vocabulary top-1 at the answer position
+is recorded too, to report how often the model would have said something else entirely.
+
+Prefix reuse: the k demonstrations are encoded once per (model, k, seed); their key/value cache is
+broadcast over each batch of queries. Every query is tokenised *together with* the prefix (as the
+model would see the whole prompt) and the reuse is only taken when those ids start with the prefix's
+own ids; otherwise that query is scored on its full prompt (counted in ``n_prefix_fallback``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .patterns import Pattern, build_prefix, query_text
+from .probes import probe
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the model's context window (never truncated silently)."""
+
+
+@dataclass
+class Row:
+    qi: int  # query index
+    ids: list  # token ids after the prefix (query [+ continuation[:-1]])
+    sets: list  # per label: list of (offset_from_end, token_id) whose log-probs are summed
+    answer_offset: int  # offset from end of the position predicting the first answer token
+    standalone: bool = False  # True: ids already hold the whole prompt (prefix-reuse fallback)
+
+
+def _tok(tokenizer, texts, special: bool):
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> list[list[list[int]]]:
+    """Per context, per verbalizer: the continuation's token ids when encoded together with the context."""
+    ctx = _tok(tokenizer, contexts, False)
+    out = [[None] * len(verbalizers) for _ in contexts]
+    for j, v in enumerate(verbalizers):
+        whole = _tok(tokenizer, [c + v for c in contexts], False)
+        for i, (w, c) in enumerate(zip(whole, ctx)):
+            if w[: len(c)] != c or len(w) == len(c):
+                raise ValueError(f"the verbalizer {v!r} merges with the end of the prompt under this tokenizer "
+                                 f"(context ...{contexts[i][-30:]!r}); choose another pattern/verbalizer")
+            out[i][j] = w[len(c):]
+    return out
+
+
+def build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tuple):
+    """Tokenise prefix and queries; return (prefix_ids, rows, single_token, first verbalizer ids per query)."""
+    prefix_ids = _tok(tokenizer, [prefix_text], True)[0]
+    P = len(prefix_ids)
+    full = _tok(tokenizer, [prefix_text + q for q in queries], True)
+    conts = continuation_ids(tokenizer, queries, verbalizers)
+    single = (all(len(c) == 1 for per_q in conts for c in per_q)
+              and len({tuple(c[0] for c in per_q) for per_q in conts}) == 1)
+    rows = []
+    for qi, (ids, per_q) in enumerate(zip(full, conts)):
+        standalone = ids[:P] != prefix_ids
+        q_ids = ids if standalone else ids[P:]
+        if single:
+            rows.append(Row(qi, q_ids, [[(-1, c[0])] for c in per_q], -1, standalone))
+        else:
+            for lab, c in enumerate(per_q):
+                sets = [[] for _ in per_q]  # only this label's set is scored on this row
+                sets[lab] = [(-(len(c) - j), t) for j, t in enumerate(c)]
+                rows.append(Row(qi, q_ids + c[:-1], sets, -len(c), standalone))
+    return prefix_ids, rows, single, [[c[0] for c in per_q] for per_q in conts]
+
+
+def _prefix_kv(model, prefix_ids: list, device: str):
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+    pkv = out.past_key_values
+    if hasattr(pkv, "layers"):
+        return [(layer.keys, layer.values) for layer in pkv.layers]
+    return [(k, v) for k, v in pkv]  # legacy tuple format
+
+
+def _expand_cache(prefix_kv, batch: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(prefix_kv):
+        cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
+    return cache
+
+
+def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
+                  batch_size: int, pbar=None):
+    """Log-prob sums per row and label set, and the top-1 token at each row's answer position."""
+    P = len(prefix_ids) if prefix_kv is not None else 0
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    n_sets = len(rows[0].sets)
+    scores = np.full((len(rows), n_sets), np.nan)
+    top1 = np.zeros(len(rows), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = [rows[i] for i in idx]
+        B, L = len(batch), max(len(r.ids) for r in batch)
+        keep = max(max(-r.answer_offset, 1) for r in batch)
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, r in enumerate(batch):  # left padding: every row ends at the last column
+            input_ids[b, L - len(r.ids):] = torch.tensor(r.ids)
+            mask[b, L - len(r.ids):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + P
+        kw = {}
+        if P:
+            kw["past_key_values"] = _expand_cache(prefix_kv, B)
+            mask = torch.cat([torch.ones((B, P), dtype=torch.long), mask], 1)
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=bool(P), logits_to_keep=keep, **kw).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        if not torch.isfinite(logp).all():
+            raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
+        for b, (i, r) in enumerate(zip(idx, batch)):
+            for s, tset in enumerate(r.sets):
+                if tset:
+                    scores[i, s] = float(sum(logp[b, keep + o, t] for o, t in tset))
+            top1[i] = int(logp[b, keep + r.answer_offset].argmax())
+        if pbar is not None:
+            pbar.update(len(batch))
+    return scores, top1
+
+
+def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 16,
+                  reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = False) -> dict:
+    """Score every query (text after the prefix) for each verbalizer.
+
+    Returns ``logprobs`` (n_queries × n_labels; NaN rows for skipped queries), ``top1`` token ids,
+    ``first_ids`` (verbalizer first tokens), ``skipped`` mask, and token counts.
+    ``reuse_prefix=False`` is the naive baseline: every prompt is run in full.
+    """
+    if on_too_long not in ("error", "skip"):
+        raise ValueError("on_too_long must be 'error' or 'skip'")
+    model, tok = lm.model, lm.tokenizer
+    prefix_ids, rows, single, first_ids = build_rows(tok, prefix_text, queries, verbalizers)
+    P = len(prefix_ids)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lengths = np.array([len(r.ids) + (0 if r.standalone else P) for r in rows])
+    too_long = lengths > lm.max_context
+    if too_long.any():
+        worst = int(lengths.max())
+        msg = (f"{int(too_long.sum())} of {len(rows)} prompts exceed the model's context of {lm.max_context} tokens "
+               f"(longest {worst}; demonstration prefix {P}). Use fewer demonstrations (k), a model with a longer "
+               "context, or on_too_long='skip' to drop and count them.")
+        if on_too_long == "error":
+            raise PromptTooLongError(msg)
+    skipped_q = np.zeros(len(queries), dtype=bool)
+    for r, bad in zip(rows, too_long):
+        skipped_q[r.qi] |= bad
+    live = [r for r in rows if not skipped_q[r.qi]]
+    reuse_rows = [r for r in live if not r.standalone] if reuse_prefix else []
+    full_rows = [r for r in live if r.standalone] if reuse_prefix else \
+        [Row(r.qi, (r.ids if r.standalone else prefix_ids + r.ids), r.sets, r.answer_offset, True) for r in live]
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+        pbar = tqdm(total=len(live), desc="scoring", unit="row", leave=False)
+    n_labels = len(verbalizers)
+    logprobs = np.full((len(queries), n_labels), np.nan)
+    top1 = np.full(len(queries), -1, dtype=np.int64)
+    tokens = 0
+    for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
+        if not group:
+            continue
+        kv = _prefix_kv(model, prefix_ids, lm.device) if (use_prefix and P) else None
+        tokens += P if kv is not None else 0
+        scores, t1 = _forward_rows(model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar)
+        tokens += sum(len(r.ids) for r in group)
+        for r, s, t in zip(group, scores, t1):
+            for lab in range(n_labels):
+                if not np.isnan(s[lab]):
+                    logprobs[r.qi, lab] = s[lab]
+            if r.sets[0] or single:
+                top1[r.qi] = t
+    if pbar is not None:
+        pbar.close()
+    return {"logprobs": logprobs, "top1": top1, "first_ids": first_ids, "skipped": skipped_q,
+            "single_token": single, "prefix_tokens": P, "tokens_processed": int(tokens),
+            "n_prefix_fallback": int(len({r.qi for r in live if r.standalone})) if reuse_prefix else 0,
+            "query_tokens": lengths - np.array([0 if r.standalone else P for r in rows])}
+
+
+def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (c - h, c + h)
+
+
+def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 16,
+             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True):
+    """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``."""
+    prefix = build_prefix(pattern, demos)
+    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
+    with probe(lm.device) as pr:
+        s = score_prompts(lm, prefix, queries, pattern.verbalizers, batch_size=batch_size,
+                          reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress)
+    ok = ~s["skipped"]
+    gold = eval_df["label"].to_numpy()
+    lp = s["logprobs"]
+    pred = np.where(ok, np.nan_to_num(lp, nan=-np.inf).argmax(1), -1)
+    verb_first = s["first_ids"]
+    top1_correct = np.array([t == vf[g] for t, vf, g in zip(s["top1"], verb_first, gold)])
+    top1_in_verb = np.array([t in vf for t, vf in zip(s["top1"], verb_first)])
+    n = int(ok.sum())
+    correct = int((pred[ok] == gold[ok]).sum())
+    lo, hi = wilson_ci(correct, n)
+    counts = np.bincount(gold[ok], minlength=2)
+    maj = int(counts.argmax())
+    metrics = {
+        "n_eval": n, "n_skipped_too_long": int((~ok).sum()),
+        "majority_label": maj, "majority_acc": float(counts[maj] / max(n, 1)),
+        "score_acc": correct / max(n, 1), "score_acc_lo": lo, "score_acc_hi": hi,
+        "top1_acc": float(top1_correct[ok].mean()) if n else float("nan"),
+        "non_verbalizer_frac": float((~top1_in_verb[ok]).mean()) if n else float("nan"),
+        "pred_label1_frac": float((pred[ok] == 1).mean()) if n else float("nan"),
+        "acc_label0": float((pred[ok & (gold == 0)] == 0).mean()) if (ok & (gold == 0)).any() else float("nan"),
+        "acc_label1": float((pred[ok & (gold == 1)] == 1).mean()) if (ok & (gold == 1)).any() else float("nan"),
+        "single_token_verbalizers": bool(s["single_token"]), "prefix_tokens": s["prefix_tokens"],
+        "query_tokens_mean": float(np.mean(s["query_tokens"])), "tokens_processed": s["tokens_processed"],
+        "n_prefix_fallback": s["n_prefix_fallback"], "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
+        "wall_s": pr.wall_s, "s_per_query": pr.wall_s / max(len(queries), 1),
+        "peak_mem_mb": pr.peak_mem_mb, "mem_kind": pr.mem_kind,
+    }
+    preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
+                          "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
+                          "top1_is_verbalizer": top1_in_verb, "skipped": ~ok})
+    for c in ("heuristic", "subcase"):
+        if c in eval_df:
+            preds[c] = eval_df[c].to_numpy()
+    return metrics, preds
+
+
+
+def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 16, on_too_long: str = "error",
+              force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True):
+    """The k × seed ICL sweep over every evaluation set in ``out_dir/manifest.json``.
+
+    Each finished (eval set, k, seed) appends one row to ``out_dir/icl.csv`` atomically and writes its
+    per-example predictions to ``out_dir/predictions/``; rows already present are skipped unless
+    ``force``. k = 0 has no demonstrations and runs once (seed recorded as 0).
+    """
+    from pathlib import Path
+
+    from . import data
+    from .patterns import get_pattern
+    from .results import ResultTable, atomic_write_parquet, ids_digest, provenance
+
+    out_dir = Path(out_dir)
+    manifest = data.load_manifest(out_dir)
+    pattern = get_pattern(pattern_name)
+    table = ResultTable(out_dir / "icl.csv")
+    done = set() if force else table.done()
+    prov = provenance()
+    model_name = model_name or lm.name
+    pools = {name: data.read_prepared(out_dir / info["file"]) for name, info in manifest["demo_pools"].items()}
+    plan = [(es, k, s) for es in manifest["eval_sets"] for k in ks for s in (seeds if k > 0 else [0])]
+    for es, k, seed in plan:
+        info = manifest["eval_sets"][es]
+        key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}"
+        if key in done:
+            print(f"skip (done): {key}")
+            continue
+        ev = data.read_prepared(out_dir / info["file"])
+        demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=ev)
+        print(f"{es}  k={k}  seed={seed}  n={len(ev)}", flush=True)
+        metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
+                                  progress=progress)
+        atomic_write_parquet(preds, out_dir / "predictions" / f"icl__{ids_digest([key])}.parquet")
+        row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
+               "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
+               "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k, "seed": seed,
+               "eval_full_size": info["full_size"], "eval_subsampled": info["subsampled"],
+               "eval_ids_digest": info["ids_digest"], "demo_pool": info["demo_pool"],
+               "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size, "profile": profile,
+               "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
+        table.append([row])
+        print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f})  "
+              f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB", flush=True)
+    return table.read()

@@ -1,0 +1,139 @@
+"""Run the study notebooks in order with papermill.
+
+    python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
+    python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
+    python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
+
+Executed copies are kept in ``<results>/executed/``. A failing notebook stops the run with a non-zero
+exit status and a message naming the notebook and the cell. Finished ICL rows are skipped on rerun
+(``--force`` recomputes them).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+from .results import atomic_write_json, provenance, repo_root, results_dir
+
+NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb"]
+
+# Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
+# (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
+_COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto",
+           "eval_seed": 0, "on_too_long": "error", "force": False}
+PROFILES: dict[str, dict] = {
+    "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
+              "ks": [0, 4], "seeds": [0], "batch_size": 8},
+    "default": {**_COMMON, "profile": "default", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
+                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16},
+    "full": {**_COMMON, "profile": "full", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
+             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16},
+}
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def notebook_parameters(nb_path: Path) -> set:
+    """Names assigned in the notebook's ``parameters`` cell."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
+    raise NotebookFailed(f"{nb_path} has no cell tagged 'parameters'")
+
+
+def _source_cell(nb_path: Path, executed_path: Path, executed_index: int) -> str:
+    """Describe the failing cell by its index in the *source* notebook (papermill adds a cell) and first line."""
+    import nbformat
+
+    try:
+        executed = nbformat.read(executed_path, as_version=4).cells
+        src = next(c.source for c in executed if c.cell_type == "code"
+                   and any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+        cells = nbformat.read(nb_path, as_version=4).cells
+        idx = next(i for i, c in enumerate(cells) if c.source == src)
+    except (OSError, IndexError, StopIteration):
+        return f"cell {executed_index} of the executed copy"
+    first = next((ln for ln in src.splitlines() if ln.strip() and not ln.startswith("#")), "")
+    return f"cell {idx} ({first[:60]!r})"
+
+
+def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
+    import papermill as pm
+
+    names = notebook_parameters(nb_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(nb_path), str(out_path), parameters={k: v for k, v in params.items() if k in names},
+                            cwd=str(nb_path.parent), kernel_name="python3", progress_bar=False, log_output=True)
+    except pm.PapermillExecutionError as e:
+        where = _source_cell(nb_path, out_path, e.cell_index)
+        raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
+                             f"  executed copy with the traceback: {out_path}") from None
+    return time.perf_counter() - t0
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    ap.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 01 02")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
+    ap.add_argument("--force", action="store_true", help="recompute rows that already exist")
+    a = ap.parse_args(argv)
+
+    params = dict(PROFILES[a.profile])
+    for kv in a.set:
+        if "=" not in kv:
+            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        if k not in params:
+            ap.error(f"unknown parameter {k!r}; known: {', '.join(sorted(params))}")
+        params[k] = parse_value(v)
+    if a.force:
+        params["force"] = True
+    out_dir = results_dir(params["results_dir"], params["profile"])
+    params["results_dir"] = str(out_dir)
+    root = repo_root()
+    nbs = [n for n in NOTEBOOKS if a.only is None or any(n.startswith(p) for p in a.only)]
+    if not nbs:
+        ap.error(f"--only {a.only} matches none of {NOTEBOOKS}")
+    manifest = {"profile": a.profile, "parameters": params, "provenance": provenance(), "notebooks": {}}
+    total = time.perf_counter()
+    for nb in nbs:
+        print(f"[pipeline] {nb} (profile {a.profile}) ...", flush=True)
+        try:
+            wall = run_notebook(root / "notebooks" / nb, out_dir / "executed" / nb, params)
+        except NotebookFailed as e:
+            print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
+            manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
+            atomic_write_json(out_dir / "run_manifest.json", manifest)
+            return 1
+        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1)}
+        print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
+    manifest["wall_s"] = round(time.perf_counter() - total, 1)
+    atomic_write_json(out_dir / "run_manifest.json", manifest)
+    print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

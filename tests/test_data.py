@@ -1,0 +1,141 @@
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmft_utils import data
+
+
+def test_rte_labels_and_sizes(data_dir):
+    tr, va = data.load_split("rte", "train", data_dir), data.load_split("rte", "validation", data_dir)
+    assert (len(tr), len(va)) == (2490, 277)
+    assert va["label"].value_counts().to_dict() == {0: 146, 1: 131}
+    assert set(va.loc[va.label == 0, "orig_label"]) == {"entailment"}
+    assert set(va.loc[va.label == 1, "orig_label"]) == {"not_entailment"}
+
+
+def test_mnli_is_binary_like_llmft(data_dir):
+    m = data.load_split("mnli", "validation_matched", data_dir)
+    assert len(m) == 3479 + 3213  # neutral dropped
+    assert set(m["orig_label"]) == {"entailment", "contradiction"}
+    assert (m.loc[m.orig_label == "contradiction", "label"] == 1).all()
+    mm = data.load_split("mnli", "validation_mismatched", data_dir)
+    assert len(mm) == 3463 + 3240
+    assert data.label_stats(m)["majority_acc"] == pytest.approx(3479 / 6692)
+
+
+def test_hans_full_with_heuristics(data_dir):
+    h = data.load_split("hans", "validation", data_dir)
+    assert len(h) == 30000 and h["subcase"].nunique() == 30 and h["heuristic"].nunique() == 3
+    assert (h.groupby("subcase").size() == 1000).all()
+    # ln/sn/cn subcases are non-entailment, le/se/ce entailment
+    assert (h.loc[h.subcase.str[1] == "n", "label"] == 1).all()
+    assert (h.loc[h.subcase.str[1] == "e", "label"] == 0).all()
+
+
+def test_stratified_subsample_fixed_and_proportional(data_dir):
+    m = data.load_split("mnli", "validation_matched", data_dir)
+    a = data.stratified_subsample(m, n=1000, seed=0)
+    b = data.stratified_subsample(m, n=1000, seed=0)
+    assert a.index.equals(b.index) and len(a) == 1000
+    assert a["label"].value_counts().to_dict() == {0: 520, 1: 480}
+    assert not a.index.equals(data.stratified_subsample(m, n=1000, seed=1).index)
+    h = data.stratified_subsample(data.load_split("hans", "validation", data_dir), n=1500, by="subcase")
+    assert (h.groupby("subcase").size() == 50).all()
+    assert data.stratified_subsample(m, n=0) is m
+
+
+def _pool(n=40):
+    return pd.DataFrame({"idx": range(n), "premise": [f"p{i}" for i in range(n)],
+                         "hypothesis": [f"h{i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
+
+
+def test_demonstrations_balanced_deterministic_query_free():
+    pool = _pool()
+    queries = pool.iloc[:30]  # most of the pool is also a query
+    d1 = data.sample_demonstrations(pool, 8, seed=3, exclude=queries)
+    d2 = data.sample_demonstrations(pool, 8, seed=3, exclude=queries)
+    assert list(d1["idx"]) == list(d2["idx"])
+    assert d1["label"].value_counts().to_dict() == {0: 4, 1: 4}
+    assert set(d1["idx"]).isdisjoint(queries["idx"])
+    assert len(data.sample_demonstrations(pool, 0, seed=0)) == 0
+    others = {tuple(data.sample_demonstrations(pool, 4, seed=s)["idx"]) for s in range(5)}
+    assert len(others) > 1  # seeds differ
+    labels = [list(data.sample_demonstrations(pool, 8, seed=s)["label"]) for s in range(5)]
+    assert any(lab != sorted(lab) for lab in labels)  # shuffled, not grouped by label
+
+
+def test_demonstrations_bad_k_and_small_pool():
+    with pytest.raises(ValueError, match="even"):
+        data.sample_demonstrations(_pool(), 3, seed=0)
+    with pytest.raises(data.DataError, match="only"):
+        data.sample_demonstrations(_pool(4), 8, seed=0)
+
+
+def _write(tmp_path, rel, lines):
+    p = tmp_path / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+GOOD = json.dumps({"idx": 0, "premise": "A man sleeps.", "hypothesis": "A man rests.", "label": "entailment"})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ('{"idx": 1, "premise": "x", "hypothesis": "y", "label": "maybe"}', "label 'maybe'"),
+    ('{"idx": 1, "premise": "  ", "hypothesis": "y", "label": "entailment"}', "non-empty"),
+    ('{"idx": 1, "premise": "x", "label": "entailment"}', "missing field"),
+    ('{"idx": 1, "premise": "x", "hypothesis": "y", "label": ', "not valid JSON"),
+    ('{"idx": 0, "premise": "x", "hypothesis": "y", "label": "entailment"}', "duplicate idx"),
+])
+def test_malformed_rows_fail_clearly(tmp_path, bad, match):
+    d = _write(tmp_path, "rte/validation.jsonl", [GOOD, bad])
+    with pytest.raises(data.DataError, match=match):
+        data.load_split("rte", "validation", d)
+
+
+def test_hans_gz_and_missing_columns(tmp_path):
+    p = tmp_path / "hans" / "validation.jsonl.gz"
+    p.parent.mkdir(parents=True)
+    with gzip.open(p, "wt") as f:
+        f.write(json.dumps({"idx": 0, "premise": "a", "hypothesis": "b", "label": "entailment"}) + "\n")
+    with pytest.raises(data.DataError, match="heuristic"):
+        data.load_split("hans", "validation", tmp_path)
+
+
+def test_unknown_and_missing_inputs(tmp_path, monkeypatch):
+    with pytest.raises(data.DataError, match="unknown task 'qnli'.*known tasks"):
+        data.load_split("qnli", "train", tmp_path)
+    with pytest.raises(data.DataError, match="no split 'test'"):
+        data.load_split("rte", "test", tmp_path)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_split("rte", "validation", tmp_path / "nope")
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_split("rte", "validation", tmp_path)
+    # neither a data directory nor the Hub: one error that names both ways
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    with pytest.raises(data.DataError, match=r"LLMFT_DATA_DIR.*online"):
+        data.load_split("rte", "validation")
+
+
+def test_env_var_is_used(data_dir, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(data_dir))
+    assert len(data.load_split("rte", "validation")) == 277
+
+
+def test_prepare_study_data_writes_manifest(data_dir, tmp_path):
+    manifest, stats = data.prepare_study_data(tmp_path, eval_sizes={"mnli": 100, "hans": 60, "rte": 0},
+                                              data_dir=data_dir)
+    es = manifest["eval_sets"]
+    assert es["mnli/validation_matched"]["n"] == 100 and es["mnli/validation_matched"]["subsampled"]
+    assert es["rte/validation"]["n"] == 277 and not es["rte/validation"]["subsampled"]
+    assert es["hans/validation"]["demo_pool"] == "mnli/train"
+    hans = data.read_prepared(tmp_path / es["hans/validation"]["file"])
+    assert (hans.groupby("subcase").size() == 2).all()
+    assert set(manifest["demo_pools"]) == {"mnli/train", "rte/train"}
+    assert len(stats) == 5 and np.isclose(stats["majority_acc"].max(), stats["majority_acc"].max())
+    with pytest.raises(data.DataError, match="01_data_prep"):
+        data.load_manifest(tmp_path / "elsewhere")

@@ -1,0 +1,54 @@
+import ast
+import json
+
+import nbformat
+import pytest
+
+from llmft_utils import pipeline
+from llmft_utils.results import repo_root
+
+NB = repo_root() / "notebooks"
+
+
+def _param_defaults(path):
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    out = {}
+    for node in ast.parse(cell.source).body:
+        assert isinstance(node, ast.AnnAssign), f"{path.name}: parameters must be flat 'name: type = literal' lines"
+        out[node.target.id] = ast.literal_eval(node.value)
+    return out
+
+
+@pytest.mark.parametrize("name", pipeline.NOTEBOOKS)
+def test_notebook_defaults_are_the_smoke_profile(name):
+    defaults = _param_defaults(NB / name)
+    smoke = pipeline.PROFILES["smoke"]
+    for k, v in defaults.items():
+        assert k in smoke, f"{name}: parameter {k} missing from the profiles"
+        assert smoke[k] == v, f"{name}: {k}={v!r} but the smoke profile has {smoke[k]!r}"
+
+
+def test_profiles_share_keys():
+    keys = {frozenset(p) for p in pipeline.PROFILES.values()}
+    assert len(keys) == 1
+
+
+def test_failing_notebook_is_named(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x: int = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("y = x + 1"),
+        nbformat.v4.new_code_cell("raise ValueError('boom ' + str(y))"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                 "language_info": {"name": "python"}})
+    src = tmp_path / "99_fail.ipynb"
+    nbformat.write(nb, src)
+    with pytest.raises(pipeline.NotebookFailed, match=r"99_fail.ipynb failed in cell 2 .*raise ValueError.*ValueError: boom 2"):
+        pipeline.run_notebook(src, tmp_path / "out" / "99_fail.ipynb", {"x": 1})
+    assert (tmp_path / "out" / "99_fail.ipynb").is_file()
+
+
+def test_cli_rejects_unknown_parameter(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--profile", "smoke", "--set", "nope=1"])
+    assert "unknown parameter" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""Regenerate the study notebooks' source cells (outputs are produced by running them).
+
+The notebooks are the source of truth users edit in JupyterLab; this script exists so that their
+structure (one tagged ``parameters`` cell, thin code cells) is reviewable as code. Run:
+``LLMFT_RESULTS_DIR=$(mktemp -d) python tools/make_notebooks.py --execute`` (stores smoke-profile outputs,
+which nbval compares in the cells marked ``# NBVAL_CHECK_OUTPUT``).
+"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def params_cell(src: str):
+    return new_code_cell(src.strip(), metadata={"tags": ["parameters"]})
+
+
+def checked(src: str):
+    """A cell whose output nbval compares (deterministic data only)."""
+    return new_code_cell("# NBVAL_CHECK_OUTPUT\n" + src.strip())
+
+
+def code(src: str):
+    return new_code_cell(src.strip())
+
+
+def md(src: str):
+    return new_markdown_cell(src.strip())
+
+
+def save(name: str, cells) -> None:
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"}})
+    nbformat.write(nb, ROOT / name)
+
+
+DATA_PREP = [
+    md("""
+# 01 · Data preparation
+
+Loads RTE, binary MNLI and HANS, validates every row, fixes the evaluation subsets of the chosen
+profile and writes them with a manifest to the results folder. The later notebooks read only those
+files.
+
+* **Sources**: `data_dir` (or `$LLMFT_DATA_DIR`, e.g. `../shared/data`), else the Hugging Face Hub.
+* **Binary labels** (llmft): 0 = entailment → " Yes", 1 = not entailment → " No"; MNLI drops *neutral*
+  and maps *contradiction* to 1; HANS *non-entailment* → 1.
+* **Subsets**: stratified by label (by subcase for HANS) with a fixed seed; `0` means the whole split.
+"""),
+    params_cell("""
+profile: str = "smoke"  # name of the run; results go to results/<profile>/ unless results_dir is set
+data_dir: str = ""  # local data mirror; empty: $LLMFT_DATA_DIR, else the Hugging Face Hub
+results_dir: str = ""  # output folder; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+mnli_eval_n: int = 40  # MNLI-binary validation_matched rows, stratified by label; 0 keeps all 6692
+rte_eval_n: int = 20  # RTE validation rows, stratified by label; 0 keeps all 277
+hans_eval_n: int = 30  # HANS rows, equal per subcase; 0 keeps all 30000
+eval_seed: int = 0  # seed of the fixed evaluation subsets
+"""),
+    code("""
+import pandas as pd
+from llmft_utils import data, results
+
+out = results.results_dir(results_dir, profile)
+sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n}
+manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS, sizes, data_dir=data_dir or None, seed=eval_seed)
+print("results folder:", out.name)
+for name, info in {**manifest["eval_sets"], **manifest["demo_pools"]}.items():
+    print(f"{name:28s} <- {info['source']}")
+"""),
+    md("## Split statistics and majority-class baselines"),
+    checked("""
+stats.round(4)
+"""),
+    md("HANS: the evaluation subset keeps every heuristic and subcase (1,000 of each in the full set)."),
+    checked("""
+hans = data.read_prepared(out / manifest["eval_sets"]["hans/validation"]["file"])
+hans.groupby(["heuristic", "label"]).size().unstack("label")
+"""),
+    code("""
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(6, 2.6))
+s = stats.set_index("split")
+(s[["n_label0", "n_label1"]].div(s["n"], axis=0)).plot.barh(stacked=True, ax=ax, color=["#4c72b0", "#dd8452"])
+ax.set_xlabel("fraction of rows"); ax.set_ylabel(""); ax.legend(["entailment (Yes)", "not entailment (No)"], loc="lower right")
+ax.set_title("Label balance"); fig.tight_layout()
+"""),
+    code("""
+# Checks: every evaluation set is binary, non-empty and sized as declared.
+for name, info in manifest["eval_sets"].items():
+    assert info["n"] > 0 and info["n_label0"] + info["n_label1"] == info["n"], name
+    want = sizes[info["task"]]
+    assert info["n"] == (want if 0 < want < info["full_size"] else info["full_size"]), (name, info["n"], want)
+print("ok")
+"""),
+]
+
+ICL = [
+    md("""
+# 02 · In-context learning baselines
+
+For every evaluation set, k ∈ `ks` and data seed: k balanced, shuffled demonstrations from the
+training pool (MNLI train for HANS), then the query. The prediction is the verbalizer with the
+higher log-probability at the answer position (**score accuracy**); the full-vocabulary top-1 and
+the share of non-verbalizer top-1 predictions are reported too. The demonstration prefix is
+encoded once per (k, seed) and its key/value cache reused for every batch of queries.
+
+Every row records model, pattern, k, seed, sizes, versions, git commit, hardware, wall time and
+peak memory; rows already in `icl.csv` are skipped (set `force=True` to recompute).
+"""),
+    params_cell("""
+profile: str = "smoke"  # name of the run; results go to results/<profile>/ unless results_dir is set
+results_dir: str = ""  # folder written by 01_data_prep; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+model: str = "smollm2-135m"  # embedded name, Hugging Face id or local model directory
+pattern: str = "gpt-3"  # prompt pattern: minimal, gpt-3 or eval-harness
+ks: list = [0, 4]  # numbers of demonstrations, even; 0 is zero-shot
+seeds: list = [0]  # data seeds for the demonstrations (k > 0)
+batch_size: int = 8  # queries per forward pass
+device: str = "auto"  # auto, cpu or cuda
+on_too_long: str = "error"  # prompts longer than the context: error, or skip (counted in the table)
+force: bool = False  # recompute rows that already exist
+"""),
+    code("""
+import pandas as pd
+from llmft_utils import icl, models, results
+
+out = results.results_dir(results_dir, profile)
+lm = models.load_model(model, device=device)
+print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, {lm.dtype} on {lm.device} ({lm.source})")
+"""),
+    code("""
+table = icl.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too_long=on_too_long,
+                      force=force, model_name=model, profile=profile)
+"""),
+    md("## Results per run"),
+    code("""
+rows = table[(table["model"] == model) & (table["pattern"] == pattern) & table["k"].isin(ks)]
+cols = ["task", "split", "k", "seed", "n_eval", "majority_acc", "score_acc", "score_acc_lo", "score_acc_hi",
+        "top1_acc", "non_verbalizer_frac", "pred_label1_frac", "prefix_tokens", "s_per_query", "peak_mem_mb"]
+rows[cols].sort_values(["task", "k", "seed"]).round(4)
+"""),
+    md("## Mean over seeds with 95% t-intervals (one run for k = 0)"),
+    code("""
+summary = results.summarize(rows, ["task", "split", "k"], ["score_acc", "majority_acc", "s_per_query", "peak_mem_mb"])
+summary.round(4)
+"""),
+    code("""
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+for (task, split), g in summary.groupby(["task", "split"]):
+    g = g.sort_values("k")
+    err = [g["score_acc_mean"] - g["score_acc_ci_lo"].fillna(g["score_acc_mean"]),
+           g["score_acc_ci_hi"].fillna(g["score_acc_mean"]) - g["score_acc_mean"]]
+    line = axes[0].errorbar(g["k"], g["score_acc_mean"], yerr=err, marker="o", capsize=3, label=f"{task}/{split}")
+    axes[0].axhline(g["majority_acc_mean"].iloc[0], color=line[0].get_color(), ls=":", lw=1)
+    axes[1].plot(g["k"], g["s_per_query_mean"] * 1000, marker="o", label=f"{task}/{split}")
+axes[0].set(xlabel="demonstrations k", ylabel="score accuracy", title="ICL accuracy (dotted: majority class)")
+axes[1].set(xlabel="demonstrations k", ylabel="ms per query", title="Per-query latency")
+axes[0].legend(fontsize=8); fig.tight_layout()
+"""),
+    code("""
+# Checks: one row per planned run, sizes as declared in the manifest, metrics in range.
+manifest = __import__("llmft_utils.data", fromlist=["x"]).load_manifest(out)
+expected = sum(len(seeds) if k > 0 else 1 for k in ks) * len(manifest["eval_sets"])
+assert len(rows) == expected, (len(rows), expected)
+for _, r in rows.iterrows():
+    info = manifest["eval_sets"][f"{r.task}/{r.split}"]
+    assert r.n_eval + r.n_skipped_too_long == info["n"], r.run_key
+    assert 0.0 <= r.score_acc <= 1.0 and 0.0 <= r.non_verbalizer_frac <= 1.0
+    assert abs(r.majority_acc - info["majority_acc"]) < 1e-9 or r.n_skipped_too_long > 0
+print("ok:", len(rows), "rows")
+"""),
+]
+
+def execute_in_place(name: str) -> None:
+    """Run a notebook with its own (smoke) parameters and store its outputs, as nbval will compare them."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / name, as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    nb.metadata.pop("widgets", None)  # progress-bar widget state: large and meaningless when stored
+    nbformat.write(nb, ROOT / name)
+
+
+if __name__ == "__main__":
+    import sys
+
+    save("01_data_prep.ipynb", DATA_PREP)
+    save("02_icl_baselines.ipynb", ICL)
+    print("wrote", ", ".join(p.name for p in sorted(ROOT.glob("*.ipynb"))))
+    if "--execute" in sys.argv:  # set LLMFT_RESULTS_DIR to a scratch folder first
+        for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb"):
+            execute_in_place(name)
+            print("executed", name)
