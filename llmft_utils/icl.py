@@ -96,13 +96,16 @@ def _expand_cache(prefix_kv, batch: int):
 
 
 def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
-                  batch_size: int, pbar=None):
-    """Log-prob sums per row and label set, and the top-1 token at each row's answer position."""
+                  batch_size: int, pbar=None, extract=None):
+    """Log-prob sums per row and label set, and the top-1 token at each row's answer position.
+    ``extract(logits)`` (optional) is applied to each row's raw answer-position logits; its results are
+    returned as a third value (used to cache teacher distributions)."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     n_sets = len(rows[0].sets)
     scores = np.full((len(rows), n_sets), np.nan)
     top1 = np.zeros(len(rows), dtype=np.int64)
+    extracted = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = [rows[i] for i in idx]
@@ -129,9 +132,44 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
                 if tset:
                     scores[i, s] = float(sum(logp[b, keep + o, t] for o, t in tset))
             top1[i] = int(logp[b, keep + r.answer_offset].argmax())
+            if extract is not None:
+                extracted[i] = extract(logits[b, keep + r.answer_offset].float().cpu())
         if pbar is not None:
             pbar.update(len(batch))
+    if extract is not None:
+        return scores, top1, extracted
     return scores, top1
+
+
+def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 16, progress: bool = False):
+    """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
+    the reused prefix cache. Raises :class:`PromptTooLongError` for prompts beyond the context."""
+    tok = lm.tokenizer
+    prefix_ids = _tok(tok, [prefix_text], True)[0]
+    P = len(prefix_ids)
+    full = _tok(tok, [prefix_text + q for q in queries], True)
+    rows = [Row(i, ids if ids[:P] != prefix_ids else ids[P:], [[]], -1, ids[:P] != prefix_ids)
+            for i, ids in enumerate(full)]
+    longest = max(len(ids) for ids in full)
+    if longest > lm.max_context:
+        raise PromptTooLongError(f"a prompt of {longest} tokens exceeds the model's context of {lm.max_context}; "
+                                 "use fewer demonstrations or a longer-context model")
+    out = [None] * len(queries)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+        pbar = tqdm(total=len(rows), desc="teacher", unit="query", leave=False)
+    for group, use_prefix in (([r for r in rows if not r.standalone], True), ([r for r in rows if r.standalone], False)):
+        if not group:
+            continue
+        kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and P) else None
+        _, _, ex = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
+        for r, e in zip(group, ex):
+            out[r.qi] = e
+    if pbar is not None:
+        pbar.close()
+    return out
 
 
 def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 16,
@@ -272,9 +310,11 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 16, o
     model_name = model_name or lm.name
     pools = {name: data.read_prepared(out_dir / info["file"]) for name, info in manifest["demo_pools"].items()}
     plan = [(es, k, s) for es in manifest["eval_sets"] for k in ks for s in (seeds if k > 0 else [0])]
+    planned = []
     for es, k, seed in plan:
         info = manifest["eval_sets"][es]
         key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}"
+        planned.append(key)
         if key in done:
             print(f"skip (done): {key}")
             continue
@@ -294,4 +334,5 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 16, o
         table.append([row])
         print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f})  "
               f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB", flush=True)
-    return table.read()
+    out = table.read()
+    return out[out["run_key"].isin(planned)].reset_index(drop=True)

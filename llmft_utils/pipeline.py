@@ -18,19 +18,25 @@ from pathlib import Path
 
 from .results import atomic_write_json, provenance, repo_root, results_dir
 
-NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb"]
+NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb"]
 
 # Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
 _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto",
-           "eval_seed": 0, "on_too_long": "error", "force": False}
+           "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
+           "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
-              "ks": [0, 4], "seeds": [0], "batch_size": 8},
+              "ks": [0, 4], "seeds": [0], "batch_size": 8,
+              "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
     "default": {**_COMMON, "profile": "default", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
-                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16},
+                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
+                # CD sizes chosen to keep the whole study under 60 min on 2 CPU cores (see README)
+                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 2, "pbft_epochs": 4, "lr": 1e-4,
+                "ood_train_tasks": ["mnli"]},
     "full": {**_COMMON, "profile": "full", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
-             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16},
+             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
+             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 1e-4},
 }
 
 
@@ -99,6 +105,11 @@ def main(argv=None) -> int:
                     help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
     ap.add_argument("--force", action="store_true", help="recompute rows that already exist")
     a = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="  | %(message)s")  # papermill streams cell output here
+    for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     params = dict(PROFILES[a.profile])
     for kv in a.set:

@@ -137,7 +137,7 @@ table = icl.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too
 """),
     md("## Results per run"),
     code("""
-rows = table[(table["model"] == model) & (table["pattern"] == pattern) & table["k"].isin(ks)]
+rows = table  # the rows of this notebook's plan (earlier runs with other parameters stay in icl.csv)
 cols = ["task", "split", "k", "seed", "n_eval", "majority_acc", "score_acc", "score_acc_lo", "score_acc_hi",
         "top1_acc", "non_verbalizer_frac", "pred_label1_frac", "prefix_tokens", "s_per_query", "peak_mem_mb"]
 rows[cols].sort_values(["task", "k", "seed"]).round(4)
@@ -176,6 +176,97 @@ print("ok:", len(rows), "rows")
 """),
 ]
 
+CD = [
+    md("""
+# 03 · Context distillation and PBFT
+
+**CD**: the teacher is the frozen base model with the k demonstrations of an ICL run (same demos, same
+seed as notebook 02); its answer distribution on N unlabelled training queries (disjoint from the
+demonstrations and from every evaluation query) is computed once and cached in `teacher_cache/`.
+A copy of the model — the student — sees only the query and is trained to match that distribution
+(forward KL over the verbalizers by default) with `accelerate`.
+
+**PBFT**: the same loop with α = 1 — cross-entropy on gold labels of the n labelled demonstrations,
+no teacher.
+
+Every student is evaluated zero-shot with exactly the evaluation code of notebook 02, in-domain and
+on HANS, and compared with its ICL teacher and with the untrained zero-shot model: agreement, Cohen's
+κ, and mean KL(teacher ‖ ·) over the verbalizer distribution (agreement alone misleads when a teacher
+answers "No" to almost everything).
+"""),
+    params_cell("""
+profile: str = "smoke"  # name of the run; results go to results/<profile>/ unless results_dir is set
+results_dir: str = ""  # folder written by notebooks 01 and 02; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+model: str = "smollm2-135m"  # must match the model of notebook 02 (its ICL runs are the teachers)
+pattern: str = "gpt-3"  # prompt pattern, as in notebook 02
+cd_tasks: list = ["mnli", "rte"]  # in-domain training tasks
+ood_train_tasks: list = ["mnli", "rte"]  # tasks whose students are also evaluated out of domain on HANS
+cd_ks: list = [4]  # teacher demonstrations k for CD
+seeds: list = [0]  # data seeds, as in notebook 02
+n_transfer: int = 16  # unlabelled transfer queries per CD student
+pbft_n: int = 4  # labelled examples per PBFT student: the ICL demonstrations of k equal to pbft_n; 0 skips PBFT
+target: str = "verbalizer"  # distillation support: verbalizer, topk or full
+topk: int = 20  # support size when target is topk
+loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
+temperature: float = 1.0  # distillation temperature (loss scaled by its square)
+alpha: float = 0.0  # weight of gold-label cross-entropy in CD (1.0 is PBFT)
+epochs: int = 1  # passes over the transfer set
+pbft_epochs: int = 1  # passes over the labelled examples for PBFT
+train_batch_size: int = 8  # examples per optimisation step
+lr: float = 1e-4  # AdamW learning rate (full fine-tuning)
+lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
+batch_size: int = 8  # queries per forward pass for teacher caching and evaluation
+device: str = "auto"  # auto, cpu or cuda
+force: bool = False  # retrain students whose rows already exist
+"""),
+    code("""
+import pandas as pd
+from llmft_utils import distill, models, results
+
+out = results.results_dir(results_dir, profile)
+lm = models.load_model(model, device=device)
+cfg = distill.DistillConfig(target=target, topk=topk, loss=loss, temperature=temperature, alpha=alpha,
+                            epochs=epochs, batch_size=train_batch_size, lr=lr, lora_r=lora_r)
+print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
+"""),
+    code("""
+table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
+                             eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
+                             ood_train_tasks=ood_train_tasks)
+"""),
+    md("## Students against their teachers and the zero-shot model"),
+    code("""
+rows = table  # the rows of this notebook's plan (runs with other settings stay in cd.csv)
+cols = ["method", "train_task", "task", "k", "seed", "n_train", "majority_acc", "zeroshot_acc", "teacher_acc",
+        "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "kappa_teacher_student",
+        "kappa_teacher_zeroshot", "kl_teacher_student", "kl_teacher_zeroshot"]
+rows[cols].sort_values(["method", "train_task", "task", "k", "seed"]).round(4)
+"""),
+    md("## Cost: teacher caching, training, student inference"),
+    code("""
+cost = ["method", "train_task", "task", "k", "seed", "teacher_cache_s", "teacher_cache_hit", "train_s",
+        "train_peak_mem_mb", "loss_first", "loss_last", "s_per_query", "peak_mem_mb"]
+rows[cost].sort_values(["method", "train_task", "task", "k", "seed"]).round(4)
+"""),
+    code("""
+summary = results.summarize(rows, ["method", "train_task", "task", "k"],
+                            ["score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "train_s"])
+summary.round(4)
+"""),
+    code("""
+# Checks: one row per student and evaluation set; CD rows carry teacher comparisons.
+has_hans = (rows["task"] == "hans").any()
+expected = sum(len(seeds) * (len(cd_ks) + (1 if pbft_n else 0)) * (2 if has_hans and t in ood_train_tasks else 1)
+               for t in cd_tasks)
+assert len(rows) == expected, (len(rows), expected)
+cdr = rows[rows["method"] == "cd"]
+assert cdr["agree_teacher_student"].between(0, 1).all() and (cdr["kl_teacher_student"] >= 0).all()
+assert rows["score_acc"].between(0, 1).all() and (rows["train_s"] > 0).all()
+print("ok:", len(rows), "rows")
+"""),
+]
+
+
 def execute_in_place(name: str) -> None:
     """Run a notebook with its own (smoke) parameters and store its outputs, as nbval will compare them."""
     from nbclient import NotebookClient
@@ -191,8 +282,9 @@ if __name__ == "__main__":
 
     save("01_data_prep.ipynb", DATA_PREP)
     save("02_icl_baselines.ipynb", ICL)
+    save("03_context_distillation.ipynb", CD)
     print("wrote", ", ".join(p.name for p in sorted(ROOT.glob("*.ipynb"))))
     if "--execute" in sys.argv:  # set LLMFT_RESULTS_DIR to a scratch folder first
-        for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb"):
+        for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb"):
             execute_in_place(name)
             print("executed", name)

@@ -1,0 +1,479 @@
+"""Context distillation (CD) and pattern-based fine-tuning (PBFT) in one loop.
+
+Teacher: the frozen base model prompted with k demonstrations + the query. Student: a trainable copy
+of the same model prompted with the query alone. The loss is taken at each example's *own* answer
+position (prompts are left-padded, so that position is the last column for every row whatever the
+teacher's or the student's prompt length):
+
+    loss = (1 - alpha) * T² * D(p_T^τ, p_S^τ) + alpha * CE(gold, p_S over the verbalizers)
+
+where D is forward KL (default), reverse KL or generalized JSD on the chosen target support
+(``verbalizer`` tokens, ``topk`` tokens + one "rest" bucket, or the ``full`` vocabulary) and τ = T is the
+temperature. ``alpha = 1`` is PBFT (no teacher at all). Teacher outputs are computed once and cached on
+disk, keyed by everything that determines them. Training runs on ``accelerate`` (DDP/FSDP/DeepSpeed are
+configuration); LoRA through ``peft`` is optional; a NaN/inf loss stops the run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TARGET_KINDS = ("verbalizer", "topk", "full")
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+# ----------------------------------------------------------------------------- losses (pure, log-space)
+
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_T ‖ p_S) = Σ_v p_T(v) · (log p_T(v) − log p_S(v)), averaged over the batch.
+
+    Both inputs are log-probabilities over the same support, shape (batch, support)."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+
+
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_S ‖ p_T) = Σ_v p_S(v) · (log p_S(v) − log p_T(v)), averaged over the batch (mode-seeking)."""
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean()
+
+
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen–Shannon divergence (as in TRL's GKD):
+
+        m = β·p_T + (1 − β)·p_S,   JSD_β = β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m),   0 < β < 1,
+
+    computed in log-space (log m by logsumexp). Symmetric in (p_S, p_T) at β = 0.5."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}; use forward_kl / reverse_kl for the limits")
+    log_m = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0)
+    kl_t = (teacher_logp.exp() * (teacher_logp - log_m)).sum(-1)
+    kl_s = (student_logp.exp() * (student_logp - log_m)).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s).mean()
+
+
+def divergence(kind: str, student_logp, teacher_logp, beta: float = 0.5):
+    if kind == "forward_kl":
+        return forward_kl(student_logp, teacher_logp)
+    if kind == "reverse_kl":
+        return reverse_kl(student_logp, teacher_logp)
+    if kind == "jsd":
+        return generalized_jsd(student_logp, teacher_logp, beta)
+    raise ValueError(f"unknown loss {kind!r}; use one of {LOSS_KINDS}")
+
+
+def support_logits(logits: torch.Tensor, kind: str, verbalizer_ids=None, topk_ids: torch.Tensor | None = None):
+    """Project full-vocabulary logits (batch, V) onto the target support.
+
+    ``verbalizer``: the verbalizer tokens' logits (their softmax renormalises over the labels).
+    ``topk``: the logits at ``topk_ids`` plus one "rest" logit log(Σ_{v∉topk} e^{z_v}), so that the
+    softmax of the result is exactly (p(top_1), …, p(top_k), 1 − Σ p(top)). ``full``: unchanged."""
+    if kind == "verbalizer":
+        return logits[..., list(verbalizer_ids)]
+    if kind == "full":
+        return logits
+    if kind == "topk":
+        top = logits.gather(-1, topk_ids)
+        lse_all = torch.logsumexp(logits, -1, keepdim=True)
+        lse_top = torch.logsumexp(top, -1, keepdim=True)
+        rest = lse_all + torch.log1p(-torch.exp(lse_top - lse_all).clamp(max=1 - 1e-7))
+        return torch.cat([top, rest], -1)
+    raise ValueError(f"unknown target kind {kind!r}; use one of {TARGET_KINDS}")
+
+
+def distill_loss(student_logits, teacher_logp, kind: str = "forward_kl", temperature: float = 1.0,
+                 target: str = "verbalizer", verbalizer_ids=None, topk_ids=None, beta: float = 0.5):
+    """T² · D(teacher, student) with the student's answer logits projected on the target support at
+    temperature T; ``teacher_logp`` is already on that support at the same temperature (as cached)."""
+    s = torch.log_softmax(support_logits(student_logits.float() / temperature, target, verbalizer_ids, topk_ids), -1)
+    return divergence(kind, s, teacher_logp.float(), beta) * temperature ** 2
+
+
+def gold_ce(student_logits, labels, verbalizer_ids):
+    """Cross-entropy of the gold label under the student's distribution over the verbalizers."""
+    return F.cross_entropy(student_logits.float()[..., list(verbalizer_ids)], labels)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class DistillConfig:
+    target: str = "verbalizer"  # verbalizer | topk | full
+    topk: int = 20  # support size for target="topk"
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # JSD mixture weight
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the gold-label CE; 1.0 = PBFT
+    epochs: int = 2
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 16
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.target not in TARGET_KINDS:
+            raise ValueError(f"unknown target {self.target!r}; use one of {TARGET_KINDS}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {self.loss!r}; use one of {LOSS_KINDS}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+def _verbalizer_ids(tokenizer, pattern) -> list[int]:
+    from .patterns import verbalizer_token_ids
+
+    ids = verbalizer_token_ids(tokenizer, pattern, pattern.query("A man sleeps.", "A man rests."))
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"pattern {pattern.name!r} has multi-token verbalizers under this tokenizer "
+                         f"({ids}); distillation at the answer position needs single-token verbalizers")
+    return [i[0] for i in ids]
+
+
+def teacher_cache_key(model_id: str, task: str, pattern: str, k: int, seed: int, demo_ids, example_ids,
+                      cfg: DistillConfig) -> str:
+    blob = json.dumps({"model": model_id, "task": task, "pattern": pattern, "k": k, "seed": seed,
+                       "demos": [str(i) for i in demo_ids], "examples": [str(i) for i in example_ids],
+                       "target": cfg.target, "topk": cfg.topk if cfg.target == "topk" else None,
+                       "temperature": cfg.temperature}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
+                    batch_size: int = 16, progress: bool = False) -> dict:
+    """Teacher log-probs on the target support (temperature applied) for every example, with the
+    demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
+    returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``."""
+    from .icl import answer_logits
+    from .patterns import build_prefix, query_text
+
+    path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
+    if path is not None and path.is_file():
+        t0 = time.perf_counter()
+        blob = torch.load(path, weights_only=True)
+        if blob.get("n") == len(examples):
+            return {**blob, "cache_hit": True, "seconds": time.perf_counter() - t0, "path": str(path)}
+    vids = _verbalizer_ids(lm.tokenizer, pattern)
+    prefix = build_prefix(pattern, demos)
+    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
+    T = cfg.temperature
+
+    def extract(logits):
+        z = logits / T
+        if cfg.target == "topk":
+            ids = torch.topk(logits, cfg.topk).indices
+            return torch.log_softmax(support_logits(z[None], "topk", topk_ids=ids[None])[0], -1), ids
+        return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress)
+    blob = {"logp": torch.stack([o[0] for o in out]).to(torch.float32 if cfg.target != "full" else torch.float16),
+            "topk_ids": torch.stack([o[1] for o in out]) if cfg.target == "topk" else None,
+            "verbalizer_ids": torch.tensor(vids), "n": len(examples)}
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
+
+
+# ----------------------------------------------------------------------------- data for the student
+
+def student_examples(tokenizer, pattern, examples, teacher: dict | None, max_context: int) -> list[dict]:
+    """Zero-shot student prompts (token ids) with their teacher targets and gold labels."""
+    from .icl import PromptTooLongError
+    from .patterns import query_text
+
+    texts = [query_text(pattern, p, h, False) for p, h in zip(examples["premise"], examples["hypothesis"])]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    too_long = [len(x) for x in ids if len(x) > max_context]
+    if too_long:
+        raise PromptTooLongError(f"{len(too_long)} student prompts exceed the context of {max_context} tokens")
+    out = []
+    for i, (x, y) in enumerate(zip(ids, examples["label"])):
+        ex = {"input_ids": x, "label": int(y)}
+        if teacher is not None:
+            ex["teacher_logp"] = teacher["logp"][i]
+            if teacher.get("topk_ids") is not None:
+                ex["topk_ids"] = teacher["topk_ids"][i]
+        out.append(ex)
+    return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Left padding: every row's answer position is the last column; positions skip the padding."""
+    L = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, L - n:] = torch.tensor(b["input_ids"])
+        mask[i, L - n:] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+           "labels": torch.tensor([b["label"] for b in batch])}
+    if "teacher_logp" in batch[0]:
+        out["teacher_logp"] = torch.stack([b["teacher_logp"] for b in batch]).float()
+    if "topk_ids" in batch[0]:
+        out["topk_ids"] = torch.stack([b["topk_ids"] for b in batch])
+    return out
+
+
+def answer_position_logits(model, batch) -> torch.Tensor:
+    """Logits at each row's last (answer) position of a left-padded batch: (batch, V)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=1).logits[:, -1]
+
+
+# ----------------------------------------------------------------------------- training
+
+def params_digest(model) -> str:
+    """Checksum of a model's parameters (to prove the teacher was not trained)."""
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
+                  accelerator=None, progress: bool = False) -> tuple:
+    """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
+
+    Returns ``(student, stats)`` with per-step losses, wall time and peak memory. The base model is
+    never modified (LoRA adapters are injected into the copy)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .probes import probe
+
+    if cfg.alpha < 1.0 and "teacher_logp" not in examples[0]:
+        raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    student = copy.deepcopy(base_model)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
+                                         collate_fn=lambda b: collate(b, pad_id))
+    student, opt, loader = acc.prepare(student, opt, loader)
+    losses, step = [], 0
+    pbar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+        pbar = tqdm(total=cfg.epochs * len(loader), desc="train", unit="batch", leave=False)
+    with probe(str(acc.device)) as pr:
+        for epoch in range(cfg.epochs):
+            for batch in loader:
+                with acc.accumulate(student):
+                    logits = answer_position_logits(student, batch)
+                    loss = torch.zeros((), device=logits.device)
+                    if cfg.alpha < 1.0:
+                        loss = loss + (1 - cfg.alpha) * distill_loss(
+                            logits, batch["teacher_logp"], cfg.loss, cfg.temperature, cfg.target, verbalizer_ids,
+                            batch.get("topk_ids"), cfg.beta)
+                    if cfg.alpha > 0.0:
+                        loss = loss + cfg.alpha * gold_ce(logits, batch["labels"], verbalizer_ids)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping. "
+                                                 "Lower the learning rate, use float32, or check the teacher targets.")
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(float(acc.gather(loss.detach()[None]).mean()))
+                step += 1
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if pbar is not None:
+        pbar.close()
+    student = acc.unwrap_model(student)
+    if cfg.lora_r:
+        student = student.merge_and_unload()
+    student.eval()
+    return student, {"losses": losses, "train_s": pr.wall_s, "train_peak_mem_mb": pr.peak_mem_mb,
+                     "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
+
+
+# ----------------------------------------------------------------------------- agreement metrics
+
+def _verbalizer_logp(preds) -> np.ndarray:
+    lp = preds[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
+    return lp - np.logaddexp(lp[:, :1], lp[:, 1:])
+
+
+def agreement(teacher_preds, other_preds) -> dict:
+    """Agreement, Cohen's κ and mean KL(teacher ‖ other) over the verbalizer distribution, on the
+    examples both scored (prediction tables from :func:`llmft_utils.icl.evaluate`, aligned by ``idx``)."""
+    t = teacher_preds.set_index("idx")
+    o = other_preds.set_index("idx").loc[t.index]
+    ok = ~(t["skipped"].to_numpy() | o["skipped"].to_numpy())
+    a, b = t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok]
+    po = float((a == b).mean())
+    pe = float(sum((a == c).mean() * (b == c).mean() for c in (0, 1)))
+    kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
+    lt, lo = _verbalizer_logp(t[ok]), _verbalizer_logp(o[ok])
+    kl = float((np.exp(lt) * (lt - lo)).sum(1).mean())
+    return {"agreement": po, "kappa": kappa, "kl": kl, "n": int(ok.sum())}
+
+
+# ----------------------------------------------------------------------------- the notebook-03 sweep
+
+def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
+    """``n`` unlabelled training queries from ``pool`` (labels kept only for bookkeeping), disjoint from
+    every frame in ``exclude_frames`` (the demonstrations and the evaluation queries)."""
+    from .data import DataError, pair_key
+
+    banned = set()
+    for f in exclude_frames:
+        banned |= set(map(pair_key, f["premise"], f["hypothesis"]))
+    cand = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+    if len(cand) < n:
+        raise DataError(f"only {len(cand)} pool examples are disjoint from the demonstrations and queries; need {n}")
+    rng = np.random.default_rng(10_000 + seed)
+    return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
+
+
+def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str, k: int, seed: int):
+    import pandas as pd
+
+    sel = icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
+                   & (icl_rows["pattern"] == pattern) & (icl_rows["k"] == k) & (icl_rows["seed"] == (seed if k else 0))]
+    if sel.empty:
+        raise FileNotFoundError(f"no ICL row for {model} {es} {pattern} k={k} seed={seed} in icl.csv: run "
+                                "notebooks/02_icl_baselines with the same model, pattern, ks and seeds first")
+    row = sel.iloc[-1]
+    return row, pd.read_parquet(out_dir / row["predictions_file"])
+
+
+def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
+                 cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 16, force: bool = False,
+                 model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None):
+    """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
+    evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
+    default: all) with :func:`llmft_utils.icl.evaluate`, and
+    compared with its ICL teacher and with the untrained zero-shot model (agreement, κ, KL).
+    Rows go to ``out_dir/cd.csv`` (atomic, resumable)."""
+    import pandas as pd
+
+    from . import data
+    from .icl import evaluate
+    from .models import wrap
+    from .patterns import get_pattern
+    from .results import ResultTable, atomic_write_parquet, ids_digest, provenance
+
+    out_dir = Path(out_dir)
+    manifest = data.load_manifest(out_dir)
+    pattern = get_pattern(pattern_name)
+    model_name = model_name or lm.name
+    table = ResultTable(out_dir / "cd.csv")
+    done = set() if force else table.done()
+    icl_rows = ResultTable(out_dir / "icl.csv").read()
+    if icl_rows.empty:
+        raise FileNotFoundError(f"{out_dir / 'icl.csv'} is missing: run notebooks/02_icl_baselines first")
+    vids = _verbalizer_ids(lm.tokenizer, pattern)
+    prov = provenance()
+    ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
+    plan = []
+    for task in train_tasks:
+        ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
+        if not ind:
+            raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
+        plan += [("cd", task, ind[0], k, s) for k in ks for s in seeds]
+        if pbft_n:
+            plan += [("pbft", task, ind[0], pbft_n, s) for s in seeds]
+    planned = []
+    for method, task, es_in, k, seed in plan:
+        info = manifest["eval_sets"][es_in]
+        pool = data.read_prepared(out_dir / manifest["demo_pools"][info["demo_pool"]]["file"])
+        ev_in = data.read_prepared(out_dir / info["file"])
+        demos = data.sample_demonstrations(pool, k, seed, exclude=ev_in)
+        mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs})
+        n_train = n_transfer if method == "cd" else len(demos)
+        key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
+                    f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}")
+        eval_sets = [es_in] + [es for es in ood if es != es_in
+                               and (ood_train_tasks is None or task in ood_train_tasks)]
+        keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
+        planned += keys
+        if all(k_ in done for k_ in keys):
+            print(f"skip (done): {key_base}")
+            continue
+        print(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}", flush=True)
+        teach = {"seconds": 0.0, "cache_hit": None}
+        if method == "cd":
+            evs = [data.read_prepared(out_dir / manifest["eval_sets"][es]["file"]) for es in eval_sets]
+            train = transfer_set(pool, n_transfer, seed, [demos, *evs])
+            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern.name, k, seed,
+                                     demos["idx"], train["idx"], mcfg)
+            teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
+                                    batch_size=eval_batch_size, progress=progress)
+            rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
+        else:
+            rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
+        student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress)
+        slm = wrap(student, lm.tokenizer, name=f"{method}-student", device=lm.device)
+        new_rows = []
+        for es, key in zip(eval_sets, keys):
+            einfo = manifest["eval_sets"][es]
+            ev = data.read_prepared(out_dir / einfo["file"])
+            metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress)
+            pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
+            atomic_write_parquet(preds, out_dir / pfile)
+            zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0)
+            ag_z = {}
+            if method == "cd":
+                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed)
+                same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
+                a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
+                ag_z = {"teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
+                        "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
+                        "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],
+                        "kappa_teacher_zeroshot": a_z["kappa"], "kl_teacher_zeroshot": a_z["kl"]}
+            new_rows.append({
+                "run_key": key, "method": method, "model": model_name, "model_source": lm.source,
+                "device": lm.device, "dtype": lm.dtype, "train_task": task, "task": einfo["task"],
+                "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
+                "n_train": n_train, "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
+                "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),
+                "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(mcfg).items()},
+                "teacher_cache_s": teach["seconds"], "teacher_cache_hit": teach["cache_hit"],
+                "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"], "train_steps": st["steps"],
+                "loss_first": st["losses"][0], "loss_last": st["losses"][-1],
+                **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
+            print(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
+                  f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
+                                                       f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}" if ag_z else ""),
+                  flush=True)
+        table.append(new_rows)
+        del student, slm
+    out = table.read()
+    return out[out["run_key"].isin(planned)].reset_index(drop=True)

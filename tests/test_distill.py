@@ -1,0 +1,233 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmft_utils import data, distill, models, patterns
+
+GPT3 = patterns.get_pattern("gpt-3")
+
+
+def _logp(*rows):
+    return torch.log(torch.tensor(rows, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_identical_inputs_give_zero():
+    t = torch.log_softmax(torch.randn(4, 7, dtype=torch.float64), -1)
+    for fn in (distill.forward_kl, distill.reverse_kl, distill.generalized_jsd):
+        assert float(fn(t, t)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_forward_kl_reference_and_kl_div():
+    s, t = _logp([0.9, 0.1]), _logp([0.5, 0.5])
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(teacher || student) = 0.5108
+    assert float(distill.forward_kl(s, t)) == pytest.approx(want, abs=1e-12)
+    s, t = torch.log_softmax(torch.randn(5, 11), -1), torch.log_softmax(torch.randn(5, 11), -1)
+    ref = F.kl_div(s, t, log_target=True, reduction="batchmean")
+    assert float(distill.forward_kl(s, t)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_reverse_kl_swaps_arguments():
+    s, t = torch.log_softmax(torch.randn(3, 6), -1), torch.log_softmax(torch.randn(3, 6), -1)
+    assert float(distill.reverse_kl(s, t)) == pytest.approx(float(distill.forward_kl(t, s)), rel=1e-6)
+    ref = F.kl_div(t, s, log_target=True, reduction="batchmean")
+    assert float(distill.reverse_kl(s, t)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_jsd_symmetric_bounded_and_reference():
+    s, t = torch.log_softmax(torch.randn(3, 6, dtype=torch.float64), -1), torch.log_softmax(torch.randn(3, 6, dtype=torch.float64), -1)
+    a, b = distill.generalized_jsd(s, t, 0.5), distill.generalized_jsd(t, s, 0.5)
+    assert float(a) == pytest.approx(float(b), rel=1e-9) and 0 < float(a) <= math.log(2)
+    # disjoint supports reach the bound log 2
+    s2, t2 = _logp([1 - 1e-15, 1e-15]), _logp([1e-15, 1 - 1e-15])
+    assert float(distill.generalized_jsd(s2, t2)) == pytest.approx(math.log(2), abs=1e-9)
+    m = 0.3 * t.exp() + 0.7 * s.exp()
+    ref = 0.3 * (t.exp() * (t - m.log())).sum(-1) + 0.7 * (s.exp() * (s - m.log())).sum(-1)
+    assert float(distill.generalized_jsd(s, t, 0.3)) == pytest.approx(float(ref.mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="beta"):
+        distill.generalized_jsd(s, t, 0.0)
+
+
+def test_temperature_scaling():
+    zs, zt = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    T = 2.5
+    teacher = torch.log_softmax(zt / T, -1)
+    got = distill.distill_loss(zs, teacher, "forward_kl", T, "full")
+    want = T * T * F.kl_div(torch.log_softmax(zs / T, -1), teacher, log_target=True, reduction="batchmean")
+    assert float(got) == pytest.approx(float(want), rel=1e-6)  # the loss computes in float32
+    # a higher temperature flattens both distributions: the unscaled divergence shrinks
+    assert float(distill.distill_loss(zs, torch.log_softmax(zt / 10, -1), "forward_kl", 10, "full")) / 100 < \
+        float(distill.distill_loss(zs, torch.log_softmax(zt, -1), "forward_kl", 1, "full"))
+
+
+def test_topk_support_is_exact():
+    z = torch.randn(3, 50, dtype=torch.float64)
+    ids = torch.topk(z, 5).indices
+    lp = torch.log_softmax(distill.support_logits(z, "topk", topk_ids=ids), -1)
+    full = torch.softmax(z, -1)
+    assert torch.allclose(lp[:, :5].exp(), full.gather(-1, ids))
+    assert torch.allclose(lp[:, 5].exp(), 1 - full.gather(-1, ids).sum(-1))
+    v = distill.support_logits(z, "verbalizer", verbalizer_ids=[3, 7])
+    assert torch.equal(v, z[:, [3, 7]])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown target"):
+        distill.DistillConfig(target="logits")
+    with pytest.raises(ValueError, match="alpha"):
+        distill.DistillConfig(alpha=1.5)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = models.tiny_tokenizer(add_bos=True)
+    return models.wrap(models.tiny_model("llama", tok, max_positions=4096), tok, name="tiny-llama")
+
+
+def _frames(n=12, n_pool=24, seed=0):
+    words = "the cat dog man woman sat ran saw on in a park doctor president student".split()
+    rng = np.random.default_rng(seed)
+    sent = lambda k: " ".join(rng.choice(words, k)).capitalize() + " ."
+    mk = lambda n, off: pd.DataFrame({"idx": range(off, off + n), "premise": [sent(int(rng.integers(3, 16))) for _ in range(n)],
+                                      "hypothesis": [sent(int(rng.integers(2, 6))) for _ in range(n)],
+                                      "label": [i % 2 for i in range(n)]})
+    return mk(n, 0), mk(n_pool, 100)
+
+
+# ----------------------------------------------------------------------------- alignment regression
+
+def test_answer_position_alignment_with_mixed_lengths(tiny):
+    """Student prompts of very different lengths in one batch give each row its own answer logits."""
+    ex, _ = _frames(6)
+    ex.loc[0, "premise"] = " ".join(["doctor"] * 60)  # one much longer prompt
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ex, None, tiny.max_context)
+    batch = distill.collate(rows, tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = distill.answer_position_logits(tiny.model, batch)
+        for i, r in enumerate(rows):
+            alone = tiny.model(torch.tensor([r["input_ids"]])).logits[0, -1]
+            assert torch.allclose(got[i], alone, atol=1e-4)
+
+
+def test_teacher_long_prefix_vs_student_short_prompt(tiny, tmp_path):
+    """Teacher prompts (k demos + query) are far longer than the student's; the loss uses each one's own
+    answer position: batched teacher targets equal one-at-a-time full-prompt forwards."""
+    ev, pool = _frames(5)
+    demos = data.sample_demonstrations(pool, 8, seed=0)
+    cfg = distill.DistillConfig()
+    t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, batch_size=4)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    prefix = patterns.build_prefix(GPT3, demos)
+    for i, (p, h) in enumerate(zip(ev.premise, ev.hypothesis)):
+        ids = tiny.tokenizer(prefix + patterns.query_text(GPT3, p, h, True), return_tensors="pt").input_ids
+        with torch.no_grad():
+            z = tiny.model(ids).logits[0, -1, vids]
+        assert torch.allclose(t["logp"][i], torch.log_softmax(z, -1), atol=1e-4)
+        assert ids.shape[1] > 4 * len(tiny.tokenizer(patterns.query_text(GPT3, p, h, False)).input_ids)
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
+    batch = distill.collate(rows, tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = distill.distill_loss(distill.answer_position_logits(tiny.model, batch), batch["teacher_logp"],
+                                       verbalizer_ids=vids)
+        singles = [distill.distill_loss(distill.answer_position_logits(tiny.model, distill.collate([r], 0)),
+                                        distill.collate([r], 0)["teacher_logp"], verbalizer_ids=vids) for r in rows]
+    assert float(batched) == pytest.approx(float(torch.stack(singles).mean()), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_teacher_cache_hit_and_invalidation(tiny, tmp_path):
+    ev, pool = _frames(6)
+    demos = data.sample_demonstrations(pool, 4, seed=0)
+    cfg = distill.DistillConfig(target="topk", topk=5)
+    key = lambda **kw: distill.teacher_cache_key(**{**dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=0,
+                                                            demo_ids=demos.idx, example_ids=ev.idx, cfg=cfg), **kw})
+    k0 = key()
+    a = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
+    b = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
+    assert not a["cache_hit"] and b["cache_hit"]
+    assert torch.equal(a["logp"], b["logp"]) and torch.equal(a["topk_ids"], b["topk_ids"])
+    assert a["logp"].shape == (6, 6)  # top-5 + rest
+    changed = [key(k=16), key(seed=1), key(demo_ids=list(demos.idx)[::-1]), key(example_ids=ev.idx[:5]),
+               key(cfg=distill.DistillConfig(target="verbalizer")), key(cfg=distill.DistillConfig(target="topk", topk=5, temperature=2.0)),
+               key(model_id="other")]
+    assert len({k0, *changed}) == len(changed) + 1
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
+    ev, pool = _frames(16)
+    demos = data.sample_demonstrations(pool, 4, seed=0)
+    cfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3)
+    t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
+    before = distill.params_digest(tiny.model)
+    student, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids)
+    assert distill.params_digest(tiny.model) == before  # the teacher is never the object trained
+    assert distill.params_digest(student) != before
+    assert stats["losses"][-1] < stats["losses"][0] / 2 and stats["steps"] == 16
+    # LoRA adapters go into the copy too
+    lcfg = distill.DistillConfig(epochs=1, batch_size=8, lr=1e-3, lora_r=4)
+    student2, _ = distill.train_student(tiny.model, tiny.tokenizer, rows, lcfg, vids)
+    assert distill.params_digest(tiny.model) == before and not hasattr(tiny.model, "peft_config")
+
+
+def test_pbft_needs_no_teacher_and_nan_stops(tiny):
+    ev, _ = _frames(8)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
+    _, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(alpha=1.0, epochs=1), vids)
+    assert stats["steps"] == 1 and np.isfinite(stats["losses"]).all()
+    with pytest.raises(ValueError, match="teacher targets"):
+        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(alpha=0.0), vids)
+    bad = {"logp": torch.full((8, 2), float("nan")), "topk_ids": None}
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, bad, tiny.max_context)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(), vids)
+
+
+def test_agreement_metrics():
+    t = pd.DataFrame({"idx": [1, 2, 3, 4], "pred": [0, 0, 1, 1], "logp_label0": np.log([0.9, 0.8, 0.2, 0.4]),
+                      "logp_label1": np.log([0.1, 0.2, 0.8, 0.6]), "skipped": False})
+    same = distill.agreement(t, t)
+    assert same["agreement"] == 1.0 and same["kappa"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-12)
+    o = t.assign(pred=[0, 1, 1, 0])[::-1]  # order does not matter: aligned by idx
+    r = distill.agreement(t, o)
+    assert r["agreement"] == 0.5 and r["kappa"] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- two processes (gloo)
+
+def _torchrun(nproc, out, batch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(worker), str(out), str(batch)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_two_process_losses_match_single_process(tmp_path):
+    """DDP over gloo with 2 processes × batch 4 follows the same loss curve as 1 process × batch 8."""
+    import json
+
+    _torchrun(1, tmp_path / "one.json", 8)
+    _torchrun(2, tmp_path / "two.json", 4)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["world"] == 1 and two["world"] == 2
+    assert len(one["losses"]) == len(two["losses"]) == 4
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
