@@ -320,6 +320,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         student = student.merge_and_unload()
     student.eval()
     return student, {"losses": losses, "train_s": pr.wall_s, "train_peak_mem_mb": pr.peak_mem_mb,
+                     "train_mem_delta_mb": pr.mem_delta_mb,
                      "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
 
 
@@ -466,7 +467,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),
                 "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(mcfg).items()},
                 "teacher_cache_s": teach["seconds"], "teacher_cache_hit": teach["cache_hit"],
-                "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"], "train_steps": st["steps"],
+                "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"],
+                "train_mem_delta_mb": st["train_mem_delta_mb"], "train_steps": st["steps"],
                 "loss_first": st["losses"][0], "loss_last": st["losses"][-1],
                 **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
             print(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
@@ -475,5 +477,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                   flush=True)
         table.append(new_rows)
         del student, slm
+        import gc
+
+        gc.collect()
     out = table.read()
     return out[out["run_key"].isin(planned)].reset_index(drop=True)

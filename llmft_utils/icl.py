@@ -275,7 +275,7 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
         "query_tokens_mean": float(np.mean(s["query_tokens"])), "tokens_processed": s["tokens_processed"],
         "n_prefix_fallback": s["n_prefix_fallback"], "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
         "wall_s": pr.wall_s, "s_per_query": pr.wall_s / max(len(queries), 1),
-        "peak_mem_mb": pr.peak_mem_mb, "mem_kind": pr.mem_kind,
+        "peak_mem_mb": pr.peak_mem_mb, "peak_mem_delta_mb": pr.mem_delta_mb, "mem_kind": pr.mem_kind,
     }
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
                           "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .results import atomic_write_json, provenance, repo_root, results_dir
 
-NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb"]
+NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
 
 # Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.

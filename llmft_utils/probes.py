@@ -3,7 +3,9 @@
 GPU: ``torch.cuda.synchronize`` around a ``perf_counter`` timer, ``reset_peak_memory_stats`` before and
 ``max_memory_allocated`` after. CPU: peak resident set size of this process; Linux lets us reset the
 high-water mark (``/proc/self/clear_refs`` ← 5), so the peak is the block's own. Where that reset is not
-possible the row says ``cpu_peak_rss_process`` (peak over the whole process so far).
+possible the row says ``cpu_peak_rss_process`` (peak over the whole process so far). ``mem_delta_mb`` is
+the peak minus what was resident when the block started: the block's own working memory (KV cache,
+activations, optimizer state), comparable between ICL and a student evaluated in a busier process.
 """
 from __future__ import annotations
 
@@ -44,8 +46,20 @@ def _reset_hwm() -> bool:
 @dataclass
 class ProbeResult:
     wall_s: float = float("nan")
-    peak_mem_mb: float = float("nan")
+    peak_mem_mb: float = float("nan")  # peak of the whole process (CPU RSS) / all CUDA allocations
+    mem_delta_mb: float = float("nan")  # peak minus what was already resident when the block started
     mem_kind: str = ""
+
+
+def _read_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @contextmanager
@@ -56,8 +70,10 @@ def probe(device: str = "cpu"):
     if cuda:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
     else:
         reset_ok = _reset_hwm()
+        start = _read_rss_bytes()
     t0 = time.perf_counter()
     try:
         yield r
@@ -66,11 +82,14 @@ def probe(device: str = "cpu"):
         r.wall_s = time.perf_counter() - t0
         if cuda:
             r.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            r.mem_delta_mb = r.peak_mem_mb - start / 2**20
             r.mem_kind = "cuda_max_allocated"
         else:
             hwm = _read_hwm_bytes() if reset_ok else None
             if hwm is not None:
                 r.peak_mem_mb, r.mem_kind = hwm / 2**20, "cpu_peak_rss"
+                if start is not None:
+                    r.mem_delta_mb = (hwm - start) / 2**20
             else:
                 ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 r.peak_mem_mb = ru / 2**20 if sys.platform == "darwin" else ru / 1024

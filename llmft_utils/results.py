@@ -136,3 +136,71 @@ def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
             row[f"{m}_mean"], row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = mean, lo, hi
         out.append(row)
     return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- analysis tables (notebook 04)
+
+def method_label(method: str, k: int) -> str:
+    if method == "zero-shot" or (method == "icl" and k == 0):
+        return "zero-shot"
+    return {"icl": f"ICL k={k}", "cd": f"CD k={k}", "pbft": f"PBFT n={k}"}[method]
+
+
+def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy frame of every evaluated run: ICL/zero-shot rows and CD/PBFT student rows.
+
+    ``train_task``: where the labelled signal came from (the demonstration pool's task for ICL, the
+    transfer/training task for CD and PBFT, none for zero-shot). ``prompt_tokens``: tokens the model
+    reads per query at inference (prefix + query)."""
+    parts = []
+    if icl is not None and len(icl):
+        a = icl.copy()
+        a["method"] = np.where(a["k"] == 0, "zero-shot", "icl")
+        a["train_task"] = np.where(a["k"] == 0, "none", a["demo_pool"].str.split("/").str[0])
+        a["train_s"] = np.nan
+        a["train_peak_mem_mb"] = np.nan
+        a["teacher_cache_s"] = np.nan
+        parts.append(a)
+    if cd is not None and len(cd):
+        parts.append(cd.copy())
+    runs = pd.concat(parts, ignore_index=True, sort=False)
+    runs["method_label"] = [method_label(m, int(k)) for m, k in zip(runs["method"], runs["k"])]
+    runs["eval_set"] = runs["task"] + "/" + runs["split"]
+    runs["prompt_tokens"] = runs["prefix_tokens"].fillna(0) + runs["query_tokens_mean"]
+    return runs
+
+
+METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "PBFT n=16"]
+
+
+def _order(labels) -> list:
+    known = [m for m in METHOD_ORDER if m in set(labels)]
+    return known + sorted(set(labels) - set(known))
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluation set, training task and method: mean and 95% t-interval over seeds of score
+    accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
+    majority-class baseline. Computed from the raw rows only."""
+    t = summarize(runs, ["eval_set", "train_task", "method_label", "k"],
+                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
+    t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
+    t = t.sort_values(["eval_set", "train_task", "method_order"]).drop(columns="method_order")
+    return t.reset_index(drop=True)
+
+
+def hans_subcases(runs: pd.DataFrame, results_root) -> pd.DataFrame:
+    """Per HANS run, accuracy per heuristic × subcase from its prediction file (tidy, one row each)."""
+    out = []
+    h = runs[runs["task"] == "hans"]
+    for _, r in h.iterrows():
+        path = Path(results_root) / r["predictions_file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; rerun the notebook that wrote it (force=True)")
+        p = pd.read_parquet(path)
+        p = p[~p["skipped"]]
+        for (heur, sub), g in p.groupby(["heuristic", "subcase"]):
+            out.append({"run_key": r["run_key"], "method_label": r["method_label"], "train_task": r["train_task"],
+                        "k": r["k"], "seed": r["seed"], "heuristic": heur, "subcase": sub,
+                        "label": int(g["label"].iloc[0]), "n": len(g), "acc": float((g["pred"] == g["label"]).mean())})
+    return pd.DataFrame(out)

@@ -266,6 +266,102 @@ print("ok:", len(rows), "rows")
 """),
 ]
 
+ANALYSIS = [
+    md("""
+# 04 · Analysis
+
+Reads only the result tables of notebooks 02 and 03 (`icl.csv`, `cd.csv`, and the per-example
+prediction files for the HANS breakdown) and renders the study's summary table and figures into
+`figures/`. Means are over data seeds with 95% Student-t intervals (one run for zero-shot);
+the majority-class baseline of each evaluated set is shown beside every accuracy.
+"""),
+    params_cell("""
+profile: str = "smoke"  # name of the run; reads results/<profile>/ unless results_dir is set
+results_dir: str = ""  # folder written by notebooks 01-03; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+"""),
+    code("""
+import pandas as pd
+from llmft_utils import plots, results
+
+out = results.results_dir(results_dir, profile)
+icl = results.ResultTable(out / "icl.csv").read()
+cd = results.ResultTable(out / "cd.csv").read()
+runs = results.unify(icl, cd)
+summary = results.summary_table(runs)
+results.atomic_write_csv(summary, out / "summary.csv")
+print(f"{len(icl)} ICL rows, {len(cd)} CD/PBFT rows -> summary.csv with {len(summary)} rows")
+"""),
+    md("""
+## Summary: accuracy per evaluation set and method
+
+`score_acc`: verbalizer-score accuracy; `acc_label0` / `acc_label1`: accuracy on entailment /
+non-entailment examples (for HANS: the heuristic-consistent and heuristic-inconsistent halves);
+`train_task`: where the labelled signal came from (demonstration pool or training task).
+"""),
+    checked("""
+cols = ["eval_set", "train_task", "method_label", "n_seeds", "score_acc_mean", "score_acc_ci_lo", "score_acc_ci_hi",
+        "acc_label0_mean", "acc_label1_mean", "majority_acc_mean"]
+print(summary[cols].round(3).to_string(index=False))
+"""),
+    md("## Accuracy against the number of demonstrations"),
+    code("""
+figs = {}
+figs["accuracy_vs_k"] = plots.accuracy_vs_k(summary)
+"""),
+    md("## In-domain vs out-of-domain (MNLI → HANS)"),
+    code("""
+figs["in_vs_out_of_domain"] = plots.in_vs_out_of_domain(summary)
+"""),
+    md("## Inference cost against k: ICL vs the CD student"),
+    code("""
+figs["cost_vs_k"] = plots.cost_vs_k(runs)
+"""),
+    md("## HANS by heuristic and subcase"),
+    code("""
+sub_path = out / "hans_subcases.csv"
+try:
+    subcases = results.hans_subcases(runs, out)
+    results.atomic_write_csv(subcases, sub_path)
+except FileNotFoundError as e:  # a checkout with the committed tables but without prediction files
+    print(f"prediction files not found ({e}); using {sub_path.name}")
+    subcases = pd.read_csv(sub_path)
+figs["hans_subcases"] = plots.hans_heatmap(subcases)
+"""),
+    md("## Training cost: CD vs PBFT"),
+    code("""
+figs["training_cost"] = plots.training_cost(runs)
+for name, fig in figs.items():
+    plots.save(fig, out / "figures", name)
+print("figures:", ", ".join(sorted(p.name for p in (out / "figures").glob("*.png"))))
+"""),
+    md("## Explorer (interactive in JupyterLab)"),
+    code("""
+import ipywidgets as w
+import matplotlib.pyplot as plt
+
+def explore(eval_set, method, metric):
+    g = runs[(runs["eval_set"] == eval_set) & (runs["method_label"].str.startswith(method) | (method == "all"))]
+    if g.empty:
+        print("no runs"); return
+    t = g.groupby(["method_label", "train_task"])[metric].agg(["mean", "std", "count"]).round(4)
+    display(t)
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    t["mean"].plot.barh(ax=ax, xerr=t["std"].fillna(0), color="#4c72b0"); ax.set_xlabel(metric); plt.show()
+
+w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "zero-shot", "ICL", "CD", "PBFT"],
+           metric=["score_acc", "acc_label0", "acc_label1", "top1_acc", "non_verbalizer_frac", "s_per_query",
+                   "peak_mem_mb", "prompt_tokens", "train_s"]);
+"""),
+    code("""
+# Checks: the summary is exactly recomputable from the raw rows, and every figure was written.
+again = results.summary_table(results.unify(results.ResultTable(out / "icl.csv").read(),
+                                            results.ResultTable(out / "cd.csv").read()))
+pd.testing.assert_frame_equal(again, pd.read_csv(out / "summary.csv"), check_dtype=False, atol=1e-12)
+assert {p.stem for p in (out / "figures").glob("*.png")} >= set(figs)
+print("ok")
+"""),
+]
+
 
 def execute_in_place(name: str) -> None:
     """Run a notebook with its own (smoke) parameters and store its outputs, as nbval will compare them."""
@@ -283,8 +379,9 @@ if __name__ == "__main__":
     save("01_data_prep.ipynb", DATA_PREP)
     save("02_icl_baselines.ipynb", ICL)
     save("03_context_distillation.ipynb", CD)
+    save("04_analysis.ipynb", ANALYSIS)
     print("wrote", ", ".join(p.name for p in sorted(ROOT.glob("*.ipynb"))))
     if "--execute" in sys.argv:  # set LLMFT_RESULTS_DIR to a scratch folder first
-        for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb"):
+        for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"):
             execute_in_place(name)
             print("executed", name)
