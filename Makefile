@@ -31,7 +31,7 @@ test-unit: venv
 	$(PY) -m pytest -q tests
 
 test-notebooks: venv
-	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
+	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
 
 bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64

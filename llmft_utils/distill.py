@@ -254,6 +254,15 @@ def params_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
+def make_optimizer(params, cfg: DistillConfig):
+    """AdamW; the fused kernel where this torch build has it for the parameters' device (on CPU it is
+    ~10x faster than the per-tensor loop, which otherwise dominates small-batch steps)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
                   accelerator=None, progress: bool = False) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
@@ -277,7 +286,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,

@@ -3,15 +3,21 @@
     python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
     python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
     python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
+    python -m llmft_utils.pipeline --sweep sweeps/patterns.json       # several runs from a parameter file
 
 Executed copies are kept in ``<results>/executed/``. A failing notebook stops the run with a non-zero
-exit status and a message naming the notebook and the cell. Finished ICL rows are skipped on rerun
-(``--force`` recomputes them).
+exit status and a message naming the notebook and the cell. Finished rows are skipped on rerun
+(``--force`` recomputes them); tables are written atomically, so a killed run leaves no partial rows
+and the same command completes it.
+
+A sweep file is JSON: ``{"profile": "default", "runs": [{"pattern": "minimal"}, {"model": "opt-125m"}]}``;
+each run is the profile with that run's parameters overridden (``--set`` applies to every run).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 import time
 from pathlib import Path
@@ -97,9 +103,45 @@ def parse_value(text: str):
         return text
 
 
+def run_profile(profile: str, overrides: dict, only=None, force: bool = False, label: str = "") -> int:
+    """Run the notebooks of one parameter set; returns the exit status (0 = all notebooks succeeded)."""
+    params = dict(PROFILES[profile])
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise SystemExit(f"unknown parameter(s) {unknown}; known: {', '.join(sorted(params))}")
+    params.update(overrides)
+    if force:
+        params["force"] = True
+    out_dir = results_dir(params["results_dir"], params["profile"])
+    params["results_dir"] = str(out_dir)
+    root = repo_root()
+    nbs = [n for n in NOTEBOOKS if only is None or any(n.startswith(p) for p in only)]
+    if not nbs:
+        raise SystemExit(f"--only {only} matches none of {NOTEBOOKS}")
+    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": provenance(), "notebooks": {}}
+    mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
+    total = time.perf_counter()
+    for nb in nbs:
+        print(f"[pipeline] {nb} (profile {profile}{', ' + label if label else ''}) ...", flush=True)
+        try:
+            wall = run_notebook(root / "notebooks" / nb, out_dir / "executed" / (f"{label}__{nb}" if label else nb), params)
+        except NotebookFailed as e:
+            print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
+            manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
+            atomic_write_json(mpath, manifest)
+            return 1
+        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1)}
+        print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
+    manifest["wall_s"] = round(time.perf_counter() - total, 1)
+    atomic_write_json(mpath, manifest)
+    print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    ap.add_argument("--sweep", default=None, metavar="FILE.json", help="run every parameter set in this file")
     ap.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 01 02")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
@@ -110,39 +152,29 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="  | %(message)s")  # papermill streams cell output here
     for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    params = dict(PROFILES[a.profile])
+    overrides = {}
     for kv in a.set:
         if "=" not in kv:
             ap.error(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        if k not in params:
-            ap.error(f"unknown parameter {k!r}; known: {', '.join(sorted(params))}")
-        params[k] = parse_value(v)
-    if a.force:
-        params["force"] = True
-    out_dir = results_dir(params["results_dir"], params["profile"])
-    params["results_dir"] = str(out_dir)
-    root = repo_root()
-    nbs = [n for n in NOTEBOOKS if a.only is None or any(n.startswith(p) for p in a.only)]
-    if not nbs:
-        ap.error(f"--only {a.only} matches none of {NOTEBOOKS}")
-    manifest = {"profile": a.profile, "parameters": params, "provenance": provenance(), "notebooks": {}}
-    total = time.perf_counter()
-    for nb in nbs:
-        print(f"[pipeline] {nb} (profile {a.profile}) ...", flush=True)
-        try:
-            wall = run_notebook(root / "notebooks" / nb, out_dir / "executed" / nb, params)
-        except NotebookFailed as e:
-            print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
-            manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
-            atomic_write_json(out_dir / "run_manifest.json", manifest)
-            return 1
-        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1)}
-        print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
-    manifest["wall_s"] = round(time.perf_counter() - total, 1)
-    atomic_write_json(out_dir / "run_manifest.json", manifest)
-    print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
+        if k not in PROFILES[a.profile]:
+            ap.error(f"unknown parameter {k!r}; known: {', '.join(sorted(PROFILES[a.profile]))}")
+        overrides[k] = parse_value(v)
+    if a.sweep is None:
+        return run_profile(a.profile, overrides, a.only, a.force)
+    spec = json.loads(Path(a.sweep).read_text())
+    profile = spec.get("profile", a.profile)
+    if profile not in PROFILES:
+        ap.error(f"{a.sweep}: unknown profile {profile!r}")
+    runs = spec.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        ap.error(f"{a.sweep}: expected {{\"runs\": [{{...parameters...}}, ...]}}")
+    for i, run in enumerate(runs):
+        label = run.pop("label", f"run{i:02d}")
+        rc = run_profile(profile, {**run, **overrides}, a.only, a.force, label=label)
+        if rc:
+            print(f"[pipeline] sweep stopped at {label} ({i + 1}/{len(runs)})", file=sys.stderr)
+            return rc
     return 0
 
 

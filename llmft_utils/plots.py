@@ -138,6 +138,7 @@ def training_cost(runs: pd.DataFrame):
                 title="Training memory (weights, gradients, optimizer state, activations)")
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("training task · method")
     fig.tight_layout()
     return fig
 

@@ -179,13 +179,13 @@ def _order(labels) -> list:
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per evaluation set, training task and method: mean and 95% t-interval over seeds of score
+    """Per model, pattern, evaluation set, training task and method: mean and 95% t-interval over seeds of score
     accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
     majority-class baseline. Computed from the raw rows only."""
-    t = summarize(runs, ["eval_set", "train_task", "method_label", "k"],
+    t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k"],
                   ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
-    t = t.sort_values(["eval_set", "train_task", "method_order"]).drop(columns="method_order")
+    t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
     return t.reset_index(drop=True)
 
 

@@ -52,3 +52,23 @@ def test_cli_rejects_unknown_parameter(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--profile", "smoke", "--set", "nope=1"])
     assert "unknown parameter" in capsys.readouterr().err
+
+
+def test_sweep_file_validation(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"profile": "smoke", "runs": {"pattern": "minimal"}}))
+    with pytest.raises(SystemExit):
+        pipeline.main(["--sweep", str(bad)])
+    assert "expected" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"profile": "smoke", "runs": [{"patern": "minimal"}]}))
+    with pytest.raises(SystemExit, match="unknown parameter"):
+        pipeline.main(["--sweep", str(unknown)])
+
+
+@pytest.mark.parametrize("path", sorted((repo_root() / "sweeps").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_sweep_files_are_valid(path):
+    spec = json.loads(path.read_text())
+    params = pipeline.PROFILES[spec["profile"]]
+    for run in spec["runs"]:
+        assert set(run) - {"label"} <= set(params), path.name

@@ -136,11 +136,17 @@ table = icl.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too
                       force=force, model_name=model, profile=profile)
 """),
     md("## Results per run"),
-    code("""
+    checked("""
 rows = table  # the rows of this notebook's plan (earlier runs with other parameters stay in icl.csv)
-cols = ["task", "split", "k", "seed", "n_eval", "majority_acc", "score_acc", "score_acc_lo", "score_acc_hi",
-        "top1_acc", "non_verbalizer_frac", "pred_label1_frac", "prefix_tokens", "s_per_query", "peak_mem_mb"]
-rows[cols].sort_values(["task", "k", "seed"]).round(4)
+cols = ["task", "split", "k", "seed", "n_eval", "majority_acc", "score_acc", "top1_acc", "non_verbalizer_frac",
+        "pred_label1_frac", "prefix_tokens"]
+print(rows[cols].sort_values(["task", "k", "seed"]).round(3).to_string(index=False))
+"""),
+    md("Cost per run (wall time, per-query latency, tokens processed, peak memory and the working memory above what was resident):"),
+    code("""
+cost = ["task", "k", "seed", "score_acc_lo", "score_acc_hi", "tokens_processed", "wall_s", "s_per_query",
+        "peak_mem_mb", "peak_mem_delta_mb", "mem_kind"]
+rows[cost].sort_values(["task", "k", "seed"]).round(4)
 """),
     md("## Mean over seeds with 95% t-intervals (one run for k = 0)"),
     code("""
@@ -235,17 +241,18 @@ table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfe
                              ood_train_tasks=ood_train_tasks)
 """),
     md("## Students against their teachers and the zero-shot model"),
-    code("""
+    checked("""
 rows = table  # the rows of this notebook's plan (runs with other settings stay in cd.csv)
 cols = ["method", "train_task", "task", "k", "seed", "n_train", "majority_acc", "zeroshot_acc", "teacher_acc",
         "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "kappa_teacher_student",
         "kappa_teacher_zeroshot", "kl_teacher_student", "kl_teacher_zeroshot"]
-rows[cols].sort_values(["method", "train_task", "task", "k", "seed"]).round(4)
+print(rows[cols].sort_values(["method", "train_task", "task", "k", "seed"]).round(3).to_string(index=False))
 """),
     md("## Cost: teacher caching, training, student inference"),
     code("""
 cost = ["method", "train_task", "task", "k", "seed", "teacher_cache_s", "teacher_cache_hit", "train_s",
-        "train_peak_mem_mb", "loss_first", "loss_last", "s_per_query", "peak_mem_mb"]
+        "train_peak_mem_mb", "train_mem_delta_mb", "loss_first", "loss_last", "s_per_query", "peak_mem_mb",
+        "peak_mem_delta_mb"]
 rows[cost].sort_values(["method", "train_task", "task", "k", "seed"]).round(4)
 """),
     code("""
@@ -278,6 +285,8 @@ the majority-class baseline of each evaluated set is shown beside every accuracy
     params_cell("""
 profile: str = "smoke"  # name of the run; reads results/<profile>/ unless results_dir is set
 results_dir: str = ""  # folder written by notebooks 01-03; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+model: str = "smollm2-135m"  # model whose runs the figures show (the summary table keeps every model)
+pattern: str = "gpt-3"  # pattern whose runs the figures show (the summary table keeps every pattern)
 """),
     code("""
 import pandas as pd
@@ -286,10 +295,14 @@ from llmft_utils import plots, results
 out = results.results_dir(results_dir, profile)
 icl = results.ResultTable(out / "icl.csv").read()
 cd = results.ResultTable(out / "cd.csv").read()
-runs = results.unify(icl, cd)
-summary = results.summary_table(runs)
-results.atomic_write_csv(summary, out / "summary.csv")
-print(f"{len(icl)} ICL rows, {len(cd)} CD/PBFT rows -> summary.csv with {len(summary)} rows")
+all_runs = results.unify(icl, cd)
+summary_all = results.summary_table(all_runs)
+results.atomic_write_csv(summary_all, out / "summary.csv")
+runs = all_runs[(all_runs["model"] == model) & (all_runs["pattern"] == pattern)]
+summary = summary_all[(summary_all["model"] == model) & (summary_all["pattern"] == pattern)]
+assert len(runs), f"no rows for model={model!r}, pattern={pattern!r}; have {sorted(set(all_runs['model']))}"
+print(f"{len(icl)} ICL rows, {len(cd)} CD/PBFT rows -> summary.csv with {len(summary_all)} rows; "
+      f"figures for {model} / {pattern}")
 """),
     md("""
 ## Summary: accuracy per evaluation set and method
@@ -357,6 +370,7 @@ w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "
 again = results.summary_table(results.unify(results.ResultTable(out / "icl.csv").read(),
                                             results.ResultTable(out / "cd.csv").read()))
 pd.testing.assert_frame_equal(again, pd.read_csv(out / "summary.csv"), check_dtype=False, atol=1e-12)
+assert len(summary) == len(again[(again["model"] == model) & (again["pattern"] == pattern)])
 assert {p.stem for p in (out / "figures").glob("*.png")} >= set(figs)
 print("ok")
 """),

@@ -1,0 +1,89 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmft_utils import plots, results
+from llmft_utils.results import repo_root
+
+REFERENCE = repo_root() / "results" / "default"
+
+
+def _icl_rows():
+    rows = []
+    for task, split, pool in (("mnli", "validation_matched", "mnli/train"), ("hans", "validation", "mnli/train")):
+        for k, seeds in ((0, [0]), (4, [0, 1, 2])):
+            for s in seeds:
+                acc = 0.5 + 0.01 * k + 0.005 * s + (0.02 if task == "mnli" else 0)
+                rows.append({"run_key": f"{task}{k}{s}", "model": "m", "pattern": "gpt-3", "task": task, "split": split,
+                             "k": k, "seed": s, "demo_pool": pool, "score_acc": acc, "acc_label0": acc + 0.1,
+                             "acc_label1": acc - 0.1, "majority_acc": 0.52 if task == "mnli" else 0.5,
+                             "s_per_query": 0.05 + 0.01 * k, "peak_mem_mb": 1000 + 10 * k,
+                             "peak_mem_delta_mb": 10 * k, "prefix_tokens": 40 * k, "query_tokens_mean": 45.0,
+                             "predictions_file": "none"})
+    return pd.DataFrame(rows)
+
+
+def _cd_rows():
+    rows = []
+    for method, k in (("cd", 4), ("pbft", 16)):
+        for task, split in (("mnli", "validation_matched"), ("hans", "validation")):
+            for s in (0, 1, 2):
+                rows.append({"run_key": f"{method}{task}{s}", "method": method, "model": "m", "pattern": "gpt-3",
+                             "train_task": "mnli", "task": task, "split": split, "k": k, "seed": s,
+                             "score_acc": 0.55 + 0.01 * s, "acc_label0": 0.6, "acc_label1": 0.5,
+                             "majority_acc": 0.52 if task == "mnli" else 0.5, "s_per_query": 0.05,
+                             "peak_mem_mb": 3000.0, "peak_mem_delta_mb": 5.0, "prefix_tokens": 0,
+                             "query_tokens_mean": 45.0, "teacher_cache_s": 10.0 if method == "cd" else 0.0,
+                             "train_s": 60.0 + s, "train_peak_mem_mb": 4000.0, "train_mem_delta_mb": 2000.0,
+                             "n_train": 64 if method == "cd" else 16, "predictions_file": "none"})
+    return pd.DataFrame(rows)
+
+
+def test_summary_recomputes_from_raw_rows():
+    runs = results.unify(_icl_rows(), _cd_rows())
+    s = results.summary_table(runs)
+    assert set(s["method_label"]) == {"zero-shot", "ICL k=4", "CD k=4", "PBFT n=16"}
+    for _, r in s.iterrows():
+        g = runs[(runs["eval_set"] == r["eval_set"]) & (runs["method_label"] == r["method_label"])
+                 & (runs["train_task"] == r["train_task"])]
+        m, lo, hi = results.t_ci(g["score_acc"])
+        assert r["score_acc_mean"] == pytest.approx(m) and r["n_seeds"] == g["seed"].nunique()
+        assert (np.isnan(lo) and np.isnan(r["score_acc_ci_lo"])) or r["score_acc_ci_lo"] == pytest.approx(lo)
+        assert r["acc_label0_mean"] == pytest.approx(g["acc_label0"].mean())
+    zs = s[s["method_label"] == "zero-shot"]
+    assert (zs["train_task"] == "none").all() and zs["score_acc_ci_lo"].isna().all()
+
+
+@pytest.mark.parametrize("fn", ["accuracy_vs_k", "in_vs_out_of_domain", "cost_vs_k", "training_cost"])
+def test_figures_have_labelled_axes(fn):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = results.unify(_icl_rows(), _cd_rows())
+    arg = results.summary_table(runs) if fn in ("accuracy_vs_k", "in_vs_out_of_domain") else runs
+    fig = getattr(plots, fn)(arg)
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        assert ax.get_xlabel() and ax.get_ylabel()
+    assert any(len(ax.lines) + len(ax.patches) + len(ax.collections) for ax in fig.axes)
+
+
+def test_hans_heatmap_from_tidy_subcases():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sub = pd.DataFrame([{"method_label": m, "train_task": t, "heuristic": "lexical_overlap", "subcase": sc, "acc": a}
+                        for m, t in (("zero-shot", "none"), ("ICL k=4", "mnli"))
+                        for sc, a in (("ln_passive", 0.2), ("le_passive", 0.9))])
+    fig = plots.hans_heatmap(sub)
+    assert fig.axes[0].images[0].get_array().shape == (2, 2)
+
+
+@pytest.mark.skipif(not (REFERENCE / "summary.csv").is_file(), reason="no committed reference results")
+def test_committed_reference_summary_matches_its_raw_rows():
+    """The committed summary table (and so every number drawn from it) is exactly what the raw rows give."""
+    again = results.summary_table(results.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
+    pd.testing.assert_frame_equal(again, pd.read_csv(REFERENCE / "summary.csv"), check_dtype=False, atol=1e-12)
+    figs = {p.stem for p in (REFERENCE / "figures").glob("*.png")}
+    assert figs >= {"accuracy_vs_k", "in_vs_out_of_domain", "cost_vs_k", "hans_subcases", "training_cost"}
