@@ -141,34 +141,52 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
     return scores, top1
 
 
+def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None):
+    """Forward the prefix-reusing rows (one prefix cache) and the standalone rows. Returns a list of
+    ``(row, scores, top1, extracted)`` and the number of tokens run through the model."""
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    tokens = 0
+    out = []
+    for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
+        if not group:
+            continue
+        kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
+        tokens += len(prefix_ids) if kv is not None else 0
+        res = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
+        ex = res[2] if extract is not None else [None] * len(group)
+        out += list(zip(group, res[0], res[1], ex))
+        tokens += sum(len(r.ids) for r in group)
+    return out, tokens
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", leave=False)
+
+
 def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 16, progress: bool = False):
     """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
     the reused prefix cache. Raises :class:`PromptTooLongError` for prompts beyond the context."""
-    tok = lm.tokenizer
-    prefix_ids = _tok(tok, [prefix_text], True)[0]
+    prefix_ids = _tok(lm.tokenizer, [prefix_text], True)[0]
     P = len(prefix_ids)
-    full = _tok(tok, [prefix_text + q for q in queries], True)
-    rows = [Row(i, ids if ids[:P] != prefix_ids else ids[P:], [[]], -1, ids[:P] != prefix_ids)
-            for i, ids in enumerate(full)]
+    full = _tok(lm.tokenizer, [prefix_text + q for q in queries], True)
     longest = max(len(ids) for ids in full)
     if longest > lm.max_context:
         raise PromptTooLongError(f"a prompt of {longest} tokens exceeds the model's context of {lm.max_context}; "
                                  "use fewer demonstrations or a longer-context model")
-    out = [None] * len(queries)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=len(rows), desc="teacher", unit="query", leave=False)
-    for group, use_prefix in (([r for r in rows if not r.standalone], True), ([r for r in rows if r.standalone], False)):
-        if not group:
-            continue
-        kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and P) else None
-        _, _, ex = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
-        for r, e in zip(group, ex):
-            out[r.qi] = e
+    rows = [Row(i, ids if ids[:P] != prefix_ids else ids[P:], [[]], -1, ids[:P] != prefix_ids)
+            for i, ids in enumerate(full)]
+    pbar = _progress(len(rows), "teacher", progress)
+    done, _ = _run_groups(lm, prefix_ids, [r for r in rows if not r.standalone], [r for r in rows if r.standalone],
+                          batch_size, pbar, extract)
     if pbar is not None:
         pbar.close()
+    out = [None] * len(queries)
+    for r, _, _, e in done:
+        out[r.qi] = e
     return out
 
 
@@ -182,10 +200,8 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     """
     if on_too_long not in ("error", "skip"):
         raise ValueError("on_too_long must be 'error' or 'skip'")
-    model, tok = lm.model, lm.tokenizer
-    prefix_ids, rows, single, first_ids = build_rows(tok, prefix_text, queries, verbalizers)
+    prefix_ids, rows, single, first_ids = build_rows(lm.tokenizer, prefix_text, queries, verbalizers)
     P = len(prefix_ids)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     lengths = np.array([len(r.ids) + (0 if r.standalone else P) for r in rows])
     too_long = lengths > lm.max_context
     if too_long.any():
@@ -202,27 +218,16 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     reuse_rows = [r for r in live if not r.standalone] if reuse_prefix else []
     full_rows = [r for r in live if r.standalone] if reuse_prefix else \
         [Row(r.qi, (r.ids if r.standalone else prefix_ids + r.ids), r.sets, r.answer_offset, True) for r in live]
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=len(live), desc="scoring", unit="row", leave=False)
-    n_labels = len(verbalizers)
-    logprobs = np.full((len(queries), n_labels), np.nan)
+    pbar = _progress(len(live), "scoring", progress)
+    logprobs = np.full((len(queries), len(verbalizers)), np.nan)
     top1 = np.full(len(queries), -1, dtype=np.int64)
-    tokens = 0
-    for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
-        if not group:
-            continue
-        kv = _prefix_kv(model, prefix_ids, lm.device) if (use_prefix and P) else None
-        tokens += P if kv is not None else 0
-        scores, t1 = _forward_rows(model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar)
-        tokens += sum(len(r.ids) for r in group)
-        for r, s, t in zip(group, scores, t1):
-            for lab in range(n_labels):
-                if not np.isnan(s[lab]):
-                    logprobs[r.qi, lab] = s[lab]
-            if r.sets[0] or single:
-                top1[r.qi] = t
+    done, tokens = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar)
+    for r, sc, t, _ in done:
+        for lab in range(len(verbalizers)):
+            if not np.isnan(sc[lab]):
+                logprobs[r.qi, lab] = sc[lab]
+        if r.sets[0] or single:
+            top1[r.qi] = t
     if pbar is not None:
         pbar.close()
     return {"logprobs": logprobs, "top1": top1, "first_ids": first_ids, "skipped": skipped_q,

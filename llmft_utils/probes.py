@@ -23,11 +23,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _read_hwm_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmHWM`` peak RSS, ``VmRSS`` current RSS) in bytes."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -51,17 +52,6 @@ class ProbeResult:
     mem_kind: str = ""
 
 
-def _read_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @contextmanager
 def probe(device: str = "cpu"):
     """``with probe(device) as r: ...`` then read ``r.wall_s``, ``r.peak_mem_mb``, ``r.mem_kind``."""
@@ -73,7 +63,7 @@ def probe(device: str = "cpu"):
         start = torch.cuda.memory_allocated(device)
     else:
         reset_ok = _reset_hwm()
-        start = _read_rss_bytes()
+        start = _proc_status_bytes("VmRSS")
     t0 = time.perf_counter()
     try:
         yield r
@@ -85,7 +75,7 @@ def probe(device: str = "cpu"):
             r.mem_delta_mb = r.peak_mem_mb - start / 2**20
             r.mem_kind = "cuda_max_allocated"
         else:
-            hwm = _read_hwm_bytes() if reset_ok else None
+            hwm = _proc_status_bytes("VmHWM") if reset_ok else None
             if hwm is not None:
                 r.peak_mem_mb, r.mem_kind = hwm / 2**20, "cpu_peak_rss"
                 if start is not None:
@@ -94,21 +84,6 @@ def probe(device: str = "cpu"):
                 ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 r.peak_mem_mb = ru / 2**20 if sys.platform == "darwin" else ru / 1024
                 r.mem_kind = "cpu_peak_rss_process"
-
-
-def timed(fn, *args, device: str = "cpu", warmup: int = 1, repeat: int = 3, **kw) -> float:
-    """Median seconds of ``fn(*args, **kw)`` after ``warmup`` untimed calls, synchronised (for benchmarks)."""
-    for _ in range(warmup):
-        fn(*args, **kw)
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(*args, **kw)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def hardware() -> str:

@@ -384,6 +384,9 @@ def execute_in_place(name: str) -> None:
     nb = nbformat.read(ROOT / name, as_version=4)
     NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     nb.metadata.pop("widgets", None)  # progress-bar widget state: large and meaningless when stored
+    for cell in nb.cells:  # smoke-run images are not worth their bytes; results/<profile>/executed keeps real ones
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if "image/png" not in o.get("data", {})]
     nbformat.write(nb, ROOT / name)
 
 
