@@ -392,7 +392,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     default: all) with :func:`llmft_utils.icl.evaluate`, and
     compared with its ICL teacher and with the untrained zero-shot model (agreement, κ, KL).
     Rows go to ``out_dir/cd.csv`` (atomic, resumable)."""
-    import pandas as pd
+    import gc
 
     from . import data
     from .icl import evaluate
@@ -411,6 +411,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         raise FileNotFoundError(f"{out_dir / 'icl.csv'} is missing: run notebooks/02_icl_baselines first")
     vids = _verbalizer_ids(lm.tokenizer, pattern)
     prov = provenance()
+    frames = {es: data.read_prepared(out_dir / info["file"]) for es, info in manifest["eval_sets"].items()}
+    pools = {p: data.read_prepared(out_dir / info["file"]) for p, info in manifest["demo_pools"].items()}
     ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
     plan = []
     for task in train_tasks:
@@ -423,9 +425,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     planned = []
     for method, task, es_in, k, seed in plan:
         info = manifest["eval_sets"][es_in]
-        pool = data.read_prepared(out_dir / manifest["demo_pools"][info["demo_pool"]]["file"])
-        ev_in = data.read_prepared(out_dir / info["file"])
-        demos = data.sample_demonstrations(pool, k, seed, exclude=ev_in)
+        pool = pools[info["demo_pool"]]
+        demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
         mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs})
         n_train = n_transfer if method == "cd" else len(demos)
         key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
@@ -440,8 +441,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         print(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}", flush=True)
         teach = {"seconds": 0.0, "cache_hit": None}
         if method == "cd":
-            evs = [data.read_prepared(out_dir / manifest["eval_sets"][es]["file"]) for es in eval_sets]
-            train = transfer_set(pool, n_transfer, seed, [demos, *evs])
+            train = transfer_set(pool, n_transfer, seed, [demos, *(frames[es] for es in eval_sets)])
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern.name, k, seed,
                                      demos["idx"], train["idx"], mcfg)
             teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
@@ -453,8 +453,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         slm = wrap(student, lm.tokenizer, name=f"{method}-student", device=lm.device)
         new_rows = []
         for es, key in zip(eval_sets, keys):
-            einfo = manifest["eval_sets"][es]
-            ev = data.read_prepared(out_dir / einfo["file"])
+            einfo, ev = manifest["eval_sets"][es], frames[es]
             metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress)
             pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
             atomic_write_parquet(preds, out_dir / pfile)
@@ -486,8 +485,6 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                   flush=True)
         table.append(new_rows)
         del student, slm
-        import gc
-
         gc.collect()
     out = table.read()
     return out[out["run_key"].isin(planned)].reset_index(drop=True)

@@ -55,18 +55,27 @@ def continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> list
     return out
 
 
-def build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tuple):
-    """Tokenise prefix and queries; return (prefix_ids, rows, single_token, first verbalizer ids per query)."""
+def split_prefix(tokenizer, prefix_text: str, queries: list[str]):
+    """Tokenise the prefix alone and every ``prefix + query`` together. Returns ``prefix_ids`` and, per query,
+    ``(ids, standalone)``: the ids after the prefix, or the whole prompt's ids when its tokenisation does
+    not start with the prefix's own ids (then the prefix cache cannot be reused for it)."""
     prefix_ids = _tok(tokenizer, [prefix_text], True)[0]
     P = len(prefix_ids)
-    full = _tok(tokenizer, [prefix_text + q for q in queries], True)
+    out = []
+    for ids in _tok(tokenizer, [prefix_text + q for q in queries], True):
+        standalone = ids[:P] != prefix_ids
+        out.append((ids if standalone else ids[P:], standalone))
+    return prefix_ids, out
+
+
+def build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tuple):
+    """Tokenise prefix and queries; return (prefix_ids, rows, single_token, first verbalizer ids per query)."""
+    prefix_ids, split = split_prefix(tokenizer, prefix_text, queries)
     conts = continuation_ids(tokenizer, queries, verbalizers)
     single = (all(len(c) == 1 for per_q in conts for c in per_q)
               and len({tuple(c[0] for c in per_q) for per_q in conts}) == 1)
     rows = []
-    for qi, (ids, per_q) in enumerate(zip(full, conts)):
-        standalone = ids[:P] != prefix_ids
-        q_ids = ids if standalone else ids[P:]
+    for qi, ((q_ids, standalone), per_q) in enumerate(zip(split, conts)):
         if single:
             rows.append(Row(qi, q_ids, [[(-1, c[0])] for c in per_q], -1, standalone))
         else:
@@ -99,7 +108,7 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
                   batch_size: int, pbar=None, extract=None):
     """Log-prob sums per row and label set, and the top-1 token at each row's answer position.
     ``extract(logits)`` (optional) is applied to each row's raw answer-position logits; its results are
-    returned as a third value (used to cache teacher distributions)."""
+    the third value returned (None per row without ``extract``; used to cache teacher distributions)."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     n_sets = len(rows[0].sets)
@@ -136,9 +145,7 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
                 extracted[i] = extract(logits[b, keep + r.answer_offset].float().cpu())
         if pbar is not None:
             pbar.update(len(batch))
-    if extract is not None:
-        return scores, top1, extracted
-    return scores, top1
+    return scores, top1, extracted
 
 
 def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None):
@@ -152,9 +159,8 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
             continue
         kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
         tokens += len(prefix_ids) if kv is not None else 0
-        res = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
-        ex = res[2] if extract is not None else [None] * len(group)
-        out += list(zip(group, res[0], res[1], ex))
+        scores, top1, ex = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
+        out += list(zip(group, scores, top1, ex))
         tokens += sum(len(r.ids) for r in group)
     return out, tokens
 
@@ -170,15 +176,12 @@ def _progress(total: int, desc: str, enabled: bool):
 def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 16, progress: bool = False):
     """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
     the reused prefix cache. Raises :class:`PromptTooLongError` for prompts beyond the context."""
-    prefix_ids = _tok(lm.tokenizer, [prefix_text], True)[0]
-    P = len(prefix_ids)
-    full = _tok(lm.tokenizer, [prefix_text + q for q in queries], True)
-    longest = max(len(ids) for ids in full)
+    prefix_ids, split = split_prefix(lm.tokenizer, prefix_text, queries)
+    longest = max(len(ids) + (0 if standalone else len(prefix_ids)) for ids, standalone in split)
     if longest > lm.max_context:
         raise PromptTooLongError(f"a prompt of {longest} tokens exceeds the model's context of {lm.max_context}; "
                                  "use fewer demonstrations or a longer-context model")
-    rows = [Row(i, ids if ids[:P] != prefix_ids else ids[P:], [[]], -1, ids[:P] != prefix_ids)
-            for i, ids in enumerate(full)]
+    rows = [Row(i, ids, [[]], -1, standalone) for i, (ids, standalone) in enumerate(split)]
     pbar = _progress(len(rows), "teacher", progress)
     done, _ = _run_groups(lm, prefix_ids, [r for r in rows if not r.standalone], [r for r in rows if r.standalone],
                           batch_size, pbar, extract)
