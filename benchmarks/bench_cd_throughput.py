@@ -6,7 +6,8 @@
 * online/one-example (the public anchors' way): every step runs the teacher on its full prompt
   (k demonstrations + query), then one student forward/backward and one optimizer step.
 
-Both sides process the same N × epochs examples with the same model, loss and optimizer. Timing is a
+Both sides process the same N × epochs examples with the same model, loss, optimizer, gradient clipping
+and student precision (``--mixed-precision``; the teacher runs in float32 on both sides). Timing is a
 synchronised wall clock after one untimed warm-up step on each side.
 
     python benchmarks/bench_cd_throughput.py --k 16 --n 32 --epochs 2
@@ -37,9 +38,12 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
             z = lm.model(t_ids.to(lm.device), logits_to_keep=1).logits[:, -1].float()
             t_logp = torch.log_softmax(distill.support_logits(z / cfg.temperature, cfg.target, vids), -1)
         s_ids = tok(patterns.query_text(pattern, p, h, False), return_tensors="pt").input_ids.to(lm.device)
-        logits = student(s_ids, logits_to_keep=1).logits[:, -1]
+        with torch.autocast(lm.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            logits = student(s_ids, logits_to_keep=1).logits[:, -1].float()
         loss = distill.distill_loss(logits, t_logp, cfg.loss, cfg.temperature, cfg.target, vids)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad()
 
@@ -72,6 +76,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="transfer queries")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"],
+                    help="student forward precision, the same on both sides (the teacher is float32 on both)")
     ap.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV, ""))
     a = ap.parse_args()
 
@@ -84,14 +90,15 @@ def main() -> None:
     pat = patterns.get_pattern(a.pattern)
     lm = models.load_model(a.model)
     vids = distill._verbalizer_ids(lm.tokenizer, pat)
-    cfg = distill.DistillConfig(epochs=a.epochs, batch_size=a.batch_size, lr=1e-5)
-    warm = distill.DistillConfig(epochs=1, batch_size=a.batch_size, lr=1e-5)
+    cfg = distill.DistillConfig(epochs=a.epochs, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
+    warm = distill.DistillConfig(epochs=1, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
     cached_loop(lm, pat, demos, examples.head(a.batch_size), warm, vids)  # warm-up
     total, teach_s, train_s = cached_loop(lm, pat, demos, examples, cfg, vids)
     online = online_loop(lm, pat, demos, examples, cfg, vids, a.epochs)
     n = a.n * a.epochs
     print(f"hardware: {hardware()}  model: {a.model} ({lm.n_params/1e6:.1f}M params, {lm.dtype})")
-    print(f"task: {a.task}  k={a.k}  transfer N={a.n}  epochs={a.epochs}  examples processed={n}")
+    print(f"task: {a.task}  k={a.k}  transfer N={a.n}  epochs={a.epochs}  examples processed={n}  "
+          f"student precision: {a.mixed_precision}")
     print(f"cached+batched (batch {a.batch_size}): {total:.1f} s  (teacher {teach_s:.1f} s, training {train_s:.1f} s)"
           f"  -> {n / total:.2f} examples/s")
     print(f"online teacher, 1 example/step:    {online:.1f} s  -> {n / online:.2f} examples/s")

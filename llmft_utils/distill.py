@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 TARGET_KINDS = ("verbalizer", "topk", "full")
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+LR_SCHEDULES = ("constant", "linear")
+MIXED_PRECISION = ("no", "bf16")
 
 
 # ----------------------------------------------------------------------------- losses (pure, log-space)
@@ -118,6 +120,10 @@ class DistillConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    lr_schedule: str = "linear"  # constant | linear (warm-up, then linear decay to 0)
+    warmup_ratio: float = 0.1  # share of optimizer steps spent warming up (linear schedule)
+    mixed_precision: str = "no"  # no | bf16: autocast of the student's forward (weights stay float32)
+    group_by_length: bool = True  # batches of similar length (less padding); random order of batches
     lora_r: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 16
     seed: int = 0
@@ -132,6 +138,12 @@ class DistillConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use one of {MIXED_PRECISION}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 # ----------------------------------------------------------------------------- teacher cache
@@ -263,6 +275,54 @@ def make_optimizer(params, cfg: DistillConfig):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices with similar lengths, so that little compute goes to padding.
+
+    Each epoch: a seeded permutation (identity without ``shuffle``), cut into mega-batches of
+    ``batch_size × mega`` examples, each sorted by length (longest first, stable) and cut into
+    batches; the batch order is then shuffled. Every example appears exactly once per epoch."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, mega: int = 16):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.mega = list(lengths), batch_size, seed, shuffle, mega
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        size = self.batch_size * self.mega
+        out = []
+        for m in range(0, n, size):
+            chunk = sorted(order[m:m + size], key=lambda i: -self.lengths[i])
+            out += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        return out
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
+    """Multiplier of the base learning rate at optimizer step ``t`` (0-based): 1 for ``constant``;
+    for ``linear``, (t+1)/w during w = ceil(warmup_ratio · total) warm-up steps, then a linear decay
+    that reaches 0 after the last step."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    w = math.ceil(warmup_ratio * total_steps)
+
+    def f(t: int) -> float:
+        if t < w:
+            return (t + 1) / w
+        return max(0.0, (total_steps - t) / max(1, total_steps - w))
+    return f
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
                   accelerator=None, progress: bool = False) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
@@ -288,10 +348,18 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
-                                         collate_fn=lambda b: collate(b, pad_id))
+    if cfg.group_by_length:
+        sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
+        loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
+                                             collate_fn=lambda b: collate(b, pad_id))
     student, opt, loader = acc.prepare(student, opt, loader)
+    total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "optimizer") else opt,
+                                              lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
+    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     losses, step = [], 0
     pbar = None
     if progress and acc.is_main_process:
@@ -301,7 +369,8 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         for epoch in range(cfg.epochs):
             for batch in loader:
                 with acc.accumulate(student):
-                    logits = answer_position_logits(student, batch)
+                    with autocast:
+                        logits = answer_position_logits(student, batch).float()
                     loss = torch.zeros((), device=logits.device)
                     if cfg.alpha < 1.0:
                         loss = loss + (1 - cfg.alpha) * distill_loss(
@@ -317,6 +386,8 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
                     opt.zero_grad()
+                    if acc.sync_gradients:
+                        sched.step()
                 losses.append(float(acc.gather(loss.detach()[None]).mean()))
                 step += 1
                 if pbar is not None:
@@ -328,7 +399,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if cfg.lora_r:
         student = student.merge_and_unload()
     student.eval()
-    return student, {"losses": losses, "train_s": pr.wall_s, "train_peak_mem_mb": pr.peak_mem_mb,
+    return student, {"losses": losses, "train_s": pr.wall_s, "optimizer_steps": total_steps, "train_peak_mem_mb": pr.peak_mem_mb,
                      "train_mem_delta_mb": pr.mem_delta_mb,
                      "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
 

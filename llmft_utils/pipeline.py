@@ -30,7 +30,8 @@ NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distill
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
 _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto",
            "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
-           "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8}
+           "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8,
+           "lr_schedule": "linear", "mixed_precision": "bf16"}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
               "ks": [0, 4], "seeds": [0], "batch_size": 8,
@@ -38,11 +39,11 @@ PROFILES: dict[str, dict] = {
     "default": {**_COMMON, "profile": "default", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
                 "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
                 # CD sizes chosen to keep the whole study under 60 min on 2 CPU cores (see README)
-                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 2, "pbft_epochs": 4, "lr": 1e-4,
+                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 8, "lr": 3e-5,
                 "ood_train_tasks": ["mnli"]},
     "full": {**_COMMON, "profile": "full", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
              "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
-             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 1e-4},
+             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5},
 }
 
 
@@ -118,8 +119,13 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     nbs = [n for n in NOTEBOOKS if only is None or any(n.startswith(p) for p in only)]
     if not nbs:
         raise SystemExit(f"--only {only} matches none of {NOTEBOOKS}")
-    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": provenance(), "notebooks": {}}
+    prov = provenance()
+    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {}}
     mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
+    if only is not None and mpath.is_file():  # a partial rerun keeps the other notebooks' records
+        old = json.loads(mpath.read_text())
+        manifest["notebooks"] = {n: {"git_commit": old.get("provenance", {}).get("git_commit"), **v}
+                                 for n, v in old.get("notebooks", {}).items() if n not in nbs}
     total = time.perf_counter()
     for nb in nbs:
         print(f"[pipeline] {nb} (profile {profile}{', ' + label if label else ''}) ...", flush=True)
@@ -130,9 +136,10 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
             manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
             atomic_write_json(mpath, manifest)
             return 1
-        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1)}
+        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1), "git_commit": prov.get("git_commit")}
         print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
-    manifest["wall_s"] = round(time.perf_counter() - total, 1)
+    manifest["wall_s"] = round(time.perf_counter() - total, 1)  # this invocation
+    manifest["notebooks_wall_s"] = round(sum(v.get("wall_s", 0.0) for v in manifest["notebooks"].values()), 1)
     atomic_write_json(mpath, manifest)
     print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
     return 0

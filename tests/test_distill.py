@@ -81,6 +81,38 @@ def test_config_validation():
         distill.DistillConfig(target="logits")
     with pytest.raises(ValueError, match="alpha"):
         distill.DistillConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        distill.DistillConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        distill.DistillConfig(mixed_precision="fp8")
+
+
+def test_linear_schedule_warms_up_and_decays_to_zero():
+    f = distill.lr_lambda("linear", 10, 0.2)  # 2 warm-up steps, then 8 decaying ones
+    assert [round(f(t), 4) for t in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert f(10) == 0.0
+    assert all(distill.lr_lambda("constant", 10, 0.2)(t) == 1.0 for t in range(10))
+    g = distill.lr_lambda("linear", 4, 0.0)  # no warm-up
+    assert [g(t) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_length_grouped_batches_cover_each_example_once_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=203).tolist()
+    s = distill.LengthGroupedBatches(lengths, batch_size=8, seed=3, mega=4)
+    e0, e1 = list(iter(s)), list(iter(s))
+    for ep in (e0, e1):
+        flat = [i for b in ep for i in b]
+        assert sorted(flat) == list(range(203)) and len(ep) == len(s) == 26
+    assert e0 != e1  # a new order every epoch ...
+    assert distill.LengthGroupedBatches(lengths, 8, seed=3, mega=4).batches(0) == e0  # ... and deterministic
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    plain = [list(range(i, min(i + 8, 203))) for i in range(0, 203, 8)]
+    assert padded(e0) < 0.8 * padded(plain)
+    fixed = distill.LengthGroupedBatches(lengths, 8, shuffle=False, mega=1000)
+    assert [i for b in fixed.batches(0) for i in b] == sorted(range(203), key=lambda i: -lengths[i])
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -179,6 +211,11 @@ def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     lcfg = distill.DistillConfig(epochs=1, batch_size=8, lr=1e-3, lora_r=4)
     student2, _ = distill.train_student(tiny.model, tiny.tokenizer, rows, lcfg, vids)
     assert distill.params_digest(tiny.model) == before and not hasattr(tiny.model, "peft_config")
+    # bf16 autocast of the forward: the student still learns, its weights stay float32
+    bcfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3, mixed_precision="bf16", group_by_length=False)
+    student3, bstats = distill.train_student(tiny.model, tiny.tokenizer, rows, bcfg, vids)
+    assert bstats["losses"][-1] < bstats["losses"][0] / 2
+    assert all(p.dtype == torch.float32 for p in student3.parameters())
 
 
 def test_pbft_needs_no_teacher_and_nan_stops(tiny):

@@ -34,6 +34,8 @@ def save(name: str, cells) -> None:
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"}})
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating a notebook does not churn its diff
+        cell.id = f"{Path(name).stem[:2]}-{i:02d}"
     nbformat.write(nb, ROOT / name)
 
 
@@ -219,7 +221,9 @@ alpha: float = 0.0  # weight of gold-label cross-entropy in CD (1.0 is PBFT)
 epochs: int = 1  # passes over the transfer set
 pbft_epochs: int = 1  # passes over the labelled examples for PBFT
 train_batch_size: int = 8  # examples per optimisation step
-lr: float = 1e-4  # AdamW learning rate (full fine-tuning)
+lr: float = 1e-4  # AdamW peak learning rate (full fine-tuning)
+lr_schedule: str = "linear"  # linear (10% warm-up, decay to 0) or constant
+mixed_precision: str = "bf16"  # student forward under bf16 autocast (weights float32); "no" for pure float32
 lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
 batch_size: int = 8  # queries per forward pass for teacher caching and evaluation
 device: str = "auto"  # auto, cpu or cuda
@@ -232,7 +236,8 @@ from llmft_utils import distill, models, results
 out = results.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device)
 cfg = distill.DistillConfig(target=target, topk=topk, loss=loss, temperature=temperature, alpha=alpha,
-                            epochs=epochs, batch_size=train_batch_size, lr=lr, lora_r=lora_r)
+                            epochs=epochs, batch_size=train_batch_size, lr=lr, lr_schedule=lr_schedule,
+                            mixed_precision=mixed_precision, lora_r=lora_r)
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
 """),
     code("""
@@ -387,6 +392,7 @@ def execute_in_place(name: str) -> None:
     for cell in nb.cells:  # smoke-run images are not worth their bytes; results/<profile>/executed keeps real ones
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if "image/png" not in o.get("data", {})]
+            cell.metadata.pop("execution", None)  # run timestamps only churn the diff
     nbformat.write(nb, ROOT / name)
 
 
