@@ -457,11 +457,13 @@ def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str,
 
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 16, force: bool = False,
-                 model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None):
+                 model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
+                 pbft_lr: float | None = None):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
     compared with its ICL teacher and with the untrained zero-shot model (agreement, κ, KL).
+    PBFT students train with ``cfg`` except alpha = 1, ``pbft_epochs`` and ``pbft_lr`` (default: cfg.lr).
     Rows go to ``out_dir/cd.csv`` (atomic, resumable)."""
     import gc
 
@@ -498,7 +500,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         info = manifest["eval_sets"][es_in]
         pool = pools[info["demo_pool"]]
         demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
-        mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs})
+        mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
+                                                           "lr": pbft_lr or cfg.lr})
         n_train = n_transfer if method == "cd" else len(demos)
         key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
                     f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}")

@@ -220,6 +220,7 @@ temperature: float = 1.0  # distillation temperature (loss scaled by its square)
 alpha: float = 0.0  # weight of gold-label cross-entropy in CD (1.0 is PBFT)
 epochs: int = 1  # passes over the transfer set
 pbft_epochs: int = 1  # passes over the labelled examples for PBFT
+pbft_lr: float = 1e-4  # AdamW peak learning rate for PBFT (few examples, few steps: higher than CD's)
 train_batch_size: int = 8  # examples per optimisation step
 lr: float = 1e-4  # AdamW peak learning rate (full fine-tuning)
 lr_schedule: str = "linear"  # linear (10% warm-up, decay to 0) or constant
@@ -243,7 +244,7 @@ print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
     code("""
 table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
-                             ood_train_tasks=ood_train_tasks)
+                             ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr)
 """),
     md("## Students against their teachers and the zero-shot model"),
     checked("""
