@@ -7,7 +7,7 @@ SHARED_DATA := $(abspath ../shared/data)
 export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 
-.PHONY: venv study smoke test test-unit test-notebooks bench lab clean
+.PHONY: bench-cd venv study smoke test test-unit test-notebooks bench lab clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test-notebooks: venv
 
 bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64
+
+bench-cd: venv  ## CD training throughput: cached+batched teacher vs online teacher, 1 example/step (prints the ratio)
+	$(PY) benchmarks/bench_cd_throughput.py
 
 lab: venv  ## JupyterLab for exploration (installed on first use)
 	$(PY) -m pip install -q jupyterlab==4.6.6

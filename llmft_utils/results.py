@@ -111,8 +111,9 @@ class ResultTable:
         atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
 
 
-def t_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and two-sided Student-t interval over seeds; a single value gives (v, nan, nan)."""
+def t_ci(values, confidence: float = 0.95, bounds: tuple | None = None) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t interval over seeds; a single value gives (v, nan, nan).
+    ``bounds`` (e.g. (0, 1) for a proportion) clips the interval to the values the metric can take."""
     from scipy import stats
 
     v = np.asarray([x for x in values if not pd.isna(x)], dtype=float)
@@ -122,7 +123,15 @@ def t_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     if len(v) < 2:
         return m, float("nan"), float("nan")
     h = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return m, m - h, m + h
+    lo, hi = m - h, m + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return m, lo, hi
+
+
+def is_proportion(metric: str) -> bool:
+    """Metrics that live in [0, 1] (accuracies, fractions, agreement)."""
+    return metric.endswith("acc") or metric.startswith("acc_") or metric.endswith("_frac") or metric.startswith("agree")
 
 
 def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
@@ -132,7 +141,7 @@ def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
         row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
         row["n_seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
         for m in metrics:
-            mean, lo, hi = t_ci(g[m])
+            mean, lo, hi = t_ci(g[m], bounds=(0.0, 1.0) if is_proportion(m) else None)
             row[f"{m}_mean"], row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = mean, lo, hi
         out.append(row)
     return pd.DataFrame(out)

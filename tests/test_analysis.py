@@ -46,7 +46,8 @@ def test_summary_recomputes_from_raw_rows():
     for _, r in s.iterrows():
         g = runs[(runs["eval_set"] == r["eval_set"]) & (runs["method_label"] == r["method_label"])
                  & (runs["train_task"] == r["train_task"])]
-        m, lo, hi = results.t_ci(g["score_acc"])
+        m, lo, hi = results.t_ci(g["score_acc"], bounds=(0, 1))
+        assert 0 <= r["acc_label0_ci_lo"] <= r["acc_label0_ci_hi"] <= 1 or np.isnan(r["acc_label0_ci_lo"])
         assert r["score_acc_mean"] == pytest.approx(m) and r["n_seeds"] == g["seed"].nunique()
         assert (np.isnan(lo) and np.isnan(r["score_acc_ci_lo"])) or r["score_acc_ci_lo"] == pytest.approx(lo)
         assert r["acc_label0_mean"] == pytest.approx(g["acc_label0"].mean())

@@ -23,6 +23,10 @@ def test_t_ci_reference():
     ref = stats.t.interval(0.95, 2, loc=np.mean(v), scale=stats.sem(v))
     assert m == pytest.approx(np.mean(v)) and (lo, hi) == pytest.approx(ref)
     assert np.isnan(results.t_ci([0.5])[1])
+    m, lo, hi = results.t_ci([0.1, 0.9, 0.95], bounds=(0, 1))  # a wide interval of a proportion stays in [0, 1]
+    assert (lo, hi) == (0.0, 1.0) and m == pytest.approx(0.65)
+    assert results.is_proportion("score_acc") and results.is_proportion("acc_label1")
+    assert not results.is_proportion("s_per_query") and not results.is_proportion("peak_mem_mb")
 
 
 def test_summarize_groups():
