@@ -41,7 +41,7 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
             z = lm.model(t_ids.to(lm.device), logits_to_keep=1).logits[:, -1].float()
             t_logp = torch.log_softmax(distill.support_logits(z / cfg.temperature, cfg.target, vids), -1)
         s_ids = tok(patterns.query_text(pattern, p, h, False), return_tensors="pt").input_ids.to(lm.device)
-        with torch.autocast(lm.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        with distill.student_autocast(lm.device.split(":")[0], cfg.mixed_precision):  # as in train_student
             logits = student(s_ids, logits_to_keep=1).logits[:, -1].float()
         loss = distill.distill_loss(logits, t_logp, cfg.loss, cfg.temperature, cfg.target, vids)
         loss.backward()

@@ -275,6 +275,11 @@ def make_optimizer(params, cfg: DistillConfig):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def student_autocast(device_type: str, mixed_precision: str):
+    """The autocast context of the student's forward: bf16 when ``mixed_precision == "bf16"``, else a no-op."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of indices with similar lengths, so that little compute goes to padding.
 
@@ -357,9 +362,8 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                                              collate_fn=lambda b: collate(b, pad_id))
     student, opt, loader = acc.prepare(student, opt, loader)
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "optimizer") else opt,
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
                                               lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
-    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     losses, step = [], 0
     pbar = None
     if progress and acc.is_main_process:
@@ -369,7 +373,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         for epoch in range(cfg.epochs):
             for batch in loader:
                 with acc.accumulate(student):
-                    with autocast:
+                    with student_autocast(acc.device.type, cfg.mixed_precision):
                         logits = answer_position_logits(student, batch).float()
                     loss = torch.zeros((), device=logits.device)
                     if cfg.alpha < 1.0:
@@ -399,7 +403,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if cfg.lora_r:
         student = student.merge_and_unload()
     student.eval()
-    return student, {"losses": losses, "train_s": pr.wall_s, "optimizer_steps": total_steps, "train_peak_mem_mb": pr.peak_mem_mb,
+    return student, {"losses": losses, "train_s": pr.wall_s, "train_peak_mem_mb": pr.peak_mem_mb,
                      "train_mem_delta_mb": pr.mem_delta_mb,
                      "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
 
