@@ -31,6 +31,7 @@ from llmft_utils.probes import _sync, hardware
 def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
     prefix = patterns.build_prefix(pattern, demos)
     student = copy.deepcopy(lm.model).train()
+    device_type = lm.device.split(":")[0]
     opt = distill.make_optimizer(list(student.parameters()), cfg)  # the same optimizer as the kit's loop
     tok = lm.tokenizer
     items = list(zip(examples["premise"], examples["hypothesis"]))
@@ -41,7 +42,7 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
             z = lm.model(t_ids.to(lm.device), logits_to_keep=1).logits[:, -1].float()
             t_logp = torch.log_softmax(distill.support_logits(z / cfg.temperature, cfg.target, vids), -1)
         s_ids = tok(patterns.query_text(pattern, p, h, False), return_tensors="pt").input_ids.to(lm.device)
-        with distill.student_autocast(lm.device.split(":")[0], cfg.mixed_precision):  # as in train_student
+        with distill.student_autocast(device_type, cfg.mixed_precision):  # as in train_student
             logits = student(s_ids, logits_to_keep=1).logits[:, -1].float()
         loss = distill.distill_loss(logits, t_logp, cfg.loss, cfg.temperature, cfg.target, vids)
         loss.backward()
@@ -50,20 +51,21 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
         opt.step()
         opt.zero_grad()
 
-    for p, h in items[:warmup]:
-        step(p, h)
-    _sync(lm.device)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for p, h in items:
+    with distill.training_attention(student, cfg.train_attention, device_type):  # as in train_student
+        for p, h in items[:warmup]:
             step(p, h)
-    _sync(lm.device)
-    return time.perf_counter() - t0
+        _sync(lm.device)
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            for p, h in items:
+                step(p, h)
+        _sync(lm.device)
+        return time.perf_counter() - t0
 
 
-def cached_loop(lm, pattern, demos, examples, cfg, vids):
+def cached_loop(lm, pattern, demos, examples, cfg, vids, teacher_batch_size):
     t0 = time.perf_counter()
-    teacher = distill.teacher_targets(lm, pattern, demos, examples, cfg, batch_size=16)
+    teacher = distill.teacher_targets(lm, pattern, demos, examples, cfg, batch_size=teacher_batch_size)
     rows = distill.student_examples(lm.tokenizer, pattern, examples, teacher, lm.max_context)
     _, stats = distill.train_student(lm.model, lm.tokenizer, rows, cfg, vids)
     _sync(lm.device)
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--n", type=int, default=32, help="transfer queries")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="training batch size (cached side)")
+    ap.add_argument("--teacher-batch-size", type=int, default=8, help="queries per teacher forward (cached side)")
     ap.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"],
                     help="student forward precision, the same on both sides (the teacher is float32 on both)")
     ap.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV, ""))
@@ -95,8 +98,8 @@ def main() -> None:
     vids = distill._verbalizer_ids(lm.tokenizer, pat)
     cfg = distill.DistillConfig(epochs=a.epochs, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
     warm = distill.DistillConfig(epochs=1, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
-    cached_loop(lm, pat, demos, examples.head(a.batch_size), warm, vids)  # warm-up
-    total, teach_s, train_s = cached_loop(lm, pat, demos, examples, cfg, vids)
+    cached_loop(lm, pat, demos, examples.head(a.batch_size), warm, vids, a.teacher_batch_size)  # warm-up
+    total, teach_s, train_s = cached_loop(lm, pat, demos, examples, cfg, vids, a.teacher_batch_size)
     online = online_loop(lm, pat, demos, examples, cfg, vids, a.epochs)
     n = a.n * a.epochs
     print(f"hardware: {hardware()}  model: {a.model} ({lm.n_params/1e6:.1f}M params, {lm.dtype})")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ TARGET_KINDS = ("verbalizer", "topk", "full")
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LR_SCHEDULES = ("constant", "linear")
 MIXED_PRECISION = ("no", "bf16")
+TRAIN_ATTENTION = ("auto", "eager", "sdpa")
 
 
 # ----------------------------------------------------------------------------- losses (pure, log-space)
@@ -123,6 +125,7 @@ class DistillConfig:
     lr_schedule: str = "linear"  # constant | linear (warm-up, then linear decay to 0)
     warmup_ratio: float = 0.1  # share of optimizer steps spent warming up (linear schedule)
     mixed_precision: str = "no"  # no | bf16: autocast of the student's forward (weights stay float32)
+    train_attention: str = "auto"  # attention kernel while training: auto (eager on CPU, else the model's) | eager | sdpa
     group_by_length: bool = True  # batches of similar length (less padding); random order of batches
     lora_r: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 16
@@ -142,6 +145,8 @@ class DistillConfig:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {LR_SCHEDULES}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use one of {MIXED_PRECISION}")
+        if self.train_attention not in TRAIN_ATTENTION:
+            raise ValueError(f"unknown train_attention {self.train_attention!r}; use one of {TRAIN_ATTENTION}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -168,7 +173,7 @@ def teacher_cache_key(model_id: str, task: str, pattern: str, k: int, seed: int,
 
 
 def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
-                    batch_size: int = 16, progress: bool = False) -> dict:
+                    batch_size: int = 8, progress: bool = False) -> dict:
     """Teacher log-probs on the target support (temperature applied) for every example, with the
     demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
     returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``."""
@@ -280,6 +285,24 @@ def student_autocast(device_type: str, mixed_precision: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
+@contextmanager
+def training_attention(model, choice: str, device_type: str):
+    """Switch ``model``'s attention kernel for training, and back afterwards (evaluation always runs with
+    the model's own kernel). ``auto`` is ``eager`` on CPU: for prompts of a few dozen tokens, torch's
+    CPU flash-attention backward costs more than plain matmuls (~10% of a training step here)."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    new = ("eager" if device_type == "cpu" else None) if choice == "auto" else choice
+    if cfg is None or old is None or new is None or new == old:
+        yield
+        return
+    cfg._attn_implementation = new
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of indices with similar lengths, so that little compute goes to padding.
 
@@ -369,7 +392,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
         pbar = tqdm(total=cfg.epochs * len(loader), desc="train", unit="batch", leave=False)
-    with probe(str(acc.device)) as pr:
+    with probe(str(acc.device)) as pr, training_attention(acc.unwrap_model(student), cfg.train_attention, acc.device.type):
         for epoch in range(cfg.epochs):
             for batch in loader:
                 with acc.accumulate(student):
@@ -460,7 +483,7 @@ def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str,
 
 
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
-                 cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 16, force: bool = False,
+                 cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
                  pbft_lr: float | None = None):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is

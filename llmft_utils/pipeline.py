@@ -37,12 +37,11 @@ PROFILES: dict[str, dict] = {
               "ks": [0, 4], "seeds": [0], "batch_size": 8,
               "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
     "default": {**_COMMON, "profile": "default", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
-                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
+                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
                 # CD sizes chosen to keep the whole study under 60 min on 2 CPU cores (see README)
-                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5,
-                "ood_train_tasks": ["mnli"]},
+                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5},
     "full": {**_COMMON, "profile": "full", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
-             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 16,
+             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
              "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5},
 }
 

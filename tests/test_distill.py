@@ -218,6 +218,27 @@ def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     assert all(p.dtype == torch.float32 for p in student3.parameters())
 
 
+def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):
+    """On CPU the student trains with eager attention (``train_attention="auto"``) and is handed back,
+    like the base model, with the model's own kernel, so that evaluation is the same code as notebook 02."""
+    ev, _ = _frames(8)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
+    seen = []
+    real = distill.answer_position_logits
+    monkeypatch.setattr(distill, "answer_position_logits",
+                        lambda m, b: seen.append(m.config._attn_implementation) or real(m, b))
+    own = tiny.model.config._attn_implementation
+    for choice, want in (("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")):
+        seen.clear()
+        student, _ = distill.train_student(tiny.model, tiny.tokenizer, rows,
+                                           distill.DistillConfig(alpha=1.0, epochs=1, train_attention=choice), vids)
+        assert seen and set(seen) == {want}
+        assert student.config._attn_implementation == own == tiny.model.config._attn_implementation
+    with pytest.raises(ValueError, match="train_attention"):
+        distill.DistillConfig(train_attention="flash")
+
+
 def test_pbft_needs_no_teacher_and_nan_stops(tiny):
     ev, _ = _frames(8)
     vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)

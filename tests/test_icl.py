@@ -40,6 +40,30 @@ def test_prefix_reuse_equals_full_prompt(tiny_lms, arch, pattern, k):
         assert m1["tokens_processed"] < m2["tokens_processed"]
 
 
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, monkeypatch):
+    """The split attention (prefix attended once, merged by log-sum-exp) gives the same log-probs as a
+    key/value cache broadcast over the batch, for left-padded rows of different lengths; and it is the
+    path taken on CPU."""
+    lm = tiny_lms[arch]
+    ev, pool = _frames(9)
+    ev.loc[0, "premise"] = " ".join(["doctor"] * 40)  # much longer than the others: lots of left padding
+    demos = data.sample_demonstrations(pool, 6, seed=2, exclude=ev)
+    prefix = patterns.build_prefix(GPT3, demos)
+    queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
+    prefix_ids, rows, _, _ = icl.build_rows(lm.tokenizer, prefix, queries, GPT3.verbalizers)
+    kv = icl._prefix_kv(lm.model, prefix_ids, "cpu")
+    calls = []
+    real = icl._flash_lse
+    monkeypatch.setattr(icl, "_flash_lse", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert icl.uses_split_attention(lm.model, "cpu") and not icl.uses_split_attention(lm.model, "cuda")
+    split = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=True)
+    assert len(calls) == 2 * lm.model.config.num_hidden_layers * 3  # 2 partial attentions per layer and batch
+    cache = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=False)
+    assert np.abs(split[0] - cache[0]).max() < 1e-5 and (split[1] == cache[1]).all()
+    assert lm.model.config._attn_implementation == "sdpa"  # restored after the split forward
+
+
 def test_naive_reference_is_independent_forward(tiny_lms):
     """The scorer's log-probs equal a plain, unbatched forward pass over the whole prompt text."""
     lm = tiny_lms["opt"]
