@@ -5,7 +5,7 @@ import pytest
 from llmft_utils import plots, results
 from llmft_utils.results import repo_root
 
-REFERENCE = repo_root() / "results" / "default"
+REFERENCE = repo_root() / "results" / "reference"
 
 
 def _icl_rows():
