@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--n", type=int, default=64, help="number of evaluation queries")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8, help="queries per forward pass (the default profile's)")
     ap.add_argument("--attn", default=None, help="attn_implementation (sdpa, eager); default: the model's")
     ap.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV, ""))
     a = ap.parse_args()
