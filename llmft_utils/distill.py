@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -285,22 +284,14 @@ def student_autocast(device_type: str, mixed_precision: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
-@contextmanager
 def training_attention(model, choice: str, device_type: str):
     """Switch ``model``'s attention kernel for training, and back afterwards (evaluation always runs with
     the model's own kernel). ``auto`` is ``eager`` on CPU: for prompts of a few dozen tokens, torch's
     CPU flash-attention backward costs more than plain matmuls (~10% of a training step here)."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_attn_implementation", None)
-    new = ("eager" if device_type == "cpu" else None) if choice == "auto" else choice
-    if cfg is None or old is None or new is None or new == old:
-        yield
-        return
-    cfg._attn_implementation = new
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = old
+    from .models import attention_implementation
+
+    name = ("eager" if device_type == "cpu" else None) if choice == "auto" else choice
+    return attention_implementation(model, name)
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):

@@ -18,13 +18,13 @@ attention than a broadcast cache); otherwise by a key/value cache broadcast over
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .models import attention_implementation
 from .patterns import Pattern, build_prefix, query_text
 from .probes import probe
 
@@ -169,16 +169,6 @@ def uses_split_attention(model, device: str) -> bool:
             and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
-@contextmanager
-def _attention(model, name: str):
-    old = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
-
-
 def _expand_cache(prefix_kv, batch: int):
     from transformers import DynamicCache
 
@@ -195,7 +185,7 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
     the third value returned (None per row without ``extract``; used to cache teacher distributions).
     ``split``: attend to the prefix with :func:`split_prefix_attention` (default: where supported)."""
     P = len(prefix_ids) if prefix_kv is not None else 0
-    split = uses_split_attention(model, device) if split is None else split
+    split = bool(P) and (uses_split_attention(model, device) if split is None else split)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     n_sets = len(rows[0].sets)
     scores = np.full((len(rows), n_sets), np.nan)
@@ -213,13 +203,13 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
             mask[b, L - len(r.ids):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0) + P
         kw = {}
-        if P and split:  # causal + padding mask over the queries' own tokens; the prefix is seen by all
+        if split:  # causal + padding mask over the queries' own tokens; the prefix is seen by all
             mask = torch.ones((L, L), dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
             kw["llmft_prefix_kv"] = prefix_kv
         elif P:
             kw["past_key_values"] = _expand_cache(prefix_kv, B)
             mask = torch.cat([torch.ones((B, P), dtype=torch.long), mask], 1)
-        with torch.inference_mode(), (_attention(model, SPLIT_ATTENTION) if "llmft_prefix_kv" in kw else nullcontext()):
+        with torch.inference_mode(), attention_implementation(model, SPLIT_ATTENTION if split else None):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                            use_cache=bool(P) and not split, logits_to_keep=keep, **kw).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()

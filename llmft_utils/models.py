@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,23 @@ def tiny_model(arch: str = "llama", tokenizer=None, seed: int = 0, max_positions
         raise ValueError(f"unknown tiny architecture {arch!r}; use 'opt' or 'llama'")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@contextmanager
+def attention_implementation(model, name: str | None):
+    """Run ``model`` with the attention kernel ``name`` (a key of transformers' ``AttentionInterface``,
+    e.g. ``eager``) inside the block, and with its own kernel again afterwards. A no-op for ``None``,
+    for the kernel it already uses, and for models without ``config._attn_implementation``."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    if old is None or name is None or name == old:
+        yield
+        return
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
 
 
 def wrap(model, tokenizer, name: str = "tiny", device: str = "cpu") -> LoadedModel:
