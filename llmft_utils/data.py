@@ -268,14 +268,14 @@ def label_stats(df: pd.DataFrame) -> dict:
 
 
 def write_jsonl(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Atomic JSONL write (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in df.to_dict(orient="records"):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic JSONL write (:func:`llmft_utils.results.atomic_write`: unique temporary file, fsync, rename)."""
+    from .results import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in df.to_dict(orient="records"):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_write(path, write)
 
 
 def read_prepared(path: str | os.PathLike) -> pd.DataFrame:

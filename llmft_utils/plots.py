@@ -147,13 +147,10 @@ def save(fig, folder, name: str) -> list:
     """Write ``name``.png (and .svg) under ``folder``; returns the paths."""
     from pathlib import Path
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from .results import atomic_write
+
     paths = []
     for ext in ("png", "svg"):
-        p = folder / f"{name}.{ext}"
-        tmp = p.with_name(f".{p.name}.tmp")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=ext, metadata={"Date": None} if ext == "svg" else None)
-        tmp.replace(p)
-        paths.append(p)
+        paths.append(atomic_write(Path(folder) / f"{name}.{ext}", lambda tmp: fig.savefig(
+            tmp, dpi=110, bbox_inches="tight", format=ext, metadata={"Date": None} if ext == "svg" else None)))
     return paths

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +65,40 @@ def ids_digest(ids) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file with a unique name beside ``path``
+    (``.<name>.<pid>.<random>.tmp``), which is fsync'ed and renamed over ``path``; the folder is fsync'ed
+    too. A crash or an exception leaves the old file (or none) and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path, obj) -> None:
@@ -80,11 +110,23 @@ def atomic_write_csv(df: pd.DataFrame, path) -> None:
 
 
 def atomic_write_parquet(df: pd.DataFrame, path) -> None:
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive advisory lock (``fcntl.flock``) on ``.<name>.lock`` beside ``path``, held for the block:
+    concurrent writers of one table (two pipelines on one results folder) take turns instead of losing rows."""
+    import fcntl
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class ResultTable:
@@ -104,11 +146,15 @@ class ResultTable:
         return set(df["run_key"]) if "run_key" in df else set()
 
     def append(self, rows: list[dict]) -> None:
-        old = self.read()
+        """Add rows (a row with an existing ``run_key`` replaces it) under the table's lock: the
+        read-modify-write is atomic against other writers of the same file, and the file on disk is
+        always either the old table or the new one."""
         new = pd.DataFrame(rows)
-        if "run_key" in old and len(old):
-            old = old[~old["run_key"].isin(set(new["run_key"]))]  # a forced rerun replaces its rows
-        atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
+        with file_lock(self.path):
+            old = self.read()
+            if "run_key" in old and len(old):
+                old = old[~old["run_key"].isin(set(new["run_key"]))]  # a forced rerun replaces its rows
+            atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
 
 
 def t_ci(values, confidence: float = 0.95, bounds: tuple | None = None) -> tuple[float, float, float]:
