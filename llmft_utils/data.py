@@ -105,11 +105,20 @@ def get_split_spec(task: str, split: str) -> SplitSpec:
     return spec.splits[split]
 
 
+def mirror_beside_checkout() -> Path | None:
+    """``../shared/data`` next to the checkout (the layout of this project's machines), if it holds the data."""
+    from .results import repo_root
+
+    p = (repo_root().parent / "shared" / "data").resolve()
+    return p if (p / "rte").is_dir() else None
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The explicit argument wins, then $LLMFT_DATA_DIR; None means 'use the Hub'."""
+    """The explicit argument wins, then $LLMFT_DATA_DIR, then ``../shared/data`` beside the checkout (so the
+    pipeline finds the same data with or without the Makefile); None means 'use the Hub'."""
     d = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV, "")
     if not d:
-        return None
+        return mirror_beside_checkout()
     p = Path(d).expanduser().resolve()
     if not p.is_dir():
         raise DataError(f"data directory {p} does not exist; point {DATA_DIR_ENV} (or data_dir=) at a folder "
@@ -117,7 +126,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return p
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, lines: list | None = None) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); ``lines``, when given, receives each record's line number."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -126,6 +136,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 rows.append(json.loads(line))
+                if lines is not None:
+                    lines.append(lineno)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); the file is malformed, "
                                 "re-fetch it or fix the line") from None
@@ -151,12 +163,13 @@ def _load_hub(task: TaskSpec, split: SplitSpec) -> list[dict]:
     return rows
 
 
-def validate_rows(rows: list[dict], task: TaskSpec, source: str) -> pd.DataFrame:
-    """Check every row and map labels to the binary scheme; raise DataError naming the first bad row."""
+def validate_rows(rows: list[dict], task: TaskSpec, source: str, lines: list | None = None) -> pd.DataFrame:
+    """Check every row and map labels to the binary scheme; raise DataError naming the first bad row
+    (``file:line`` when ``lines`` gives the records' line numbers, else the record's 0-based position)."""
     required = ("premise", "hypothesis", "label") + tuple(task.extra_columns)
     out = []
     for n, r in enumerate(rows):
-        where = f"{source}, row {n} (idx={r.get('idx', '?')})"
+        where = (f"{source}:{lines[n]}" if lines else f"{source}, record {n}") + f" (idx={r.get('idx', '?')})"
         missing = [c for c in required if c not in r]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}; expected {list(required)}")
@@ -192,11 +205,15 @@ def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None)
         if not path.is_file():
             raise DataError(f"{path} not found: the data directory {local} has no {task}/{split}. "
                             f"Fix {DATA_DIR_ENV} / data_dir, or unset it to download from the Hugging Face Hub.")
-        df = validate_rows(_read_jsonl(path), spec, str(path))
+        lines: list = []
+        df = validate_rows(_read_jsonl(path, lines), spec, str(path), lines)
         df.attrs["source"] = str(path)
     else:
+        from .hub import offline_if_unreachable
+
         try:
-            rows = _load_hub(spec, sspec)
+            with offline_if_unreachable():  # offline: the datasets cache or this error in seconds, not retries
+                rows = _load_hub(spec, sspec)
         except Exception as e:  # offline, missing package, renamed dataset ...
             raise DataError(
                 f"could not load {task}/{split}: no data directory is set and the Hugging Face Hub failed "
@@ -278,29 +295,68 @@ def write_jsonl(df: pd.DataFrame, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
-def read_prepared(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a split written by :func:`write_jsonl` (notebook 01's output)."""
+def read_prepared(path: str | os.PathLike, sha256: str | None = None) -> pd.DataFrame:
+    """Read a split written by :func:`write_jsonl` (notebook 01's output); with ``sha256`` (from the
+    manifest) the file must be the one the manifest describes."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: run notebooks/01_data_prep first (or the pipeline), "
                         "which writes the prepared splits")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DataError(f"{path} does not match manifest.json (checksum differs): the prepared data changed "
+                        "after the manifest was written; rerun notebooks/01_data_prep")
     return pd.DataFrame(_read_jsonl(path))
 
 
+def read_split(out_dir: str | os.PathLike, info: dict) -> pd.DataFrame:
+    """The prepared split a manifest entry describes (checksum-verified when the manifest has one)."""
+    return read_prepared(Path(out_dir) / info["file"], info.get("sha256"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 STUDY_EVAL_SETS = ("mnli/validation_matched", "rte/validation", "hans/validation")
+
+
+def _swap_in_folder(new: Path, dest: Path) -> None:
+    """Replace folder ``dest`` by the complete folder ``new`` (same parent): two renames, so ``dest`` is
+    always either the old complete folder or the new one (absent only between the two renames)."""
+    import shutil
+
+    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, eval_sizes: dict | None = None,
                        data_dir: str | os.PathLike | None = None, seed: int = 0):
     """Load, validate and subsample the evaluation sets and their demonstration pools; write them to
     ``out_dir/prepared/`` with ``out_dir/manifest.json``. ``eval_sizes`` maps task -> n (0 = all rows).
-    Returns ``(manifest, stats)`` where ``stats`` has one row per written split."""
+    Returns ``(manifest, stats)`` where ``stats`` has one row per written split.
+
+    All-or-nothing: every split is loaded and validated before anything is written, the files go to a
+    temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
+    records each file's sha256, which :func:`read_split` checks. A data error leaves the previous
+    ``prepared/`` and manifest as they were."""
+    import shutil
+    import secrets
+
     from .results import atomic_write_json, ids_digest
 
     out_dir = Path(out_dir)
     eval_sizes = eval_sizes or {}
     manifest: dict = {"eval_sets": {}, "demo_pools": {}, "eval_seed": seed}
-    stats, pools = [], {}
+    stats, pools, frames = [], {}, {}
     for name in eval_sets:
         task, _, split = name.partition("/")
         spec = get_task(task)
@@ -308,7 +364,7 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         n = int(eval_sizes.get(task, 0) or 0)
         sub = stratified_subsample(full, n=n or None, by=spec.stratify_by[0], seed=seed)
         rel = f"prepared/{task}__{split}.jsonl"
-        write_jsonl(sub, out_dir / rel)
+        frames[rel] = sub
         pool = f"{spec.demo_task}/{spec.demo_split}"
         pools.setdefault(pool, set()).add(name)
         info = {"file": rel, "task": task, "split": split, "full_size": len(full), "subsampled": len(sub) < len(full),
@@ -321,7 +377,7 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         task, _, split = pool.partition("/")
         df = load_split(task, split, data_dir)
         rel = f"prepared/{task}__{split}.jsonl"
-        write_jsonl(df, out_dir / rel)
+        frames[rel] = df
         info = {"file": rel, "task": task, "split": split, "source": df.attrs["source"], "used_by": sorted(pools[pool]),
                 **label_stats(df)}
         if task == "mnli" and len(df) < 100_000:
@@ -329,6 +385,18 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         manifest["demo_pools"][pool] = info
         stats.append({"split": pool, "role": "demo pool", "n": info["n"], "full_size": info["n"], "subsampled": False,
                       **{k: info[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".prepared.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        for rel, df in frames.items():
+            write_jsonl(df, tmp / Path(rel).name)
+        digests = {rel: file_sha256(tmp / Path(rel).name) for rel in frames}
+        _swap_in_folder(tmp, out_dir / "prepared")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values()]:
+        info["sha256"] = digests[info["file"]]
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest, pd.DataFrame(stats)
 

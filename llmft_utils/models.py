@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
             source = f"dir:{path}"
         else:
-            tok = AutoTokenizer.from_pretrained(resolved)
-            model = AutoModelForCausalLM.from_pretrained(resolved, **kw)
+            from .hub import offline_if_unreachable
+
+            with offline_if_unreachable() as online:  # offline: the cache or a clear error in seconds, not retries
+                tok = AutoTokenizer.from_pretrained(resolved, local_files_only=not online)
+                model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=not online, **kw)
             source = f"hub:{resolved}"
             info["revision"] = getattr(model.config, "_commit_hash", None)
     except ModelError:
@@ -139,6 +143,36 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, max_context=max_context(model),
                        device=device, dtype=str(tdtype).replace("torch.", ""),
                        n_params=sum(p.numel() for p in model.parameters()), info=info)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_model_name(name: str) -> str:
+    """Whether ``name`` can be loaded, decided without loading it (a second at most): an embedded name whose
+    package is installed, an alias, a directory with ``config.json``, or a Hub id that is reachable or
+    cached. Returns the kind (``embedded``/``dir``/``hub``); raises :class:`ModelError` saying what to do."""
+    from . import hub
+
+    resolved = ALIASES.get(name, name)
+    if resolved in EMBEDDED:
+        embedded_gguf_path(resolved)
+        return "embedded"
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory without config.json; pass a folder written by save_pretrained")
+        return "dir"
+    known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES))
+    looks_like_path = resolved.startswith((".", "/", "~")) or resolved.count("/") > 1
+    if looks_like_path or not _HUB_ID.fullmatch(resolved):
+        raise ModelError(f"{name!r} is neither an embedded name or alias ({known}), an existing model directory, "
+                         "nor a Hugging Face id (org/name)")
+    if not hub.reachable() and not hub.cached(resolved):
+        raise ModelError(f"{name!r}{f' (= {resolved})' if resolved != name else ''} looks like a Hugging Face id, but the Hub cannot be reached from here and it is "
+                         f"not in the local cache. Use an embedded name ({known}), download it once while online "
+                         "and pass its directory, or go online")
+    return "hub"
 
 
 def max_context(model) -> int:

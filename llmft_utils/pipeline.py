@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .results import atomic_write_json, provenance, repo_root, results_dir
+from .results import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
 
 NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
 
@@ -96,28 +97,38 @@ def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
     return time.perf_counter() - t0
 
 
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def resolve_params(profile: str, overrides: dict, force: bool = False) -> dict:
+    """The profile's parameters with ``overrides`` applied (unknown names are left for :func:`check_run`)."""
+    params = {**PROFILES[profile], **overrides}
+    if force:
+        params["force"] = True
+    return params
+
+
+def select_notebooks(only=None) -> list:
+    nbs = [n for n in NOTEBOOKS if only is None or any(n.startswith(p) for p in only)]
+    if not nbs:
+        raise SystemExit(f"--only {only} matches none of {NOTEBOOKS}")
+    return nbs
+
+
+def check_run(params: dict, nbs: list) -> None:
+    """Every problem with one run's parameters, raised together before anything runs (no model load, no
+    write): names, types, allowed values, the model name (for 02/03), the results folder's writability."""
+    from .params import validate
+
+    validate(params, notebooks=nbs, check_model=any(n[:2] in ("02", "03") for n in nbs))
 
 
 def run_profile(profile: str, overrides: dict, only=None, force: bool = False, label: str = "") -> int:
     """Run the notebooks of one parameter set; returns the exit status (0 = all notebooks succeeded)."""
-    params = dict(PROFILES[profile])
-    unknown = sorted(set(overrides) - set(params))
-    if unknown:
-        raise SystemExit(f"unknown parameter(s) {unknown}; known: {', '.join(sorted(params))}")
-    params.update(overrides)
-    if force:
-        params["force"] = True
+    params = resolve_params(profile, overrides, force)
+    nbs = select_notebooks(only)
+    check_run(params, nbs)
     out_dir = results_dir(params["results_dir"], params["profile"])
     params["results_dir"] = str(out_dir)
     root = repo_root()
-    nbs = [n for n in NOTEBOOKS if only is None or any(n.startswith(p) for p in only)]
-    if not nbs:
-        raise SystemExit(f"--only {only} matches none of {NOTEBOOKS}")
+    os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
     prov = provenance()
     manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {}}
     mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
@@ -158,30 +169,53 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="  | %(message)s")  # papermill streams cell output here
     for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .params import ParameterError, coerce_cli
+
     overrides = {}
     for kv in a.set:
         if "=" not in kv:
             ap.error(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        if k not in PROFILES[a.profile]:
-            ap.error(f"unknown parameter {k!r}; known: {', '.join(sorted(PROFILES[a.profile]))}")
-        overrides[k] = parse_value(v)
-    if a.sweep is None:
-        return run_profile(a.profile, overrides, a.only, a.force)
-    spec = json.loads(Path(a.sweep).read_text())
-    profile = spec.get("profile", a.profile)
-    if profile not in PROFILES:
-        ap.error(f"{a.sweep}: unknown profile {profile!r}")
-    runs = spec.get("runs")
-    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
-        ap.error(f"{a.sweep}: expected {{\"runs\": [{{...parameters...}}, ...]}}")
-    for i, run in enumerate(runs):
-        label = run.pop("label", f"run{i:02d}")
-        rc = run_profile(profile, {**run, **overrides}, a.only, a.force, label=label)
+        overrides[k.strip()] = coerce_cli(k.strip(), v)
+    runs = [("", a.profile, overrides)]
+    if a.sweep is not None:
+        runs = read_sweep(a.sweep, a.profile, overrides, ap)
+    nbs = select_notebooks(a.only)
+    problems = []
+    for label, profile, over in runs:  # every run is checked before the first one starts
+        try:
+            check_run(resolve_params(profile, over, a.force), nbs)
+        except ParameterError as e:
+            problems.append(f"{a.sweep + ', ' + label + ': ' if label else ''}{e}")
+    if problems:
+        print("[pipeline] nothing was run:\n" + "\n".join(problems), file=sys.stderr)
+        return 2
+    for i, (label, profile, over) in enumerate(runs):
+        rc = run_profile(profile, over, a.only, a.force, label=label)
         if rc:
-            print(f"[pipeline] sweep stopped at {label} ({i + 1}/{len(runs)})", file=sys.stderr)
+            if label:
+                print(f"[pipeline] sweep stopped at {label} ({i + 1}/{len(runs)})", file=sys.stderr)
             return rc
     return 0
+
+
+def read_sweep(path: str, default_profile: str, overrides: dict, ap) -> list:
+    """``[(label, profile, parameters)]`` of a sweep file; ``overrides`` (from --set) apply to every run."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        ap.error(f"{path}: cannot read the sweep file ({e})")
+    profile = spec.get("profile", default_profile) if isinstance(spec, dict) else default_profile
+    if profile not in PROFILES:
+        ap.error(f"{path}: unknown profile {profile!r}")
+    runs = spec.get("runs") if isinstance(spec, dict) else None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        ap.error(f"{path}: expected {{\"runs\": [{{...parameters...}}, ...]}}")
+    out = []
+    for i, run in enumerate(runs):
+        run = dict(run)
+        out.append((str(run.pop("label", f"run{i:02d}")), profile, {**run, **overrides}))
+    return out
 
 
 if __name__ == "__main__":

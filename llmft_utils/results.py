@@ -25,14 +25,36 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def results_dir(results_dir: str = "", profile: str = "smoke") -> Path:
+def results_dir(results_dir: str = "", profile: str = "smoke", create: bool = True) -> Path:
     """Explicit argument, else $LLMFT_RESULTS_DIR, else ``<repo>/results/<profile>``; created if missing."""
     d = results_dir or os.environ.get(RESULTS_DIR_ENV, "")
-    p = Path(d) if d else repo_root() / "results" / profile
+    p = Path(d).expanduser() if d else repo_root() / "results" / profile
     if not p.is_absolute():
         p = repo_root() / p
-    p.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+RESULT_SUBFOLDERS = ("prepared", "predictions", "teacher_cache", "executed", "figures")
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove that it (and its existing result subfolders) can be written, by
+    writing and removing a probe file; raise :class:`PermissionError` naming the folder otherwise. Cheap:
+    meant to run before any model load, so that a read-only folder fails in a second, not after scoring."""
+    folder = Path(folder)
+    targets = [folder] + [folder / s for s in RESULT_SUBFOLDERS if (folder / s).is_dir()]
+    for t in targets:
+        try:
+            t.mkdir(parents=True, exist_ok=True)
+            probe_file = t / f".write_probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            probe_file.write_bytes(b"")
+            probe_file.unlink()
+        except OSError as e:
+            raise PermissionError(f"the results folder {t} is not writable ({type(e).__name__}: {e.strerror or e}); "
+                                  "fix its permissions or choose another results_dir (or $LLMFT_RESULTS_DIR)") from None
+    return folder
 
 
 def git_commit() -> str:
@@ -78,6 +100,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+PIPELINE_PID_ENV = "LLMFT_PIPELINE_PID"
+
+
+def check_parent_alive(path) -> None:
+    """In a notebook kernel started by the pipeline (which sets ``$LLMFT_PIPELINE_PID`` to its own pid), refuse
+    to write once the pipeline is gone: a killed pipeline must not leave a kernel that still adds rows.
+    (ipykernel's own parent poller ends such a kernel within about a second; this closes that window.)"""
+    pid = os.environ.get(PIPELINE_PID_ENV, "")
+    if pid.isdigit() and int(pid) not in (os.getpid(), os.getppid()) and not _process_alive(int(pid)):
+        raise RuntimeError(f"the pipeline (pid {pid}) that started this notebook kernel has exited; not writing {path}")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """The one atomic writer: ``write(tmp)`` fills a temporary file with a unique name beside ``path``
     (``.<name>.<pid>.<random>.tmp``), which is fsync'ed and renamed over ``path``; the folder is fsync'ed
@@ -89,6 +138,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        check_parent_alive(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -233,10 +283,21 @@ def _order(labels) -> list:
     return known + sorted(set(labels) - set(known))
 
 
+def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(scored, skipped)``: rows that evaluated at least one example, and rows where every prompt was
+    skipped as too long (``n_eval == 0``: their metrics are NaN, and they belong in no mean)."""
+    if "n_eval" not in runs:
+        return runs, runs.iloc[0:0]
+    none = runs["n_eval"].fillna(0) == 0
+    return runs[~none], runs[none]
+
+
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model, pattern, evaluation set, training task and method: mean and 95% t-interval over seeds of score
     accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
-    majority-class baseline. Computed from the raw rows only."""
+    majority-class baseline. Computed from the raw rows only; rows that evaluated nothing (every prompt
+    skipped as too long) are left out."""
+    runs, _ = evaluated(runs)
     t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k"],
                   ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})

@@ -117,6 +117,7 @@ def test_unknown_and_missing_inputs(tmp_path, monkeypatch):
         data.load_split("rte", "validation", tmp_path)
     # neither a data directory nor the Hub: one error that names both ways
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(data, "mirror_beside_checkout", lambda: None)
     with pytest.raises(data.DataError, match=r"LLMFT_DATA_DIR.*online"):
         data.load_split("rte", "validation")
 

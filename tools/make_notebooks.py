@@ -63,8 +63,9 @@ eval_seed: int = 0  # seed of the fixed evaluation subsets
 """),
     code("""
 import pandas as pd
-from llmft_utils import data, results
+from llmft_utils import data, params, results
 
+params.validate_namespace(globals(), check_model=False)  # every bad value at once, before anything is written
 out = results.results_dir(results_dir, profile)
 sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n}
 manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS, sizes, data_dir=data_dir or None, seed=eval_seed)
@@ -127,8 +128,9 @@ force: bool = False  # recompute rows that already exist
 """),
     code("""
 import pandas as pd
-from llmft_utils import icl, models, results
+from llmft_utils import icl, models, params, results
 
+params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device)
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, {lm.dtype} on {lm.device} ({lm.source})")
@@ -178,6 +180,9 @@ assert len(rows) == expected, (len(rows), expected)
 for _, r in rows.iterrows():
     info = manifest["eval_sets"][f"{r.task}/{r.split}"]
     assert r.n_eval + r.n_skipped_too_long == info["n"], r.run_key
+    if r.n_eval == 0:  # every prompt too long and skipped: recorded as such, never scored 0
+        assert pd.isna(r.score_acc) and pd.isna(r.majority_acc), r.run_key
+        continue
     assert 0.0 <= r.score_acc <= 1.0 and 0.0 <= r.non_verbalizer_frac <= 1.0
     assert abs(r.majority_acc - info["majority_acc"]) < 1e-9 or r.n_skipped_too_long > 0
 print("ok:", len(rows), "rows")
@@ -232,8 +237,9 @@ force: bool = False  # retrain students whose rows already exist
 """),
     code("""
 import pandas as pd
-from llmft_utils import distill, models, results
+from llmft_utils import distill, models, params, results
 
+params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device)
 cfg = distill.DistillConfig(target=target, topk=topk, loss=loss, temperature=temperature, alpha=alpha,
@@ -296,12 +302,15 @@ pattern: str = "gpt-3"  # pattern whose runs the figures show (the summary table
 """),
     code("""
 import pandas as pd
-from llmft_utils import plots, results
+from llmft_utils import params, plots, results
 
+params.validate_namespace(globals(), check_model=False)
 out = results.results_dir(results_dir, profile)
 icl = results.ResultTable(out / "icl.csv").read()
 cd = results.ResultTable(out / "cd.csv").read()
-all_runs = results.unify(icl, cd)
+all_runs, skipped = results.evaluated(results.unify(icl, cd))
+if len(skipped):  # every prompt longer than the context: recorded in the tables, left out of every mean
+    print(f"left out: {len(skipped)} runs that evaluated nothing:", ", ".join(skipped["run_key"]))
 summary_all = results.summary_table(all_runs)
 results.atomic_write_csv(summary_all, out / "summary.csv")
 runs = all_runs[(all_runs["model"] == model) & (all_runs["pattern"] == pattern)]
