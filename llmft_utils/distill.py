@@ -11,16 +11,18 @@ where D is forward KL (default), reverse KL or generalized JSD on the chosen tar
 (``verbalizer`` tokens, ``topk`` tokens + one "rest" bucket, or the ``full`` vocabulary) and τ = T is the
 temperature. ``alpha = 1`` is PBFT (no teacher at all). Teacher outputs are computed once and cached on
 disk, keyed by everything that determines them. Training runs on ``accelerate`` (DDP/FSDP/DeepSpeed are
-configuration); LoRA through ``peft`` is optional; a NaN/inf loss stops the run.
+configuration); LoRA through ``peft`` is optional; a NaN/inf loss or gradient norm on any process stops
+every process.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import logging
 import math
-import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LR_SCHEDULES = ("constant", "linear")
 MIXED_PRECISION = ("no", "bf16")
 TRAIN_ATTENTION = ("auto", "eager", "sdpa")
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- losses (pure, log-space)
@@ -162,29 +166,124 @@ def _verbalizer_ids(tokenizer, pattern) -> list[int]:
     return [i[0] for i in ids]
 
 
-def teacher_cache_key(model_id: str, task: str, pattern: str, k: int, seed: int, demo_ids, example_ids,
-                      cfg: DistillConfig) -> str:
-    blob = json.dumps({"model": model_id, "task": task, "pattern": pattern, "k": k, "seed": seed,
-                       "demos": [str(i) for i in demo_ids], "examples": [str(i) for i in example_ids],
+CACHE_FORMAT = 2  # version of the teacher-cache file layout (and of the key); bump it when either changes
+DEMO_COLUMNS = ("premise", "hypothesis", "label")  # what a demonstration puts into the teacher's prompt
+QUERY_COLUMNS = ("premise", "hypothesis")  # what a query puts into it (its label does not)
+_CACHE_TENSORS = ("logp", "topk_ids", "verbalizer_ids")
+
+
+def rows_digest(frame, columns) -> str:
+    """sha256 of ``frame``'s ``columns``, row by row. The rows are hashed as JSON lists of strings, so no
+    character inside a text can make two different frames hash alike (as a joined string could)."""
+    rows = [[str(v) for v in row] for row in zip(*(frame[c] for c in columns))]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
+                      dtype, device) -> str:
+    """Key of a teacher-cache file: a digest of everything that changes the cached values.
+
+    ``model_id`` (name and source), the teacher's ``dtype`` and ``device`` type (``cuda:0`` and ``cuda:1``
+    compute alike; cpu and cuda, or float32 and bfloat16, do not), the pattern's name, template, verbalizers
+    and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of a registered one),
+    ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with :func:`rows_digest` of their
+    ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id changes the key), the target,
+    ``topk`` (for ``target="topk"`` only), the temperature and ``CACHE_FORMAT``. Pure: the same arguments
+    give the same key in every process."""
+    from .patterns import get_pattern
+
+    p = get_pattern(pattern) if isinstance(pattern, str) else pattern
+    blob = json.dumps({"format": CACHE_FORMAT, "model": model_id, "task": task,
+                       "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+                       "pattern": [p.name, p.template, list(p.verbalizers), p.separator], "k": k, "seed": seed,
+                       "demos": [str(i) for i in demos["idx"]], "demo_digest": rows_digest(demos, DEMO_COLUMNS),
+                       "examples": [str(i) for i in examples["idx"]],
+                       "example_digest": rows_digest(examples, QUERY_COLUMNS),
                        "target": cfg.target, "topk": cfg.topk if cfg.target == "topk" else None,
                        "temperature": cfg.temperature}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def tensors_sha256(blob: dict) -> str:
+    """sha256 over the name, dtype, shape and raw bytes of each tensor of a teacher-cache blob (absent
+    ones, e.g. ``topk_ids`` outside ``target="topk"``, are skipped); stored at write time, checked on load."""
+    h = hashlib.sha256()
+    for name in _CACHE_TENSORS:
+        t = blob.get(name)
+        if t is not None:
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def support_size(cfg: DistillConfig, n_labels: int, vocab_size: int) -> int:
+    """Width S of the cached log-probs: the labels, the top-k tokens + one "rest" bucket, or the vocabulary."""
+    return {"verbalizer": n_labels, "topk": cfg.topk + 1, "full": vocab_size}[cfg.target]
+
+
+def cache_problem(blob, key: str, n: int, support: int, topk: int | None, n_labels: int) -> str | None:
+    """Why a loaded teacher-cache ``blob`` cannot be trusted, or None when it can: a wrong format version,
+    key or ``n``; ``logp`` not (n, support), ``topk_ids`` not (n, topk) (absent unless ``topk``),
+    ``verbalizer_ids`` not (n_labels,); tensors whose checksum differs from the one stored with them; or
+    non-finite log-probs. Checked in that order, so each reason names the first thing that is wrong."""
+    if not isinstance(blob, dict):
+        return f"not a teacher-cache dict but {type(blob).__name__}"
+    if blob.get("format") != CACHE_FORMAT:
+        return f"format {blob.get('format')!r}, expected {CACHE_FORMAT}"
+    if blob.get("key") != key:
+        return f"written under key {blob.get('key')!r}, expected {key!r}"
+    if blob.get("n") != n:
+        return f"n = {blob.get('n')!r}, expected {n}"
+    want = {"logp": (n, support), "topk_ids": (n, topk) if topk else None, "verbalizer_ids": (n_labels,)}
+    for name, shape in want.items():
+        t = blob.get(name)
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+        if got != shape:
+            return f"{name} has shape {got!r}, expected {shape!r}"
+    if blob.get("sha256") != tensors_sha256(blob):
+        return "checksum mismatch: the tensors are not the ones written"
+    bad = int((~torch.isfinite(blob["logp"])).sum())
+    return f"{bad} non-finite values in logp" if bad else None
+
+
+def _read_cache(path: Path, key: str, n: int, support: int, topk: int | None, n_labels: int):
+    """``(blob, None)`` for a trustworthy cache file, else ``(None, reason)``; any error while loading
+    counts as a corrupt file."""
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, garbage, or not a torch file at all
+        first_line = str(e).partition("\n")[0]
+        return None, f"unreadable ({type(e).__name__}: {first_line})"
+    reason = cache_problem(blob, key, n, support, topk, n_labels)
+    return (None, reason) if reason else (blob, None)
 
 
 def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
-                    batch_size: int = 8, progress: bool = False) -> dict:
+                    batch_size: int = 8, progress: bool = False, force: bool = False) -> dict:
     """Teacher log-probs on the target support (temperature applied) for every example, with the
     demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
-    returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``."""
+    returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``.
+
+    A cache file is used only when :func:`cache_problem` finds nothing wrong with it; otherwise (and
+    always with ``force=True``) the targets are recomputed and the file is replaced atomically
+    (:func:`llmft_utils.results.atomic_write`), with a warning that names the file and the reason.
+    Non-finite teacher log-probs raise :class:`FloatingPointError` and nothing is written."""
     from .icl import answer_logits
     from .patterns import build_prefix, query_text
+    from .results import atomic_write
 
     path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
-    if path is not None and path.is_file():
+    n_labels = len(pattern.verbalizers)
+    topk = cfg.topk if cfg.target == "topk" else None
+    if path is not None and path.is_file() and not force:
         t0 = time.perf_counter()
-        blob = torch.load(path, weights_only=True)
-        if blob.get("n") == len(examples):
+        blob, reason = _read_cache(path, key, len(examples), support_size(cfg, n_labels, lm.model.config.vocab_size),
+                                   topk, n_labels)
+        if blob is not None:
             return {**blob, "cache_hit": True, "seconds": time.perf_counter() - t0, "path": str(path)}
+        msg = f"teacher cache {path} is not usable ({reason}); recomputing it"
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     vids = _verbalizer_ids(lm.tokenizer, pattern)
     prefix = build_prefix(pattern, demos)
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
@@ -200,15 +299,23 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress)
-    blob = {"logp": torch.stack([o[0] for o in out]).to(torch.float32 if cfg.target != "full" else torch.float16),
-            "topk_ids": torch.stack([o[1] for o in out]) if cfg.target == "topk" else None,
-            "verbalizer_ids": torch.tensor(vids), "n": len(examples)}
+    # full-vocabulary targets are stored in float16, which holds log-probs down to -65504 only
+    logp = torch.stack([o[0] for o in out]).to("cpu", torch.float32 if cfg.target != "full" else torch.float16)
+    bad = ~torch.isfinite(logp).all(-1)  # checked as stored: a file that cache_problem would reject is never written
+    if bad.any():
+        raise FloatingPointError(
+            f"the teacher's log-probs (target {cfg.target!r}, stored as {str(logp.dtype).removeprefix('torch.')}) are "
+            f"non-finite for {int(bad.sum())} of {len(examples)} examples "
+            f"(rows {bad.nonzero().flatten()[:10].tolist()}); "
+            f"nothing was cached. Check the teacher ({lm.dtype}) for overflowing logits, or use a higher temperature "
+            "or a smaller target support (topk, verbalizer).")
+    blob = {"format": CACHE_FORMAT, "key": key, "n": len(examples), "logp": logp,
+            "topk_ids": torch.stack([o[1] for o in out]).cpu() if topk else None,
+            "verbalizer_ids": torch.tensor(vids)}
+    blob["sha256"] = tensors_sha256(blob)
     seconds = time.perf_counter() - t0
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
     return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
 
 
@@ -342,12 +449,32 @@ def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
     return f
 
 
+def float32_copy(model):
+    """A deep copy of ``model`` with float32 parameters and floating buffers: the student's master weights,
+    whatever the base model's dtype. Cast tensor by tensor (``Module.float()`` refuses models that
+    transformers flags as quantised, e.g. a de-quantised GGUF); a float32 model is copied unchanged."""
+    out = copy.deepcopy(model)
+    for t in [*out.parameters(), *out.buffers()]:
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
+    return out
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
                   accelerator=None, progress: bool = False) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
 
-    Returns ``(student, stats)`` with per-step losses, wall time and peak memory. The base model is
-    never modified (LoRA adapters are injected into the copy)."""
+    Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
+    ``grad_norms`` (total L2 norm before clipping) and ``lrs``, wall time and peak memory. The base model
+    is never modified (LoRA adapters are injected into the copy). The copy has float32 weights whatever
+    the base model's dtype: a bf16 copy would round away every AdamW update below half a bf16 step
+    (``mixed_precision="bf16"`` autocasts the forward only); the student is returned in float32.
+
+    Every process stops together: each step's losses are gathered from all processes *before* the
+    backward pass (whose gradient all-reduce would wait forever for a process that stopped alone), and a
+    non-finite loss on any of them raises :class:`FloatingPointError` on all. After the backward pass the
+    gradients are the same on every process, so a non-finite gradient norm raises on all of them too,
+    before the optimizer step. Nothing is written to disk."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -357,7 +484,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
-    student = copy.deepcopy(base_model)
+    student = float32_copy(base_model)
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
@@ -378,7 +505,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
                                               lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
-    losses, step = [], 0
+    losses, grad_norms, lrs, step = [], [], [], 0
     pbar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
@@ -396,17 +523,32 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                             batch.get("topk_ids"), cfg.beta)
                     if cfg.alpha > 0.0:
                         loss = loss + cfg.alpha * gold_ce(logits, batch["labels"], verbalizer_ids)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping. "
-                                                 "Lower the learning rate, use float32, or check the teacher targets.")
+                    rank_losses = acc.gather(loss.detach()[None]).tolist()  # one value per process
+                    bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"loss is {rank_losses[bad[0]]} at epoch {epoch}, step {step} on rank(s) {bad} of "
+                            f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
+                            "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
+                            "with force=True).")
                     acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if acc.sync_gradients:
+                        # max_norm = inf: the norm without clipping (the gradients are multiplied by 1)
+                        norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                        if norm is not None:  # DeepSpeed clips inside its engine and may report no norm
+                            grad_norms.append(float(norm))
+                            if not math.isfinite(grad_norms[-1]):
+                                raise FloatingPointError(
+                                    f"gradient norm is {grad_norms[-1]} at epoch {epoch}, step {step} with a finite "
+                                    f"loss ({sum(rank_losses) / len(rank_losses):.6g}): every process stops before "
+                                    "the optimizer step. Lower the learning rate, use float32 (mixed_precision='no'), "
+                                    "or check the model for overflowing activations.")
+                        lrs.append(sched.get_last_lr()[0])
                     opt.step()
                     opt.zero_grad()
                     if acc.sync_gradients:
                         sched.step()
-                losses.append(float(acc.gather(loss.detach()[None]).mean()))
+                losses.append(sum(rank_losses) / len(rank_losses))
                 step += 1
                 if pbar is not None:
                     pbar.update(1)
@@ -417,8 +559,8 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if cfg.lora_r:
         student = student.merge_and_unload()
     student.eval()
-    return student, {"losses": losses, "train_s": pr.wall_s, "train_peak_mem_mb": pr.peak_mem_mb,
-                     "train_mem_delta_mb": pr.mem_delta_mb,
+    return student, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "train_s": pr.wall_s,
+                     "train_peak_mem_mb": pr.peak_mem_mb, "train_mem_delta_mb": pr.mem_delta_mb,
                      "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
 
 
@@ -461,16 +603,32 @@ def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
     return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
 
 
-def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str, k: int, seed: int):
+def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
+    """The ICL row of (model, eval set, pattern, k, seed) at ``precision`` (``dtype@device``), or None."""
+    kind = icl_rows["device"].astype(str).str.split(":").str[0]
+    sel = icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
+                   & (icl_rows["pattern"] == pattern) & (icl_rows["k"] == k) & (icl_rows["seed"] == (seed if k else 0))
+                   & (icl_rows["dtype"].astype(str) + "@" + kind == precision)]
+    return None if sel.empty else sel.iloc[-1]
+
+
+def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
     import pandas as pd
 
-    sel = icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
-                   & (icl_rows["pattern"] == pattern) & (icl_rows["k"] == k) & (icl_rows["seed"] == (seed if k else 0))]
-    if sel.empty:
-        raise FileNotFoundError(f"no ICL row for {model} {es} {pattern} k={k} seed={seed} in icl.csv: run "
-                                "notebooks/02_icl_baselines with the same model, pattern, ks and seeds first")
-    row = sel.iloc[-1]
+    row = _icl_row(icl_rows, model, es, pattern, k, seed, precision)
+    if row is None:
+        raise FileNotFoundError(f"no ICL row for {model} {es} {pattern} k={k} seed={seed} ({precision}) in icl.csv: run "
+                                "notebooks/02_icl_baselines with the same model, pattern, ks, seeds, dtype and device first")
     return row, pd.read_parquet(out_dir / row["predictions_file"])
+
+
+def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision: str) -> list[str]:
+    """The ICL runs the CD sweep compares with (zero-shot per eval set, the teacher per CD student and eval
+    set) that are not in ``icl.csv``, as readable strings: checked before the first student trains."""
+    need = {(es, 0, 0) for p in plan for es in p[-2]}
+    need |= {(es, p[3], p[4]) for p in plan if p[0] == "cd" for es in p[-2]}
+    return [f"{es} k={k} seed={seed}" for es, k, seed in sorted(need)
+            if icl_rows.empty or _icl_row(icl_rows, model, es, pattern, k, seed, precision) is None]
 
 
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
@@ -486,7 +644,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     import gc
 
     from . import data
-    from .icl import evaluate
+    from .icl import evaluate, precision_tag
     from .models import wrap
     from .patterns import get_pattern
     from .results import ResultTable, atomic_write_parquet, ids_digest, provenance
@@ -498,34 +656,39 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     table = ResultTable(out_dir / "cd.csv")
     done = set() if force else table.done()
     icl_rows = ResultTable(out_dir / "icl.csv").read()
-    if icl_rows.empty:
-        raise FileNotFoundError(f"{out_dir / 'icl.csv'} is missing: run notebooks/02_icl_baselines first")
     vids = _verbalizer_ids(lm.tokenizer, pattern)
     prov = provenance()
-    frames = {es: data.read_prepared(out_dir / info["file"]) for es, info in manifest["eval_sets"].items()}
-    pools = {p: data.read_prepared(out_dir / info["file"]) for p, info in manifest["demo_pools"].items()}
+    precision = precision_tag(lm)
+    frames = {es: data.read_split(out_dir, info) for es, info in manifest["eval_sets"].items()}
+    pools = {p: data.read_split(out_dir, info) for p, info in manifest["demo_pools"].items()}
     ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
     plan = []
     for task in train_tasks:
         ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
         if not ind:
             raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
-        plan += [("cd", task, ind[0], k, s) for k in ks for s in seeds]
-        if pbft_n:
-            plan += [("pbft", task, ind[0], pbft_n, s) for s in seeds]
+        runs = [("cd", k, s) for k in ks for s in seeds] + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else [])
+        for method, k, seed in runs:
+            mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
+                                                               "lr": pbft_lr or cfg.lr})
+            n_train = n_transfer if method == "cd" else k
+            key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
+                        f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}|{precision}")
+            eval_sets = [ind[0]] + [es for es in ood if es != ind[0]
+                                    and (ood_train_tasks is None or task in ood_train_tasks)]
+            keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
+            plan.append((method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+    missing = _missing_icl_runs(icl_rows, model_name, pattern.name, plan, precision)
+    if missing:  # before any teacher or student runs: the comparisons need these rows
+        raise FileNotFoundError(f"{len(missing)} ICL runs this CD sweep compares with are not in {out_dir / 'icl.csv'} "
+                                f"({model_name}, {pattern.name}, {precision}): {', '.join(missing)}. Run "
+                                "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
+                                "every cd_k in ks and the same seeds, first")
     planned = []
-    for method, task, es_in, k, seed in plan:
+    for method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys in plan:
         info = manifest["eval_sets"][es_in]
         pool = pools[info["demo_pool"]]
         demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
-        mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
-                                                           "lr": pbft_lr or cfg.lr})
-        n_train = n_transfer if method == "cd" else len(demos)
-        key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
-                    f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}")
-        eval_sets = [es_in] + [es for es in ood if es != es_in
-                               and (ood_train_tasks is None or task in ood_train_tasks)]
-        keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
         planned += keys
         if all(k_ in done for k_ in keys):
             print(f"skip (done): {key_base}")
@@ -534,25 +697,27 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         teach = {"seconds": 0.0, "cache_hit": None}
         if method == "cd":
             train = transfer_set(pool, n_transfer, seed, [demos, *(frames[es] for es in eval_sets)])
-            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern.name, k, seed,
-                                     demos["idx"], train["idx"], mcfg)
+            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
+                                     mcfg, lm.dtype, lm.device)
             teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
-                                    batch_size=eval_batch_size, progress=progress)
+                                    batch_size=eval_batch_size, progress=progress, force=force)
             rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
         else:
             rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
         student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress)
-        slm = wrap(student, lm.tokenizer, name=f"{method}-student", device=lm.device)
+        # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
+        slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{method}-student",
+                   device=lm.device)
         new_rows = []
         for es, key in zip(eval_sets, keys):
             einfo, ev = manifest["eval_sets"][es], frames[es]
             metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress)
             pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
             atomic_write_parquet(preds, out_dir / pfile)
-            zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0)
+            zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
             ag_z = {}
             if method == "cd":
-                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed)
+                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed, precision)
                 same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {"teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),

@@ -14,9 +14,16 @@ otherwise that query is scored on its full prompt (counted in ``n_prefix_fallbac
 How the shared prefix is attended to: on CPU, for Llama- and OPT-style models, by
 :func:`split_prefix_attention` (the prefix's keys/values are never copied per row; ~3x faster
 attention than a broadcast cache); otherwise by a key/value cache broadcast over the batch.
+
+Exactness: a row is only scored on the reused prefix where that is exact for the model's kind of
+attention (:func:`exact_reuse_length`: unlimited for full attention, within the window for sliding
+windows, never for anything else); the other rows are scored on their full prompts, and the reason is
+logged and returned as ``prefix_reuse_note``. Every run that reuses a prefix re-scores its most padded
+row on its full prompt and raises :class:`PrefixReuseMismatch` if the two disagree.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,8 +36,15 @@ from .patterns import Pattern, build_prefix, query_text
 from .probes import probe
 
 
+log = logging.getLogger(__name__)
+
+
 class PromptTooLongError(ValueError):
     """A prompt does not fit the model's context window (never truncated silently)."""
+
+
+class PrefixReuseMismatch(RuntimeError):
+    """A row scored on the reused prefix disagrees with the same row scored on its full prompt."""
 
 
 @dataclass
@@ -91,6 +105,80 @@ def build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tup
     return prefix_ids, rows, single, [[c[0] for c in per_q] for per_q in conts]
 
 
+# ----------------------------------------------------------------------------- when reuse is exact
+
+# nats, by the model's dtype (any other, e.g. quantised weights: the loosest); see _check_reuse
+REUSE_TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}
+CHECK_TOP = 5  # the self-check compares the reference's top tokens at the answer position too
+
+
+def layer_types(config) -> list[str]:
+    """Per decoder layer, its kind as transformers names it (``full_attention``, ``sliding_attention``,
+    ``chunked_attention``, ``linear_attention``, ``mamba``...), read from the text config (the decoder
+    of a multimodal model, e.g. Gemma 3's ``text_config``). Where the config does not list
+    ``layer_types``, inferred as transformers' cache infers it: sliding where ``sliding_window`` is
+    set (Mistral), chunked where ``attention_chunk_size`` is, full attention otherwise."""
+    cfg = config.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return list(types)
+    if getattr(cfg, "sliding_window", None) is not None:
+        kind = "sliding_attention"
+    elif getattr(cfg, "attention_chunk_size", None) is not None:
+        kind = "chunked_attention"
+    else:
+        kind = "full_attention"
+    return [kind] * cfg.num_hidden_layers
+
+
+def exact_reuse_length(config) -> tuple[float, str]:
+    """The longest prefix + padded query (tokens) for which scoring on the reused prefix is exact,
+    and, where that is limited, why.
+
+    A reused row lies in cache positions as ``[prefix ; left padding ; query]``; its full prompt is
+    ``[prefix ; query]``. Full attention: the padding is masked and the position ids skip it, so the
+    row sees what its full prompt sees — unlimited. Sliding window W (a key is seen while query − key
+    < W in cache positions, as transformers' mask and flash kernels define it): the padding counts in
+    that distance, so a padded row would lose prefix tokens its full prompt still sees; a cache of the
+    prefix alone would moreover keep only its last W − 1 tokens. When prefix + padded length ≤ W every
+    distance is < W and the window masks nothing, on the reused prefix and on the full prompt alike:
+    exact. (Left-padded full prompts are exact for any window: padding shifts all of a row's positions
+    equally.) Any other layer kind (chunked, linear/recurrent, ...) or a window of unknown size: 0,
+    never reused."""
+    types = set(layer_types(config))
+    if types <= {"full_attention"}:
+        return math.inf, ""
+    window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
+    if types <= {"full_attention", "sliding_attention"} and isinstance(window, int):
+        return window, f"sliding-window attention (window {window}) is exact on a reused prefix only while " \
+                       f"prefix + padded query <= {window} tokens"
+    return 0, f"layer types {sorted(types - {'full_attention'})} cannot share a reused prefix exactly"
+
+
+def _standalone(r: Row, prefix_ids: list) -> Row:
+    """``r`` as a full prompt (prefix ids + its ids), scored without the prefix cache."""
+    return r if r.standalone else Row(r.qi, prefix_ids + r.ids, r.sets, r.answer_offset, True)
+
+
+def _plan_reuse(model, prefix_ids: list, rows: list) -> tuple[list, list, str]:
+    """``(reuse_rows, full_rows, note)``: the rows scored on the reused prefix, those scored on full
+    prompts (tokenisation mismatches, and rows too long for :func:`exact_reuse_length`), and the
+    reason for the latter ("" when there are none). Decided before any prefix cache is built. Every
+    reused row fits the limit on its own, so every batch of them does too, padding included."""
+    P = len(prefix_ids)
+    limit, reason = exact_reuse_length(model.config) if P else (math.inf, "")
+    fits = [not r.standalone and P + len(r.ids) <= limit for r in rows]
+    reuse = [r for r, f in zip(rows, fits) if f]
+    full = [_standalone(r, prefix_ids) for r, f in zip(rows, fits) if not f]
+    moved = {r.qi for r, f in zip(rows, fits) if not (f or r.standalone)}
+    if not moved:
+        return reuse, full, ""
+    note = (f"{model.config.model_type}: {reason} (prefix {P}); {len(moved)} of {len({r.qi for r in rows})} "
+            "queries scored on full prompts")
+    log.warning(note)
+    return reuse, full, note
+
+
 def _prefix_kv(model, prefix_ids: list, device: str):
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
@@ -112,7 +200,7 @@ def _flash_lse(q, k, v, mask, scale):
 
 
 def split_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                           llmft_prefix_kv=None, **kwargs):
+                           llmft_prefix_kv=None, llmft_split_calls=None, **kwargs):
     """Attention of a batch of queries over ``[shared prefix ; own tokens]`` without copying the prefix per row.
 
     Softmax attention over a concatenation of key sets is the merge of the partial attentions by their
@@ -125,8 +213,12 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     the prefix) and (o_Q, lse_Q) attend to the query's own tokens under the causal + padding mask.
     ``llmft_prefix_kv[layer]`` holds that layer's prefix keys/values, shape (1, kv_heads, P, head_dim),
     exactly as a cache stores them (after rotary embedding). Query heads map to key/value heads as in
-    transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim)."""
+    transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim).
+    Each call appends its layer to ``llmft_split_calls``: the proof, checked by :func:`_forward_rows`,
+    that the model dispatched here rather than to a kernel that ignores the prefix."""
     pk, pv = llmft_prefix_kv[module.layer_idx]
+    if llmft_split_calls is not None:
+        llmft_split_calls.append(module.layer_idx)
     B, H, L, D = query.shape
     KVH = key.shape[1]
     rep = H // KVH
@@ -178,21 +270,36 @@ def _expand_cache(prefix_kv, batch: int):
     return cache
 
 
+def _batches(rows: list[Row], batch_size: int) -> list[list[int]]:
+    """Row indices per batch: longest rows first, so rows of similar length share a batch."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _most_padded(rows: list[Row], batch_size: int) -> int:
+    """Index of the row with the most left padding in its batch (the first in batch order on ties)."""
+    pads = {i: max(len(rows[j].ids) for j in b) - len(rows[i].ids) for b in _batches(rows, batch_size) for i in b}
+    return max(pads, key=pads.get)
+
+
 def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
-                  batch_size: int, pbar=None, extract=None, split: bool | None = None):
-    """Log-prob sums per row and label set, and the top-1 token at each row's answer position.
+                  batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None):
+    """Log-prob sums per row and label set, the top-1 token at each row's answer position, ``extract``
+    results and the watched row's answer-position log-probs.
     ``extract(logits)`` (optional) is applied to each row's raw answer-position logits; its results are
     the third value returned (None per row without ``extract``; used to cache teacher distributions).
-    ``split``: attend to the prefix with :func:`split_prefix_attention` (default: where supported)."""
+    ``split``: attend to the prefix with :func:`split_prefix_attention` (default: where supported); a
+    forward in which it ran for fewer layers than the prefix cache has raises RuntimeError (the model
+    would silently have scored without the prefix). ``watch``: a row index whose full answer-position
+    log-softmax is the fourth value returned (None without it), for :func:`_check_reuse`."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     n_sets = len(rows[0].sets)
     scores = np.full((len(rows), n_sets), np.nan)
     top1 = np.zeros(len(rows), dtype=np.int64)
     extracted = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    watched = None
+    for idx in _batches(rows, batch_size):
         batch = [rows[i] for i in idx]
         B, L = len(batch), max(len(r.ids) for r in batch)
         keep = max(max(-r.answer_offset, 1) for r in batch)
@@ -206,12 +313,19 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
         if split:  # causal + padding mask over the queries' own tokens; the prefix is seen by all
             mask = torch.ones((L, L), dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
             kw["llmft_prefix_kv"] = prefix_kv
+            kw["llmft_split_calls"] = calls = []
         elif P:
             kw["past_key_values"] = _expand_cache(prefix_kv, B)
             mask = torch.cat([torch.ones((B, P), dtype=torch.long), mask], 1)
         with torch.inference_mode(), attention_implementation(model, SPLIT_ATTENTION if split else None):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                            use_cache=bool(P) and not split, logits_to_keep=keep, **kw).logits
+        if split and len(calls) < len(prefix_kv):
+            raise RuntimeError(
+                f"split prefix attention ran in {len(calls)} of {len(prefix_kv)} layers of "
+                f"{getattr(model.config, 'model_type', type(model).__name__)}: its attention does not dispatch "
+                "through transformers' AttentionInterface, so the rows were scored without the prefix. Use the "
+                "broadcast cache (drop its model type from icl.SPLIT_MODEL_TYPES) or reuse_prefix=False.")
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if not torch.isfinite(logp).all():
             raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
@@ -222,14 +336,43 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
             top1[i] = int(logp[b, keep + r.answer_offset].argmax())
             if extract is not None:
                 extracted[i] = extract(logits[b, keep + r.answer_offset].float().cpu())
+            if i == watch:
+                watched = logp[b, keep + r.answer_offset].clone()
         if pbar is not None:
             pbar.update(len(batch))
-    return scores, top1, extracted
+    return scores, top1, extracted, watched
+
+
+def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id: int, device: str):
+    """Re-score ``row`` (scored on the reused prefix: label-set ``scores``, answer-position
+    ``answer_logp``) on its full prompt, alone and unpadded, and raise :class:`PrefixReuseMismatch`
+    if its label-set log-probs or the log-probs of the reference's top tokens at the answer position
+    differ by more than ``REUSE_TOLERANCE`` for the model's dtype. One batch-1 forward per run.
+
+    Honest noise (the reused prefix changes the summation order, not the computation), the largest
+    difference over all rows of tiny random OPT/Llama/GPT-2/Mistral/Gemma 3 models and of SmolLM2-135M
+    on CPU: float32 1.5e-5 nats, float16 0.034, bfloat16 0.25. The tolerances are 60x, 3x and 2x that.
+    A wrong prefix is off by ~0.1-1 nats (a sliding window cutting the prefix) or more (no prefix):
+    float32 catches both; half precision only the gross errors."""
+    ref_scores, _, _, ref_logp = _forward_rows(model, [_standalone(row, prefix_ids)], prefix_ids, None, pad_id,
+                                               device, 1, watch=0)
+    top = ref_logp.topk(CHECK_TOP).indices
+    diffs = np.concatenate([np.abs(scores - ref_scores[0])[~np.isnan(scores)],
+                            (answer_logp[top] - ref_logp[top]).abs().numpy()])
+    dtype = next(model.parameters()).dtype
+    tol = REUSE_TOLERANCE.get(dtype, max(REUSE_TOLERANCE.values()))
+    if not diffs.max() <= tol:
+        raise PrefixReuseMismatch(
+            f"{getattr(model.config, 'model_type', type(model).__name__)}: scoring on the reused prefix differs from "
+            f"the full prompt by {diffs.max():.3g} nats (tolerance {tol:g} for {str(dtype).replace('torch.', '')}) "
+            f"on query {row.qi}. The prefix reuse is not exact for this model: pass reuse_prefix=False (full "
+            "prompts) and report the model type (in half precision, first check whether float32 agrees).")
 
 
 def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None):
-    """Forward the prefix-reusing rows (one prefix cache) and the standalone rows. Returns a list of
-    ``(row, scores, top1, extracted)`` and the number of tokens run through the model."""
+    """Forward the prefix-reusing rows (one prefix cache, checked by :func:`_check_reuse` on its most
+    padded row) and the standalone rows. Returns a list of ``(row, scores, top1, extracted)`` and the
+    number of tokens run through the model (the check's forward not counted)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     tokens = 0
     out = []
@@ -238,7 +381,11 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
             continue
         kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
         tokens += len(prefix_ids) if kv is not None else 0
-        scores, top1, ex = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, pbar, extract)
+        watch = _most_padded(group, batch_size) if kv is not None else None
+        scores, top1, ex, watched = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size,
+                                                  pbar, extract, watch=watch)
+        if kv is not None:
+            _check_reuse(lm.model, prefix_ids, group[watch], scores[watch], watched, pad_id, lm.device)
         out += list(zip(group, scores, top1, ex))
         tokens += sum(len(r.ids) for r in group)
     return out, tokens
@@ -254,16 +401,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 8, progress: bool = False):
     """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
-    the reused prefix cache. Raises :class:`PromptTooLongError` for prompts beyond the context."""
+    the reused prefix cache where that is exact (see :func:`score_prompts`). Raises
+    :class:`PromptTooLongError` for prompts beyond the context."""
     prefix_ids, split = split_prefix(lm.tokenizer, prefix_text, queries)
     longest = max(len(ids) + (0 if standalone else len(prefix_ids)) for ids, standalone in split)
     if longest > lm.max_context:
         raise PromptTooLongError(f"a prompt of {longest} tokens exceeds the model's context of {lm.max_context}; "
                                  "use fewer demonstrations or a longer-context model")
     rows = [Row(i, ids, [[]], -1, standalone) for i, (ids, standalone) in enumerate(split)]
+    reuse_rows, full_rows, _ = _plan_reuse(lm.model, prefix_ids, rows)
     pbar = _progress(len(rows), "teacher", progress)
-    done, _ = _run_groups(lm, prefix_ids, [r for r in rows if not r.standalone], [r for r in rows if r.standalone],
-                          batch_size, pbar, extract)
+    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, extract)
     if pbar is not None:
         pbar.close()
     out = [None] * len(queries)
@@ -277,7 +425,9 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     """Score every query (text after the prefix) for each verbalizer.
 
     Returns ``logprobs`` (n_queries × n_labels; NaN rows for skipped queries), ``top1`` token ids,
-    ``first_ids`` (verbalizer first tokens), ``skipped`` mask, and token counts.
+    ``first_ids`` (verbalizer first tokens), ``skipped`` mask, token counts, ``n_prefix_fallback`` (queries
+    scored on full prompts although ``reuse_prefix``) and ``prefix_reuse_note``: why the model's attention
+    kept queries off the reused prefix ("" when it did not; see :func:`exact_reuse_length`).
     ``reuse_prefix=False`` is the naive baseline: every prompt is run in full.
     """
     if on_too_long not in ("error", "skip"):
@@ -297,9 +447,8 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     for r, bad in zip(rows, too_long):
         skipped_q[r.qi] |= bad
     live = [r for r in rows if not skipped_q[r.qi]]
-    reuse_rows = [r for r in live if not r.standalone] if reuse_prefix else []
-    full_rows = [r for r in live if r.standalone] if reuse_prefix else \
-        [Row(r.qi, (r.ids if r.standalone else prefix_ids + r.ids), r.sets, r.answer_offset, True) for r in live]
+    reuse_rows, full_rows, note = _plan_reuse(lm.model, prefix_ids, live) if reuse_prefix else \
+        ([], [_standalone(r, prefix_ids) for r in live], "")
     pbar = _progress(len(live), "scoring", progress)
     logprobs = np.full((len(queries), len(verbalizers)), np.nan)
     top1 = np.full(len(queries), -1, dtype=np.int64)
@@ -314,7 +463,7 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
         pbar.close()
     return {"logprobs": logprobs, "top1": top1, "first_ids": first_ids, "skipped": skipped_q,
             "single_token": single, "prefix_tokens": P, "tokens_processed": int(tokens),
-            "n_prefix_fallback": int(len({r.qi for r in live if r.standalone})) if reuse_prefix else 0,
+            "n_prefix_fallback": len({r.qi for r in full_rows}) if reuse_prefix else 0, "prefix_reuse_note": note,
             "query_tokens": lengths - np.array([0 if r.standalone else P for r in rows])}
 
 
@@ -348,11 +497,11 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
     correct = int((pred[ok] == gold[ok]).sum())
     lo, hi = wilson_ci(correct, n)
     counts = np.bincount(gold[ok], minlength=2)
-    maj = int(counts.argmax())
+    maj = int(counts.argmax()) if n else -1  # n = 0: every prompt skipped; nothing to score, never "accuracy 0"
     metrics = {
         "n_eval": n, "n_skipped_too_long": int((~ok).sum()),
-        "majority_label": maj, "majority_acc": float(counts[maj] / max(n, 1)),
-        "score_acc": correct / max(n, 1), "score_acc_lo": lo, "score_acc_hi": hi,
+        "majority_label": maj, "majority_acc": float(counts[maj] / n) if n else float("nan"),
+        "score_acc": correct / n if n else float("nan"), "score_acc_lo": lo, "score_acc_hi": hi,
         "top1_acc": float(top1_correct[ok].mean()) if n else float("nan"),
         "non_verbalizer_frac": float((~top1_in_verb[ok]).mean()) if n else float("nan"),
         "pred_label1_frac": float((pred[ok] == 1).mean()) if n else float("nan"),
@@ -360,7 +509,8 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
         "acc_label1": float((pred[ok & (gold == 1)] == 1).mean()) if (ok & (gold == 1)).any() else float("nan"),
         "single_token_verbalizers": bool(s["single_token"]), "prefix_tokens": s["prefix_tokens"],
         "query_tokens_mean": float(np.mean(s["query_tokens"])), "tokens_processed": s["tokens_processed"],
-        "n_prefix_fallback": s["n_prefix_fallback"], "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
+        "n_prefix_fallback": s["n_prefix_fallback"], "prefix_reuse_note": s["prefix_reuse_note"],
+        "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
         "wall_s": pr.wall_s, "s_per_query": pr.wall_s / max(len(queries), 1),
         "peak_mem_mb": pr.peak_mem_mb, "peak_mem_delta_mb": pr.mem_delta_mb, "mem_kind": pr.mem_kind,
     }
@@ -372,6 +522,12 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
             preds[c] = eval_df[c].to_numpy()
     return metrics, preds
 
+
+
+def precision_tag(lm) -> str:
+    """``dtype@device kind`` (e.g. ``float32@cpu``): part of every resume key, so that runs at another precision
+    or on another kind of device never count as done, nor get mixed with these."""
+    return f"{lm.dtype}@{str(lm.device).split(':')[0]}"
 
 
 def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on_too_long: str = "error",
@@ -395,17 +551,17 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
     done = set() if force else table.done()
     prov = provenance()
     model_name = model_name or lm.name
-    pools = {name: data.read_prepared(out_dir / info["file"]) for name, info in manifest["demo_pools"].items()}
+    pools = {name: data.read_split(out_dir, info) for name, info in manifest["demo_pools"].items()}
     plan = [(es, k, s) for es in manifest["eval_sets"] for k in ks for s in (seeds if k > 0 else [0])]
     planned = []
     for es, k, seed in plan:
         info = manifest["eval_sets"][es]
-        key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}"
+        key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}|{precision_tag(lm)}"
         planned.append(key)
         if key in done:
             print(f"skip (done): {key}")
             continue
-        ev = data.read_prepared(out_dir / info["file"])
+        ev = data.read_split(out_dir, info)
         demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=ev)
         print(f"{es}  k={k}  seed={seed}  n={len(ev)}", flush=True)
         metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
@@ -419,7 +575,13 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
                "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size, "profile": profile,
                "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
         table.append([row])
-        print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f})  "
+        if metrics["n_eval"] == 0:
+            print(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context of "
+                  f"{lm.max_context} tokens (prefix {metrics['prefix_tokens']}); recorded with NaN metrics and left "
+                  "out of the summary. Use fewer demonstrations or a longer-context model.", flush=True)
+            continue
+        skipped = f", {metrics['n_skipped_too_long']} too long and skipped" if metrics["n_skipped_too_long"] else ""
+        print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f}{skipped})  "
               f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB", flush=True)
     out = table.read()
     return out[out["run_key"].isin(planned)].reset_index(drop=True)

@@ -41,6 +41,12 @@ def _patterns() -> tuple:
     return tuple(PATTERNS)
 
 
+def _model_choices(name: str) -> tuple:
+    from . import models
+
+    return getattr(models, name)
+
+
 def _distill_choices(name: str) -> tuple:
     from . import distill
 
@@ -61,6 +67,8 @@ def spec() -> dict[str, Param]:
         "seeds": Param("list", "data seeds for the demonstrations", item="int", min=0),
         "batch_size": Param("int", "queries per forward pass (evaluation, teacher caching)", min=1),
         "device": Param("str", "auto, cpu or cuda[:N]"),
+        "dtype": Param("str", "weights and evaluation precision; auto is float32 on every device (faithful)",
+                       choices=_model_choices("DTYPES")),
         "on_too_long": Param("str", "prompts longer than the context: error, or skip (counted)", choices=("error", "skip")),
         "force": Param("bool", "recompute rows (and teacher caches) that already exist"),
         "mnli_eval_n": Param("int", "MNLI-binary validation_matched rows, stratified; 0 keeps all", min=0),

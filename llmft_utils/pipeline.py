@@ -29,7 +29,7 @@ NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distill
 
 # Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
-_COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto",
+_COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto", "dtype": "auto",
            "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
            "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8,
            "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import toy_data
 from llmft_utils import data, distill, models, patterns
 
 GPT3 = patterns.get_pattern("gpt-3")
@@ -124,13 +125,7 @@ def tiny():
 
 
 def _frames(n=12, n_pool=24, seed=0):
-    words = "the cat dog man woman sat ran saw on in a park doctor president student".split()
-    rng = np.random.default_rng(seed)
-    sent = lambda k: " ".join(rng.choice(words, k)).capitalize() + " ."
-    mk = lambda n, off: pd.DataFrame({"idx": range(off, off + n), "premise": [sent(int(rng.integers(3, 16))) for _ in range(n)],
-                                      "hypothesis": [sent(int(rng.integers(2, 6))) for _ in range(n)],
-                                      "label": [i % 2 for i in range(n)]})
-    return mk(n, 0), mk(n_pool, 100)
+    return toy_data.frames(n, n_pool, seed, premise=(3, 16))
 
 
 # ----------------------------------------------------------------------------- alignment regression
@@ -180,14 +175,15 @@ def test_teacher_cache_hit_and_invalidation(tiny, tmp_path):
     demos = data.sample_demonstrations(pool, 4, seed=0)
     cfg = distill.DistillConfig(target="topk", topk=5)
     key = lambda **kw: distill.teacher_cache_key(**{**dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=0,
-                                                            demo_ids=demos.idx, example_ids=ev.idx, cfg=cfg), **kw})
+                                                            demos=demos, examples=ev, cfg=cfg, dtype="float32",
+                                                            device="cpu"), **kw})
     k0 = key()
     a = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
     b = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
     assert not a["cache_hit"] and b["cache_hit"]
     assert torch.equal(a["logp"], b["logp"]) and torch.equal(a["topk_ids"], b["topk_ids"])
     assert a["logp"].shape == (6, 6)  # top-5 + rest
-    changed = [key(k=16), key(seed=1), key(demo_ids=list(demos.idx)[::-1]), key(example_ids=ev.idx[:5]),
+    changed = [key(k=16), key(seed=1), key(demos=demos.iloc[::-1]), key(examples=ev.iloc[:5]),
                key(cfg=distill.DistillConfig(target="verbalizer")), key(cfg=distill.DistillConfig(target="topk", topk=5, temperature=2.0)),
                key(model_id="other")]
     assert len({k0, *changed}) == len(changed) + 1

@@ -154,6 +154,20 @@ def test_cd_plan_needs_its_icl_runs():
         params.validate({"ks": [0, 4], "cd_ks": [4, 16]}, notebooks=pipeline.NOTEBOOKS)
 
 
+def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
+    from llmft_utils import distill
+
+    lm, out = _tiny_results(tmp_path, max_positions=512)
+    icl.run_sweep(lm, out, "gpt-3", [0, 4], [0], progress=False)  # no k=2 teacher, no seed 1
+    monkeypatch.setattr(distill, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
+    monkeypatch.setattr(distill, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
+    cfg = distill.DistillConfig(epochs=1)
+    with pytest.raises(FileNotFoundError, match=r"3 ICL runs .*: toy/validation k=2 seed=0, toy/validation k=2 "
+                                                r"seed=1, toy/validation k=4 seed=1"):
+        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1, progress=False)
+    assert not (out / "cd.csv").exists() and not (out / "teacher_cache").exists()
+
+
 # ----------------------------------------------------------------------------- 5. half-written state
 
 @pytest.fixture()

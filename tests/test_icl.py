@@ -1,8 +1,8 @@
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+import toy_data
 from llmft_utils import data, icl, models, patterns
 
 GPT3 = patterns.get_pattern("gpt-3")
@@ -10,16 +10,7 @@ MULTI = patterns.Pattern("multi", "{premise} question: {hypothesis} Yes or No? a
 
 
 def _frames(n_eval=12, n_pool=20):
-    words = "the cat dog man woman sat ran saw on in a park doctor president student".split()
-    rng = np.random.default_rng(0)
-
-    def sent(k):
-        return " ".join(rng.choice(words, k)).capitalize() + " ."
-
-    mk = lambda n, off: pd.DataFrame({"idx": range(off, off + n), "premise": [sent(int(rng.integers(4, 14))) for _ in range(n)],
-                                      "hypothesis": [sent(int(rng.integers(2, 6))) for _ in range(n)],
-                                      "label": [i % 2 for i in range(n)]})
-    return mk(n_eval, 0), mk(n_pool, 100)
+    return toy_data.frames(n_eval, n_pool)
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])

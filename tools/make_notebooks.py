@@ -123,6 +123,7 @@ ks: list = [0, 4]  # numbers of demonstrations, even; 0 is zero-shot
 seeds: list = [0]  # data seeds for the demonstrations (k > 0)
 batch_size: int = 8  # queries per forward pass
 device: str = "auto"  # auto, cpu or cuda
+dtype: str = "auto"  # auto (float32 on every device), float32, bfloat16 or float16
 on_too_long: str = "error"  # prompts longer than the context: error, or skip (counted in the table)
 force: bool = False  # recompute rows that already exist
 """),
@@ -132,7 +133,7 @@ from llmft_utils import icl, models, params, results
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
-lm = models.load_model(model, device=device)
+lm = models.load_model(model, device=device, dtype=dtype)
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, {lm.dtype} on {lm.device} ({lm.source})")
 """),
     code("""
@@ -233,6 +234,7 @@ mixed_precision: str = "bf16"  # student forward under bf16 autocast (weights fl
 lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
 batch_size: int = 8  # queries per forward pass for teacher caching and evaluation
 device: str = "auto"  # auto, cpu or cuda
+dtype: str = "auto"  # auto (float32 on every device), float32, bfloat16 or float16
 force: bool = False  # retrain students whose rows already exist
 """),
     code("""
@@ -241,7 +243,7 @@ from llmft_utils import distill, models, params, results
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
-lm = models.load_model(model, device=device)
+lm = models.load_model(model, device=device, dtype=dtype)
 cfg = distill.DistillConfig(target=target, topk=topk, loss=loss, temperature=temperature, alpha=alpha,
                             epochs=epochs, batch_size=train_batch_size, lr=lr, lr_schedule=lr_schedule,
                             mixed_precision=mixed_precision, lora_r=lora_r)
