@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
