@@ -21,18 +21,30 @@ def offline_requested() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _connect(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 @lru_cache(maxsize=1)
 def _probe(timeout: float) -> bool:
+    """One TCP connection to the Hub (or the HTTPS proxy), bounded by ``timeout`` in all: the name lookup,
+    which a socket timeout does not cover, runs in a daemon thread that is abandoned when it hangs."""
+    import threading
+
     from huggingface_hub import constants
 
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urlparse(proxy or constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except (OSError, TypeError, ValueError):
-        return False
+    result = []
+    t = threading.Thread(target=lambda: result.append(_connect(url.hostname, port, timeout)), daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 def reachable(timeout: float = 3.0) -> bool:
