@@ -199,6 +199,24 @@ def test_data_error_names_file_line_and_leaves_previous_state(tmp_path, data_dir
     assert _files(fresh) == [], "nothing half-written in a new folder"
 
 
+def test_failure_while_writing_keeps_the_previous_prepared_folder(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "res"
+    data.prepare_study_data(out, eval_sizes=SMOKE_SIZES, data_dir=data_dir)
+    before = {p: (out / p).read_bytes() for p in _files(out) if (out / p).is_file()}
+    real, calls = data.write_jsonl, []
+
+    def failing(df, path):  # the disk fills up on the third file
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(df, path)
+    monkeypatch.setattr(data, "write_jsonl", failing)
+    with pytest.raises(OSError, match="No space left"):
+        data.prepare_study_data(out, eval_sizes={"mnli": 60, "rte": 30, "hans": 60}, data_dir=data_dir)
+    after = {p: (out / p).read_bytes() for p in _files(out) if (out / p).is_file()}
+    assert after == before, "prepared/ and the manifest are the previous complete set, with no temporary folder"
+
+
 def test_prepared_file_changed_after_manifest_is_refused(tmp_path, data_dir):
     out = tmp_path / "res"
     manifest, _ = data.prepare_study_data(out, eval_sizes=SMOKE_SIZES, data_dir=data_dir)
