@@ -564,6 +564,19 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                      "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
 
 
+def training_log(student_key: str, stats: dict, grad_accum: int = 1) -> list[dict]:
+    """Tidy per-batch rows of a training run: ``loss`` (mean over processes), and at each optimizer step
+    (every ``grad_accum`` batches) its ``lr`` and pre-clipping ``grad_norm`` (NaN where none was taken or
+    reported). ``run_key`` = ``<student_key>|b<batch>`` (rows of a forced rerun replace the old ones)."""
+    rows = []
+    for b, loss in enumerate(stats["losses"]):
+        opt_step = (b + 1) // grad_accum - 1 if (b + 1) % grad_accum == 0 else None
+        at = lambda xs: float(xs[opt_step]) if opt_step is not None and opt_step < len(xs) else float("nan")
+        rows.append({"run_key": f"{student_key}|b{b:05d}", "student": student_key, "batch": b, "loss": float(loss),
+                     "lr": at(stats.get("lrs", [])), "grad_norm": at(stats.get("grad_norms", []))})
+    return rows
+
+
 # ----------------------------------------------------------------------------- agreement metrics
 
 def _verbalizer_logp(preds) -> np.ndarray:
@@ -740,7 +753,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                   f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
                                                        f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}" if ag_z else ""),
                   flush=True)
-        table.append(new_rows)
+        ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum), replace="student")
+        table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
         del student, slm
         gc.collect()
     out = table.read()

@@ -195,15 +195,15 @@ class ResultTable:
         df = self.read()
         return set(df["run_key"]) if "run_key" in df else set()
 
-    def append(self, rows: list[dict]) -> None:
-        """Add rows (a row with an existing ``run_key`` replaces it) under the table's lock: the
-        read-modify-write is atomic against other writers of the same file, and the file on disk is
-        always either the old table or the new one."""
+    def append(self, rows: list[dict], replace: str = "run_key") -> None:
+        """Add rows under the table's lock (the read-modify-write is atomic against other writers of the same
+        file, and the file on disk is always either the old table or the new one). Old rows whose
+        ``replace`` column holds a value of the new rows are dropped: a forced rerun replaces its rows."""
         new = pd.DataFrame(rows)
         with file_lock(self.path):
             old = self.read()
-            if "run_key" in old and len(old):
-                old = old[~old["run_key"].isin(set(new["run_key"]))]  # a forced rerun replaces its rows
+            if replace in old and len(old):
+                old = old[~old[replace].isin(set(new[replace]))]
             atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import toy_data
-from llmft_utils import data, distill, models, patterns
+from llmft_utils import data, distill, icl, models, patterns
 
 GPT3 = patterns.get_pattern("gpt-3")
 
@@ -285,3 +285,32 @@ def test_two_process_losses_match_single_process(tmp_path):
     assert len(one["losses"]) == len(two["losses"]) == 4
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
+
+
+# ----------------------------------------------------------------------------- the notebook-03 sweep
+
+def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
+    lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
+    icl.run_sweep(lm, out, "gpt-3", [0, 2], [0], progress=False)
+    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False)
+    assert sorted(rows["method"]) == ["cd", "pbft"] and rows["n_eval"].eq(8).all()
+    cd = rows.set_index("method").loc["cd"]
+    assert 0 <= cd["agree_teacher_student"] <= 1 and cd["kl_teacher_student"] >= 0
+    assert all((out / f).is_file() for f in rows["predictions_file"])
+    log = pd.read_csv(out / "train_log.csv")
+    assert log.groupby("student").size().to_dict() == {k.rsplit("|", 2)[0]: n for k, n in
+                                                       zip(rows["run_key"], rows["train_steps"])}
+    cd_log = log[log["student"].str.startswith("cd|")]
+    assert cd_log["loss"].iloc[0] == pytest.approx(cd["loss_first"]) and cd_log["loss"].iloc[-1] == pytest.approx(cd["loss_last"])
+    assert np.isfinite(cd_log[["loss", "lr", "grad_norm"]].to_numpy()).all() and (cd_log["grad_norm"] > 0).all()
+    assert cd_log["lr"].max() == pytest.approx(1e-3)  # the linear schedule peaks at cfg.lr
+    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False)
+    assert len(pd.read_csv(out / "train_log.csv")) == len(log) and len(again) == 2  # a rerun replaces, never adds
+
+
+def test_training_log_rows():
+    stats = {"losses": [1.0, 0.9, 0.8, 0.7], "lrs": [1e-3, 5e-4], "grad_norms": [2.0, 1.5]}
+    log = pd.DataFrame(distill.training_log("s", stats, grad_accum=2))
+    assert list(log["batch"]) == [0, 1, 2, 3] and list(log["loss"]) == [1.0, 0.9, 0.8, 0.7]
+    assert np.isnan(log["lr"][0]) and log["lr"][1] == 1e-3 and log["grad_norm"][3] == 1.5

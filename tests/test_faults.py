@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import toy_data
 from llmft_utils import data, hub, icl, models, params, patterns, pipeline, results
 
 GPT3 = patterns.get_pattern("gpt-3")
@@ -28,31 +29,8 @@ def _files(folder: Path) -> list:
 
 # ----------------------------------------------------------------------------- 2. skipped evaluations
 
-def _tiny_results(tmp_path, n=6, max_positions=48):
-    """A results folder with a manifest of one tiny evaluation set and a short-context tiny model."""
-    tok = models.tiny_tokenizer()
-    lm = models.wrap(models.tiny_model("llama", tok, max_positions=max_positions), tok, name="tiny-llama")
-    words = "the cat dog man woman sat ran saw on in a park".split()
-    rng = np.random.default_rng(0)
-    mk = lambda n, off, m: pd.DataFrame({"idx": range(off, off + n),
-                                         "premise": [" ".join(rng.choice(words, m)) for _ in range(n)],
-                                         "hypothesis": [" ".join(rng.choice(words, 3)) for _ in range(n)],
-                                         "label": [i % 2 for i in range(n)]})
-    ev, pool = mk(n, 0, 6), mk(20, 100, 12)
-    out = tmp_path / "res"
-    data.write_jsonl(ev, out / "prepared/toy__validation.jsonl")
-    data.write_jsonl(pool, out / "prepared/toy__train.jsonl")
-    manifest = {"eval_sets": {"toy/validation": {"file": "prepared/toy__validation.jsonl", "task": "toy",
-                                                 "split": "validation", "full_size": n, "subsampled": False,
-                                                 "ids_digest": results.ids_digest(ev["idx"]), "demo_pool": "toy/train",
-                                                 **data.label_stats(ev)}},
-                "demo_pools": {"toy/train": {"file": "prepared/toy__train.jsonl", **data.label_stats(pool)}}}
-    results.atomic_write_json(out / "manifest.json", manifest)
-    return lm, out
-
-
 def test_all_skipped_run_is_recorded_as_skipped_not_zero(tmp_path):
-    lm, out = _tiny_results(tmp_path)
+    lm, out = toy_data.results_folder(tmp_path)
     rows = icl.run_sweep(lm, out, "gpt-3", [0, 4], [0], on_too_long="skip", progress=False)
     r = rows.set_index("k").loc[4]
     assert r["n_eval"] == 0 and r["n_skipped_too_long"] == 6
@@ -157,7 +135,7 @@ def test_cd_plan_needs_its_icl_runs():
 def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
     from llmft_utils import distill
 
-    lm, out = _tiny_results(tmp_path, max_positions=512)
+    lm, out = toy_data.results_folder(tmp_path, max_positions=512)
     icl.run_sweep(lm, out, "gpt-3", [0, 4], [0], progress=False)  # no k=2 teacher, no seed 1
     monkeypatch.setattr(distill, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
     monkeypatch.setattr(distill, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
