@@ -139,18 +139,22 @@ def training_cost(runs: pd.DataFrame):
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_xlabel("training task · method")
+        if g.empty:  # notebook 03 has not run (yet)
+            ax.text(0.5, 0.5, "no CD or PBFT runs in cd.csv", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 
 
 def save(fig, folder, name: str) -> list:
-    """Write ``name``.png (and .svg) under ``folder``; returns the paths."""
+    """Write ``name``.png (and .svg) under ``folder``; returns the paths. Byte-identical for the same figure
+    (no date, a fixed SVG id salt), so rerunning the analysis on committed results leaves git clean."""
     from pathlib import Path
 
     from .results import atomic_write
 
     paths = []
-    for ext in ("png", "svg"):
-        paths.append(atomic_write(Path(folder) / f"{name}.{ext}", lambda tmp: fig.savefig(
-            tmp, dpi=110, bbox_inches="tight", format=ext, metadata={"Date": None} if ext == "svg" else None)))
+    with plt.rc_context({"svg.hashsalt": "llmft"}):
+        for ext in ("png", "svg"):
+            paths.append(atomic_write(Path(folder) / f"{name}.{ext}", lambda tmp: fig.savefig(
+                tmp, dpi=110, bbox_inches="tight", format=ext, metadata={"Date": None} if ext == "svg" else None)))
     return paths

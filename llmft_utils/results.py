@@ -265,6 +265,7 @@ def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
         a["train_s"] = np.nan
         a["train_peak_mem_mb"] = np.nan
         a["teacher_cache_s"] = np.nan
+        a["n_train"] = np.nan
         parts.append(a)
     if cd is not None and len(cd):
         parts.append(cd.copy())
