@@ -25,6 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -635,11 +636,25 @@ def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str,
     return row, pd.read_parquet(out_dir / row["predictions_file"])
 
 
+class PlannedStudent(NamedTuple):
+    """One CD or PBFT student of :func:`run_cd_sweep`'s plan."""
+    method: str  # cd | pbft
+    task: str  # training task
+    es_in: str  # its in-domain evaluation set
+    k: int  # teacher demonstrations (CD) or labelled examples (PBFT)
+    seed: int
+    cfg: DistillConfig
+    n_train: int
+    key_base: str  # the student's part of its rows' run keys
+    eval_sets: list  # in-domain first, then out of domain
+    keys: list  # one run key per evaluation set
+
+
 def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision: str) -> list[str]:
     """The ICL runs the CD sweep compares with (zero-shot per eval set, the teacher per CD student and eval
     set) that are not in ``icl.csv``, as readable strings: checked before the first student trains."""
-    need = {(es, 0, 0) for p in plan for es in p[-2]}
-    need |= {(es, p[3], p[4]) for p in plan if p[0] == "cd" for es in p[-2]}
+    need = {(es, 0, 0) for p in plan for es in p.eval_sets}
+    need |= {(es, p.k, p.seed) for p in plan if p.method == "cd" for es in p.eval_sets}
     return [f"{es} k={k} seed={seed}" for es, k, seed in sorted(need)
             if icl_rows.empty or _icl_row(icl_rows, model, es, pattern, k, seed, precision) is None]
 
@@ -690,7 +705,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             eval_sets = [ind[0]] + [es for es in ood if es != ind[0]
                                     and (ood_train_tasks is None or task in ood_train_tasks)]
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
-            plan.append((method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+            plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
     missing = _missing_icl_runs(icl_rows, model_name, pattern.name, plan, precision)
     if missing:  # before any teacher or student runs: the comparisons need these rows
         raise FileNotFoundError(f"{len(missing)} ICL runs this CD sweep compares with are not in {out_dir / 'icl.csv'} "

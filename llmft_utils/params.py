@@ -35,26 +35,12 @@ def _study_tasks() -> tuple:
     return tuple(t for t in dict.fromkeys(es.split("/")[0] for es in STUDY_EVAL_SETS) if TASKS[t].demo_task == t)
 
 
-def _patterns() -> tuple:
+def spec() -> dict[str, Param]:
+    """Every parameter; built on call, from the modules that own the choices (patterns, tasks, dtypes, the
+    distillation kinds), which are imported only then."""
+    from . import distill, models
     from .patterns import PATTERNS
 
-    return tuple(PATTERNS)
-
-
-def _model_choices(name: str) -> tuple:
-    from . import models
-
-    return getattr(models, name)
-
-
-def _distill_choices(name: str) -> tuple:
-    from . import distill
-
-    return getattr(distill, name)
-
-
-# Lazily built (the choices come from the modules that own them: patterns, tasks, distill's kinds).
-def spec() -> dict[str, Param]:
     tasks = _study_tasks()
     return {
         "profile": Param("str", "name of the run; results go to results/<profile>/ unless results_dir is set"),
@@ -62,13 +48,13 @@ def spec() -> dict[str, Param]:
                                  "else the Hugging Face Hub"),
         "results_dir": Param("str", "output folder; empty: $LLMFT_RESULTS_DIR, else results/<profile>"),
         "model": Param("str", "embedded name, alias, Hugging Face id or local model directory"),
-        "pattern": Param("str", "prompt pattern", choices=_patterns()),
+        "pattern": Param("str", "prompt pattern", choices=tuple(PATTERNS)),
         "ks": Param("list", "numbers of demonstrations (even; 0 is zero-shot)", item="int", min=0, even=True),
         "seeds": Param("list", "data seeds for the demonstrations", item="int", min=0),
         "batch_size": Param("int", "queries per forward pass (evaluation, teacher caching)", min=1),
         "device": Param("str", "auto, cpu or cuda[:N]"),
         "dtype": Param("str", "weights and evaluation precision; auto is float32 on every device (faithful)",
-                       choices=_model_choices("DTYPES")),
+                       choices=models.DTYPES),
         "on_too_long": Param("str", "prompts longer than the context: error, or skip (counted)", choices=("error", "skip")),
         "force": Param("bool", "recompute rows (and teacher caches) that already exist"),
         "mnli_eval_n": Param("int", "MNLI-binary validation_matched rows, stratified; 0 keeps all", min=0),
@@ -81,9 +67,9 @@ def spec() -> dict[str, Param]:
         "cd_ks": Param("list", "teacher demonstrations k for CD (even, > 0)", item="int", min=2, even=True),
         "n_transfer": Param("int", "unlabelled transfer queries per CD student", min=1),
         "pbft_n": Param("int", "labelled examples per PBFT student (even); 0 skips PBFT", min=0, even=True),
-        "target": Param("str", "distillation support", choices=_distill_choices("TARGET_KINDS")),
+        "target": Param("str", "distillation support", choices=distill.TARGET_KINDS),
         "topk": Param("int", "support size when target is topk", min=1),
-        "loss": Param("str", "distillation divergence", choices=_distill_choices("LOSS_KINDS")),
+        "loss": Param("str", "distillation divergence", choices=distill.LOSS_KINDS),
         "temperature": Param("float", "distillation temperature (> 0)", min=0.0, positive_open=True),
         "alpha": Param("float", "weight of the gold-label cross-entropy in CD (1.0 is PBFT)", min=0.0, max=1.0),
         "epochs": Param("int", "passes over the transfer set", min=1),
@@ -91,8 +77,8 @@ def spec() -> dict[str, Param]:
         "pbft_lr": Param("float", "AdamW peak learning rate for PBFT (> 0)", min=0.0, positive_open=True),
         "train_batch_size": Param("int", "examples per optimisation step", min=1),
         "lr": Param("float", "AdamW peak learning rate for CD (> 0)", min=0.0, positive_open=True),
-        "lr_schedule": Param("str", "learning-rate schedule", choices=_distill_choices("LR_SCHEDULES")),
-        "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=_distill_choices("MIXED_PRECISION")),
+        "lr_schedule": Param("str", "learning-rate schedule", choices=distill.LR_SCHEDULES),
+        "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=distill.MIXED_PRECISION),
         "lora_r": Param("int", "LoRA rank; 0 is full fine-tuning", min=0),
     }
 
