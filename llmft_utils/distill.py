@@ -260,7 +260,7 @@ def _read_cache(path: Path, key: str, n: int, support: int, topk: int | None, n_
 
 
 def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
-                    batch_size: int = 8, progress: bool = False, force: bool = False) -> dict:
+                    batch_size: int = 8, progress: bool = False, force: bool = False, max_tokens: int = 0) -> dict:
     """Teacher log-probs on the target support (temperature applied) for every example, with the
     demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
     returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``.
@@ -290,18 +290,19 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
     T = cfg.temperature
 
-    def extract(logits):
+    def extract(logits):  # a batch (B, V) of answer-position logits, on the model's device
         z = logits / T
         if cfg.target == "topk":
             ids = torch.topk(logits, cfg.topk).indices
-            return torch.log_softmax(support_logits(z[None], "topk", topk_ids=ids[None])[0], -1), ids
+            return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
         return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress)
+        logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
+                                      max_tokens=max_tokens)
     # full-vocabulary targets are stored in float16, which holds log-probs down to -65504 only
-    logp = torch.stack([o[0] for o in out]).to("cpu", torch.float32 if cfg.target != "full" else torch.float16)
+    logp = logp.to(torch.float32 if cfg.target != "full" else torch.float16)
     bad = ~torch.isfinite(logp).all(-1)  # checked as stored: a file that cache_problem would reject is never written
     if bad.any():
         raise FloatingPointError(
@@ -311,7 +312,7 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
             f"nothing was cached. Check the teacher ({lm.dtype}) for overflowing logits, or use a higher temperature "
             "or a smaller target support (topk, verbalizer).")
     blob = {"format": CACHE_FORMAT, "key": key, "n": len(examples), "logp": logp,
-            "topk_ids": torch.stack([o[1] for o in out]).cpu() if topk else None,
+            "topk_ids": top_ids if topk else None,
             "verbalizer_ids": torch.tensor(vids)}
     blob["sha256"] = tensors_sha256(blob)
     seconds = time.perf_counter() - t0
@@ -662,7 +663,7 @@ def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision:
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
-                 pbft_lr: float | None = None):
+                 pbft_lr: float | None = None, eval_max_tokens: int = 0):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
@@ -728,7 +729,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
                                      mcfg, lm.dtype, lm.device)
             teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
-                                    batch_size=eval_batch_size, progress=progress, force=force)
+                                    batch_size=eval_batch_size, progress=progress, force=force,
+                                    max_tokens=eval_max_tokens)
             rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
         else:
             rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
@@ -739,7 +741,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         new_rows = []
         for es, key in zip(eval_sets, keys):
             einfo, ev = manifest["eval_sets"][es], frames[es]
-            metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress)
+            metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress,
+                                      max_tokens=eval_max_tokens)
             pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
             atomic_write_parquet(preds, out_dir / pfile)
             zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
@@ -754,7 +757,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                         "kappa_teacher_zeroshot": a_z["kappa"], "kl_teacher_zeroshot": a_z["kl"]}
             new_rows.append({
                 "run_key": key, "method": method, "model": model_name, "model_source": lm.source,
-                "device": lm.device, "dtype": lm.dtype, "train_task": task, "task": einfo["task"],
+                "device": lm.device, "dtype": lm.dtype, "random_init": lm.source.startswith("random-init"),
+                "train_task": task, "task": einfo["task"],
                 "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
                 "n_train": n_train, "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
                 "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),

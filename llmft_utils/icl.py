@@ -11,9 +11,10 @@ shared by every batch of queries. Every query is tokenised *together with* the p
 would see the whole prompt) and the reuse is only taken when those ids start with the prefix's own ids;
 otherwise that query is scored on its full prompt (counted in ``n_prefix_fallback``).
 
-How the shared prefix is attended to: on CPU, for Llama- and OPT-style models, by
-:func:`split_prefix_attention` (the prefix's keys/values are never copied per row; ~3x faster
-attention than a broadcast cache); otherwise by a key/value cache broadcast over the batch.
+How the shared prefix is attended to: for Llama- and OPT-style models, on any device, by
+:func:`split_prefix_attention` (the prefix's keys/values are never copied per row; on CPU ~3x faster
+attention than a broadcast cache); otherwise by a key/value cache broadcast over the batch. Inputs go
+to the device once per run and results come back once (:func:`_forward_rows`).
 
 Exactness: a row is only scored on the reused prefix where that is exact for the model's kind of
 attention (:func:`exact_reuse_length`: unlimited for full attention, within the window for sliding
@@ -74,11 +75,83 @@ def continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> list
     return out
 
 
+_LOCAL_PRETOKENIZERS = ("ByteLevel", "Digits", "Split")
+FAST_SPLIT_MIN = 64  # queries from which split_prefix tokenises tails instead of whole prompts
+FAST_SPLIT_CHECK = 16  # queries re-tokenised whole to check the tail tokenisation
+
+
+def _local_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is one whose encoding of ``text[:c] + rest`` is the encoding of ``text[:c]``
+    followed by that of ``rest`` for any pre-token boundary ``c`` of ``text`` that lies before its last
+    two pre-tokens: a fast BPE tokenizer with no normaliser whose pre-tokenizers only split by regex,
+    bytes or digits (ByteLevel without an added prefix space, Digits, Split) — GPT-2, OPT, Llama 3,
+    SmolLM2 and the like. Their pre-token boundaries depend on the text up to one character past them,
+    and BPE merges never cross them."""
+    cached = getattr(tokenizer, "_llmft_local", None)
+    if cached is not None:
+        return cached
+    ok = False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        import json
+
+        j = json.loads(backend.to_str())
+        pre = j.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        ok = (j.get("normalizer") is None and (j.get("model") or {}).get("type") == "BPE" and bool(parts)
+              and all(p.get("type") in _LOCAL_PRETOKENIZERS and not p.get("add_prefix_space", False)
+                      and (p.get("type") != "Split" or p.get("behavior") == "Isolated") for p in parts))
+    try:
+        tokenizer._llmft_local = ok
+    except AttributeError:
+        pass
+    return ok
+
+
+def _tail_split(tokenizer, prefix_text: str, prefix_ids: list, queries: list[str]):
+    """:func:`split_prefix`'s result computed from ``tail + query`` instead of ``prefix + query`` (tail: the
+    prefix from its third-last pre-token on), or None where that is not known to be exact. Exact for
+    :func:`_local_tokenizer` tokenizers whose prefix ids end with the tail's ids (the special tokens
+    only at the start); checked again on ``FAST_SPLIT_CHECK`` queries against whole-prompt
+    tokenisation (any difference: None, and the caller tokenises whole prompts)."""
+    if not _local_tokenizer(tokenizer):
+        return None
+    chunks = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prefix_text)
+    if len(chunks) < 4:
+        return None
+    tail = prefix_text[chunks[-3][1][0]:]
+    tail_ids = _tok(tokenizer, [tail], False)[0]
+    T = len(tail_ids)
+    if not T or prefix_ids[-T:] != tail_ids:
+        return None
+    head = prefix_ids[:-T]
+    out = []
+    for ids in _tok(tokenizer, [tail + q for q in queries], False):
+        out.append((ids[T:], False) if ids[:T] == tail_ids else (head + ids, True))
+    probe_at = sorted(set(np.linspace(0, len(queries) - 1, min(FAST_SPLIT_CHECK, len(queries))).astype(int).tolist()))
+    whole = _tok(tokenizer, [prefix_text + queries[i] for i in probe_at], True)
+    for i, w in zip(probe_at, whole):
+        ids, standalone = out[i]
+        if (ids if standalone else prefix_ids + ids) != w:
+            log.warning("tail tokenisation differs from whole-prompt tokenisation for this tokenizer; "
+                        "tokenising whole prompts")
+            return None
+    return out
+
+
 def split_prefix(tokenizer, prefix_text: str, queries: list[str]):
     """Tokenise the prefix alone and every ``prefix + query`` together. Returns ``prefix_ids`` and, per query,
     ``(ids, standalone)``: the ids after the prefix, or the whole prompt's ids when its tokenisation does
-    not start with the prefix's own ids (then the prefix cache cannot be reused for it)."""
+    not start with the prefix's own ids (then the prefix cache cannot be reused for it).
+
+    From ``FAST_SPLIT_MIN`` queries on, tokenizers for which it is exact (:func:`_tail_split`) tokenise only
+    the prefix's last pre-tokens with each query, not the whole prefix again (same ids; 5-10x less work at
+    k = 16)."""
     prefix_ids = _tok(tokenizer, [prefix_text], True)[0]
+    if prefix_text and len(queries) >= FAST_SPLIT_MIN:
+        fast = _tail_split(tokenizer, prefix_text, prefix_ids, queries)
+        if fast is not None:
+            return prefix_ids, fast
     P = len(prefix_ids)
     out = []
     for ids in _tok(tokenizer, [prefix_text + q for q in queries], True):
@@ -199,6 +272,43 @@ def _flash_lse(q, k, v, mask, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
+MATH_MAX_SCORES = 2 ** 27  # attention scores held at once by _math_lse (float32: 512 MB); larger inputs are chunked
+
+
+def _math_lse(q, k, v, bias, scale):
+    """``(output, logsumexp)`` of softmax attention written out in float32 matmuls, for any device:
+
+        s = q·kᵀ·scale + bias,   lse = logsumexp(s),   o = exp(s − lse)·v
+
+    Query rows are processed in chunks of at most :data:`MATH_MAX_SCORES` scores. A row that sees no key
+    (every bias −inf) gets ``lse = −inf`` and ``o = 0`` (the merge in :func:`split_prefix_attention` then
+    takes nothing from it). ``q`` (…, M, D), ``k``/``v`` (…, N, D) with the same leading dims (or 1),
+    ``bias`` broadcastable to (…, M, N) or None. Used where the fused CPU kernel is not available (GPUs):
+    it never copies the keys per row."""
+    M, N = q.shape[-2], k.shape[-2]
+    lead = max(1, math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])))
+    step = max(1, MATH_MAX_SCORES // (lead * max(N, 1)))
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    outs, lses = [], []
+    for s in range(0, M, step):
+        sc = torch.matmul(q[..., s:s + step, :].float(), kt) * scale
+        if bias is not None:
+            sc = sc + bias[..., s:s + step, :] if bias.shape[-2] != 1 else sc + bias
+        lse = torch.logsumexp(sc, -1)
+        outs.append(torch.matmul(torch.exp(sc - lse.clamp_min(-1e30)[..., None]), vf))
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+SPLIT_KERNEL = "auto"  # auto: the fused CPU kernel on CPU, _math_lse elsewhere | math: _math_lse everywhere (tests)
+
+
+def _attend(q, k, v, bias, scale):
+    if SPLIT_KERNEL == "auto" and q.device.type == "cpu" and _CPU_FLASH:
+        return _flash_lse(q, k, v, bias, scale)
+    return _math_lse(q, k, v, bias, scale)
+
+
 def split_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            llmft_prefix_kv=None, llmft_split_calls=None, **kwargs):
     """Attention of a batch of queries over ``[shared prefix ; own tokens]`` without copying the prefix per row.
@@ -214,6 +324,7 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     ``llmft_prefix_kv[layer]`` holds that layer's prefix keys/values, shape (1, kv_heads, P, head_dim),
     exactly as a cache stores them (after rotary embedding). Query heads map to key/value heads as in
     transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim).
+    The partial attentions run in torch's fused CPU kernel on CPU and in :func:`_math_lse` elsewhere.
     Each call appends its layer to ``llmft_split_calls``: the proof, checked by :func:`_forward_rows`,
     that the model dispatched here rather than to a kernel that ignores the prefix."""
     pk, pv = llmft_prefix_kv[module.layer_idx]
@@ -225,7 +336,7 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     scale = scaling if scaling is not None else D ** -0.5
     q = query.contiguous()
     qp = q.view(B, KVH, rep * L, D).transpose(0, 1).reshape(1, KVH, B * rep * L, D)
-    o_p, lse_p = _flash_lse(qp, pk.to(q.dtype), pv.to(q.dtype), None, scale)
+    o_p, lse_p = _attend(qp, pk.to(q.dtype), pv.to(q.dtype), None, scale)
     o_p = o_p.view(KVH, B, rep * L, D).transpose(0, 1).reshape(B, H, L, D)
     lse_p = lse_p.view(KVH, B, rep * L).transpose(0, 1).reshape(B, H, L)
     if attention_mask is None:  # no padding: plain causal
@@ -233,7 +344,7 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     bias = attention_mask if attention_mask.dtype != torch.bool else \
         torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attention_mask, float("-inf"))
     k_q, v_q = (key, value) if rep == 1 else (key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1))
-    o_q, lse_q = _flash_lse(q, k_q.contiguous(), v_q.contiguous(), bias.expand(B, 1, L, L), scale)
+    o_q, lse_q = _attend(q, k_q.contiguous(), v_q.contiguous(), bias.expand(B, 1, L, L), scale)
     lse = torch.logaddexp(lse_p, lse_q)
     w_q = torch.exp(lse_q - lse)[..., None]  # 0 where a (padding) row sees none of its own tokens
     out = o_p.float() * torch.exp(lse_p - lse)[..., None] + torch.where(w_q > 0, o_q.float() * w_q, 0.0)
@@ -245,18 +356,19 @@ def _register_split_attention() -> bool:
         from transformers import AttentionInterface
 
         AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
-        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        return True
     except Exception:  # an older transformers without the interface: the broadcast cache is used
         return False
 
 
 _SPLIT_AVAILABLE = _register_split_attention()
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def uses_split_attention(model, device: str) -> bool:
-    """Whether prefix reuse runs through :func:`split_prefix_attention` for this model and device."""
+    """Whether prefix reuse runs through :func:`split_prefix_attention` for this model (any device)."""
     cfg = getattr(model, "config", None)
-    return (_SPLIT_AVAILABLE and str(device).startswith("cpu") and cfg is not None
+    return (_SPLIT_AVAILABLE and cfg is not None
             and getattr(cfg, "model_type", None) in SPLIT_MODEL_TYPES
             and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
@@ -270,77 +382,146 @@ def _expand_cache(prefix_kv, batch: int):
     return cache
 
 
-def _batches(rows: list[Row], batch_size: int) -> list[list[int]]:
-    """Row indices per batch: longest rows first, so rows of similar length share a batch."""
+def _batches(rows: list[Row], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices per batch: longest rows first, so rows of similar length share a batch. ``batch_size``
+    rows per batch; or, with ``max_tokens > 0``, as many rows as keep the padded batch (rows × its
+    longest row) within ``max_tokens`` tokens (at least one row), whatever ``batch_size``."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if max_tokens <= 0:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    out, cur = [], []
+    for i in order:  # the first row of a batch is its longest
+        if cur and (len(cur) + 1) * len(rows[cur[0]].ids) > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + ([cur] if cur else [])
 
 
-def _most_padded(rows: list[Row], batch_size: int) -> int:
+def _most_padded(rows: list[Row], batch_size: int, max_tokens: int = 0) -> int:
     """Index of the row with the most left padding in its batch (the first in batch order on ties)."""
-    pads = {i: max(len(rows[j].ids) for j in b) - len(rows[i].ids) for b in _batches(rows, batch_size) for i in b}
+    pads = {i: max(len(rows[j].ids) for j in b) - len(rows[i].ids)
+            for b in _batches(rows, batch_size, max_tokens) for i in b}
     return max(pads, key=pads.get)
 
 
+def _batch_inputs(batch: list[Row], pad_id: int) -> dict:
+    """Host tensors of one batch: left-padded ``ids`` and ``mask`` (B, L); the label-set gather ``pos`` /
+    ``tok`` / ``valid`` (B, S, J) (J: the longest label set; positions counted from the first kept logit)
+    and ``has`` (B, S); the answer position ``ans`` (B,); ``keep``, the logits to keep."""
+    B, L = len(batch), max(len(r.ids) for r in batch)
+    keep = max(max(-r.answer_offset, 1) for r in batch)
+    S, J = len(batch[0].sets), max(1, max(len(t) for r in batch for t in r.sets))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.full((B, S, J), keep - 1, dtype=torch.long)
+    tok = torch.zeros((B, S, J), dtype=torch.long)
+    valid = torch.zeros((B, S, J), dtype=torch.long)
+    for b, r in enumerate(batch):  # left padding: every row ends at the last column
+        ids[b, L - len(r.ids):] = torch.tensor(r.ids)
+        mask[b, L - len(r.ids):] = 1
+        for s, tset in enumerate(r.sets):
+            for j, (o, t) in enumerate(tset):
+                pos[b, s, j], tok[b, s, j], valid[b, s, j] = keep + o, t, 1
+    return {"ids": ids, "mask": mask, "pos": pos, "tok": tok, "valid": valid, "has": valid[..., 0].clone(),
+            "ans": torch.tensor([keep + r.answer_offset for r in batch]), "keep": keep}
+
+
+def _to_device(batches: list[dict], device: str) -> list[dict]:
+    """Every batch's integer tensors moved in ONE host-to-device copy (pinned on CUDA), then split back."""
+    names = [[n for n, v in b.items() if isinstance(v, torch.Tensor)] for b in batches]
+    flat = torch.cat([b[n].reshape(-1) for b, ns in zip(batches, names) for n in ns])
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, at = [], 0
+    for b, ns in zip(batches, names):
+        d = dict(b)
+        for n in ns:
+            d[n] = flat[at:at + b[n].numel()].view(b[n].shape)
+            at += b[n].numel()
+        out.append(d)
+    return out
+
+
 def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
-                  batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None):
+                  batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None,
+                  max_tokens: int = 0):
     """Log-prob sums per row and label set, the top-1 token at each row's answer position, ``extract``
     results and the watched row's answer-position log-probs.
-    ``extract(logits)`` (optional) is applied to each row's raw answer-position logits; its results are
-    the third value returned (None per row without ``extract``; used to cache teacher distributions).
-    ``split``: attend to the prefix with :func:`split_prefix_attention` (default: where supported); a
-    forward in which it ran for fewer layers than the prefix cache has raises RuntimeError (the model
-    would silently have scored without the prefix). ``watch``: a row index whose full answer-position
-    log-softmax is the fourth value returned (None without it), for :func:`_check_reuse`."""
+
+    Everything stays on the model's device until the end (one host-to-device copy of all the batches'
+    inputs before the first forward, one copy of the results back after the last; no per-row or
+    per-batch synchronisation). ``extract(logits)`` (optional) is applied to each batch's raw
+    answer-position logits (B, V) in float32 and returns a tensor or a tuple of tensors (or None) with
+    the batch as first dimension; the third value returned is the same structure over all rows, in row
+    order, on the CPU (None without ``extract``; used to cache teacher distributions). ``split``: attend
+    to the prefix with :func:`split_prefix_attention` (default: where supported); a forward in which it
+    ran for fewer layers than the prefix cache has raises RuntimeError (the model would silently have
+    scored without the prefix). ``watch``: a row index whose full answer-position log-softmax is the
+    fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`_batches`."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
-    n_sets = len(rows[0].sets)
-    scores = np.full((len(rows), n_sets), np.nan)
-    top1 = np.zeros(len(rows), dtype=np.int64)
-    extracted = [None] * len(rows)
-    watched = None
-    for idx in _batches(rows, batch_size):
-        batch = [rows[i] for i in idx]
-        B, L = len(batch), max(len(r.ids) for r in batch)
-        keep = max(max(-r.answer_offset, 1) for r in batch)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for b, r in enumerate(batch):  # left padding: every row ends at the last column
-            input_ids[b, L - len(r.ids):] = torch.tensor(r.ids)
-            mask[b, L - len(r.ids):] = 1
+    order = _batches(rows, batch_size, max_tokens)
+    batches = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in order]
+                         + [{"rows": torch.tensor([i for idx in order for i in idx])}], device)
+    where = batches.pop()["rows"]  # row index of each result, in batch order
+    sums, tops, ext, finite, watched = [], [], [], torch.ones((), dtype=torch.bool, device=device), None
+    for idx, bt in zip(order, batches):
+        B, L = bt["ids"].shape
+        mask = bt["mask"]
         pos = (mask.cumsum(1) - 1).clamp(min=0) + P
         kw = {}
         if split:  # causal + padding mask over the queries' own tokens; the prefix is seen by all
-            mask = torch.ones((L, L), dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+            mask = torch.ones((L, L), dtype=torch.bool, device=mask.device).tril()[None, None] \
+                & mask.bool()[:, None, None, :]
             kw["llmft_prefix_kv"] = prefix_kv
             kw["llmft_split_calls"] = calls = []
         elif P:
             kw["past_key_values"] = _expand_cache(prefix_kv, B)
-            mask = torch.cat([torch.ones((B, P), dtype=torch.long), mask], 1)
+            mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], 1)
         with torch.inference_mode(), attention_implementation(model, SPLIT_ATTENTION if split else None):
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=bool(P) and not split, logits_to_keep=keep, **kw).logits
+            logits = model(input_ids=bt["ids"], attention_mask=mask, position_ids=pos,
+                           use_cache=bool(P) and not split, logits_to_keep=bt["keep"], **kw).logits
         if split and len(calls) < len(prefix_kv):
             raise RuntimeError(
                 f"split prefix attention ran in {len(calls)} of {len(prefix_kv)} layers of "
                 f"{getattr(model.config, 'model_type', type(model).__name__)}: its attention does not dispatch "
                 "through transformers' AttentionInterface, so the rows were scored without the prefix. Use the "
                 "broadcast cache (drop its model type from icl.SPLIT_MODEL_TYPES) or reuse_prefix=False.")
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        if not torch.isfinite(logp).all():
-            raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
-        for b, (i, r) in enumerate(zip(idx, batch)):
-            for s, tset in enumerate(r.sets):
-                if tset:
-                    scores[i, s] = float(sum(logp[b, keep + o, t] for o, t in tset))
-            top1[i] = int(logp[b, keep + r.answer_offset].argmax())
+        with torch.inference_mode():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            finite &= torch.isfinite(logp).all()
+            rb = torch.arange(B, device=logp.device)
+            vals = logp[rb[:, None, None], bt["pos"], bt["tok"]]  # (B, S, J)
+            acc = vals[..., 0]
+            for j in range(1, vals.shape[-1]):  # summed in token order, as a running float32 sum
+                acc = acc + torch.where(bt["valid"][..., j].bool(), vals[..., j], 0.0)
+            sums.append(torch.where(bt["has"].bool(), acc, float("nan")))
+            answer = logp[rb, bt["ans"]]  # (B, V): each row's answer-position log-softmax
+            tops.append(answer.argmax(-1))
             if extract is not None:
-                extracted[i] = extract(logits[b, keep + r.answer_offset].float().cpu())
-            if i == watch:
-                watched = logp[b, keep + r.answer_offset].clone()
+                e = extract(logits[rb, bt["ans"]].float())
+                ext.append(e if isinstance(e, tuple) else (e,))
+            if watch is not None and watch in idx:
+                watched = answer[idx.index(watch)].clone()
         if pbar is not None:
-            pbar.update(len(batch))
-    return scores, top1, extracted, watched
+            pbar.update(B)
+    with torch.inference_mode():
+        if not bool(finite):
+            raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
+        inv = torch.empty_like(where)
+        inv[where] = torch.arange(len(where), device=where.device)
+        scores = torch.cat(sums)[inv].double().cpu().numpy()
+        top1 = torch.cat(tops)[inv].cpu().numpy().astype(np.int64)
+        extracted = None
+        if extract is not None:
+            parts = list(zip(*ext))
+            extracted = tuple(None if p[0] is None else torch.cat(p)[inv].cpu() for p in parts)
+            if not isinstance(e, tuple):
+                extracted = extracted[0]
+    return scores, top1, extracted, (watched.cpu() if watched is not None else None)
 
 
 def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id: int, device: str):
@@ -369,10 +550,12 @@ def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id:
             "prompts) and report the model type (in half precision, first check whether float32 agrees).")
 
 
-def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None):
+def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None,
+                max_tokens: int = 0):
     """Forward the prefix-reusing rows (one prefix cache, checked by :func:`_check_reuse` on its most
-    padded row) and the standalone rows. Returns a list of ``(row, scores, top1, extracted)`` and the
-    number of tokens run through the model (the check's forward not counted)."""
+    padded row) and the standalone rows. Returns a list of ``(rows, scores, top1, extracted)`` per
+    non-empty group (as :func:`_forward_rows` returns them) and the number of tokens run through the
+    model (the check's forward not counted)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     tokens = 0
     out = []
@@ -381,12 +564,12 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
             continue
         kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
         tokens += len(prefix_ids) if kv is not None else 0
-        watch = _most_padded(group, batch_size) if kv is not None else None
+        watch = _most_padded(group, batch_size, max_tokens) if kv is not None else None
         scores, top1, ex, watched = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size,
-                                                  pbar, extract, watch=watch)
+                                                  pbar, extract, watch=watch, max_tokens=max_tokens)
         if kv is not None:
             _check_reuse(lm.model, prefix_ids, group[watch], scores[watch], watched, pad_id, lm.device)
-        out += list(zip(group, scores, top1, ex))
+        out.append((group, scores, top1, ex))
         tokens += sum(len(r.ids) for r in group)
     return out, tokens
 
@@ -399,10 +582,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="row", leave=False)
 
 
-def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 8, progress: bool = False):
+def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 8, progress: bool = False,
+                  max_tokens: int = 0):
     """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
-    the reused prefix cache where that is exact (see :func:`score_prompts`). Raises
-    :class:`PromptTooLongError` for prompts beyond the context."""
+    the reused prefix cache where that is exact (see :func:`score_prompts`), batch by batch on the model's
+    device: ``extract`` takes (B, V) float32 logits and returns a tensor or a tuple of tensors (or None)
+    with the batch first; the result is the same structure over all queries, in query order, on the CPU.
+    Raises :class:`PromptTooLongError` for prompts beyond the context."""
     prefix_ids, split = split_prefix(lm.tokenizer, prefix_text, queries)
     longest = max(len(ids) + (0 if standalone else len(prefix_ids)) for ids, standalone in split)
     if longest > lm.max_context:
@@ -411,24 +597,33 @@ def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size:
     rows = [Row(i, ids, [[]], -1, standalone) for i, (ids, standalone) in enumerate(split)]
     reuse_rows, full_rows, _ = _plan_reuse(lm.model, prefix_ids, rows)
     pbar = _progress(len(rows), "teacher", progress)
-    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, extract)
+    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, extract, max_tokens)
     if pbar is not None:
         pbar.close()
-    out = [None] * len(queries)
-    for r, _, _, e in done:
-        out[r.qi] = e
-    return out
+    single = not isinstance(done[0][3], tuple)
+    out = None
+    for group, _, _, ex in done:
+        ex = (ex,) if single else ex
+        if out is None:
+            out = [None if e is None else e.new_empty((len(queries), *e.shape[1:])) for e in ex]
+        qi = torch.tensor([r.qi for r in group])
+        for o, e in zip(out, ex):
+            if o is not None:
+                o[qi] = e
+    return out[0] if single else tuple(out)
 
 
 def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 8,
-                  reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = False) -> dict:
+                  reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = False,
+                  max_tokens: int = 0) -> dict:
     """Score every query (text after the prefix) for each verbalizer.
 
     Returns ``logprobs`` (n_queries × n_labels; NaN rows for skipped queries), ``top1`` token ids,
     ``first_ids`` (verbalizer first tokens), ``skipped`` mask, token counts, ``n_prefix_fallback`` (queries
     scored on full prompts although ``reuse_prefix``) and ``prefix_reuse_note``: why the model's attention
     kept queries off the reused prefix ("" when it did not; see :func:`exact_reuse_length`).
-    ``reuse_prefix=False`` is the naive baseline: every prompt is run in full.
+    ``reuse_prefix=False`` is the naive baseline: every prompt is run in full. Batches: ``batch_size``
+    rows, or up to ``max_tokens`` padded tokens when > 0 (see :func:`_batches`).
     """
     if on_too_long not in ("error", "skip"):
         raise ValueError("on_too_long must be 'error' or 'skip'")
@@ -452,13 +647,14 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     pbar = _progress(len(live), "scoring", progress)
     logprobs = np.full((len(queries), len(verbalizers)), np.nan)
     top1 = np.full(len(queries), -1, dtype=np.int64)
-    done, tokens = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar)
-    for r, sc, t, _ in done:
-        for lab in range(len(verbalizers)):
-            if not np.isnan(sc[lab]):
-                logprobs[r.qi, lab] = sc[lab]
-        if r.sets[0] or single:
-            top1[r.qi] = t
+    done, tokens = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, max_tokens=max_tokens)
+    for group, scores, tops, _ in done:
+        for r, sc, t in zip(group, scores, tops):
+            for lab in range(len(verbalizers)):
+                if not np.isnan(sc[lab]):
+                    logprobs[r.qi, lab] = sc[lab]
+            if r.sets[0] or single:
+                top1[r.qi] = t
     if pbar is not None:
         pbar.close()
     return {"logprobs": logprobs, "top1": top1, "first_ids": first_ids, "skipped": skipped_q,
@@ -479,13 +675,15 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 8,
-             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True):
-    """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``."""
+             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0):
+    """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``.
+    ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows."""
     prefix = build_prefix(pattern, demos)
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
     with probe(lm.device) as pr:
         s = score_prompts(lm, prefix, queries, pattern.verbalizers, batch_size=batch_size,
-                          reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress)
+                          reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress,
+                          max_tokens=max_tokens)
     ok = ~s["skipped"]
     gold = eval_df["label"].to_numpy()
     lp = s["logprobs"]
@@ -531,7 +729,8 @@ def precision_tag(lm) -> str:
 
 
 def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on_too_long: str = "error",
-              force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True):
+              force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True,
+              max_tokens: int = 0):
     """The k × seed ICL sweep over every evaluation set in ``out_dir/manifest.json``.
 
     Each finished (eval set, k, seed) appends one row to ``out_dir/icl.csv`` atomically and writes its
@@ -565,14 +764,15 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
         demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=ev)
         print(f"{es}  k={k}  seed={seed}  n={len(ev)}", flush=True)
         metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
-                                  progress=progress)
+                                  progress=progress, max_tokens=max_tokens)
         atomic_write_parquet(preds, out_dir / "predictions" / f"icl__{ids_digest([key])}.parquet")
         row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
                "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
                "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k, "seed": seed,
                "eval_full_size": info["full_size"], "eval_subsampled": info["subsampled"],
                "eval_ids_digest": info["ids_digest"], "demo_pool": info["demo_pool"],
-               "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size, "profile": profile,
+               "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size,
+               "max_batch_tokens": max_tokens, "random_init": lm.source.startswith("random-init"), "profile": profile,
                "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
         table.append([row])
         if metrics["n_eval"] == 0:

@@ -33,6 +33,61 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 ALIASES = {"opt-125m": "facebook/opt-125m"}
 
+# Random-init models of real shapes, for cost estimates without the weights: ``model="random:<shape>"``.
+# Their predictions mean nothing; their rows carry the name ``random:<shape>`` and the source
+# ``random-init:...``, so they never match (resume) or mix with rows of real weights. Tokenizer: the
+# embedded SmolLM2 one (or the directory in $LLMFT_RANDOM_TOKENIZER), so token counts are SmolLM2's.
+RANDOM_PREFIX = "random:"
+RANDOM_TOKENIZER_ENV = "LLMFT_RANDOM_TOKENIZER"
+SHAPES = {
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2)),
+    "opt-125m": ("opt", dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
+                             do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+    "opt-1.3b": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
+                             do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+}
+
+
+def shape_config(shape: str):
+    """The transformers config of a named real shape (:data:`SHAPES`)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if shape not in SHAPES:
+        raise ModelError(f"unknown shape {shape!r} for a random-init model; use one of {', '.join(SHAPES)}")
+    arch, kw = SHAPES[shape]
+    return (LlamaConfig if arch == "llama" else OPTConfig)(**kw)
+
+
+def _random_tokenizer():
+    import os
+
+    from transformers import AutoTokenizer
+
+    where = os.environ.get(RANDOM_TOKENIZER_ENV)
+    if where:
+        return AutoTokenizer.from_pretrained(where), f"dir:{where}"
+    path = embedded_gguf_path(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _restore_smollm2_digits(tok)
+    return tok, f"embedded:{DEFAULT_MODEL}"
+
+
+def random_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised model of a named real shape, built on ``device`` (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = shape_config(shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
 
 @dataclass
 class LoadedModel:
@@ -55,19 +110,28 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "tf32", "bfloat16", "float16")
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is float32 on every device: evaluation and teachers must give the same predictions on a GPU
     as on a CPU (bf16 inference flips a few per cent of this study's near-tied predictions). Lower
-    precision is an explicit choice (``bfloat16``, ``float16``), recorded in every row."""
+    precision is an explicit choice (``tf32``: float32 weights and activations with TF32 tensor-core
+    matmuls on CUDA, the same as float32 elsewhere; ``bfloat16``, ``float16``), recorded in every row."""
     if dtype == "auto":
         return torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        return {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype]
     except KeyError:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 tensor-core matmuls for float32 on CUDA, process-wide (torch's switch): on for ``dtype="tf32"``,
+    off for every other model loaded after it (float32 then means full float32 matmuls)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -99,19 +163,27 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     """Load a causal LM and its tokenizer.
 
     ``name``: an embedded short name (``smollm2-135m``), an alias (``opt-125m``), a local directory
-    holding a Hugging Face model, or a Hub id (needs network or a populated HF cache).
+    holding a Hugging Face model, a Hub id (needs network or a populated HF cache), or
+    ``random:<shape>`` (random weights of a real shape, for cost estimates; see :data:`SHAPES`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
     tdtype = pick_dtype(dtype, device)
+    set_tf32(dtype == "tf32" and device.startswith("cuda"))
     kw = {"dtype": tdtype}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     info: dict = {}
     resolved = ALIASES.get(name, name)
     try:
-        if resolved in EMBEDDED:
+        if resolved.startswith(RANDOM_PREFIX):
+            shape = resolved.removeprefix(RANDOM_PREFIX)
+            tok, tok_source = _random_tokenizer()
+            model = random_model(shape, device, tdtype)
+            source = f"random-init:{shape}:seed0:tokenizer={tok_source}"
+            info.update(random_init=True, shape=shape)
+        elif resolved in EMBEDDED:
             path = embedded_gguf_path(resolved)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
@@ -137,7 +209,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except ModelError:
         raise
     except (OSError, ValueError) as e:
-        known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES))
+        known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES) + [RANDOM_PREFIX + s for s in SHAPES])
         raise ModelError(
             f"could not load model {name!r} ({type(e).__name__}: {str(e)[:300]}). Use an embedded name or alias "
             f"({known}), a local directory with config.json and weights, or a Hugging Face id while online "
@@ -146,7 +218,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, max_context=max_context(model),
-                       device=device, dtype=str(tdtype).replace("torch.", ""),
+                       device=device, dtype="tf32" if dtype == "tf32" else str(tdtype).replace("torch.", ""),
                        n_params=sum(p.numel() for p in model.parameters()), info=info)
 
 
@@ -160,6 +232,13 @@ def check_model_name(name: str) -> str:
     from . import hub
 
     resolved = ALIASES.get(name, name)
+    if resolved.startswith(RANDOM_PREFIX):
+        import os
+
+        shape_config(resolved.removeprefix(RANDOM_PREFIX))
+        if not os.environ.get(RANDOM_TOKENIZER_ENV):
+            embedded_gguf_path(DEFAULT_MODEL)  # the tokenizer comes from there
+        return "random"
     if resolved in EMBEDDED:
         embedded_gguf_path(resolved)
         return "embedded"
@@ -168,7 +247,7 @@ def check_model_name(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a directory without config.json; pass a folder written by save_pretrained")
         return "dir"
-    known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES))
+    known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES) + [RANDOM_PREFIX + s for s in SHAPES])
     looks_like_path = resolved.startswith((".", "/", "~")) or resolved.count("/") > 1
     if looks_like_path or not _HUB_ID.fullmatch(resolved):
         raise ModelError(f"{name!r} is neither an embedded name or alias ({known}), an existing model directory, "

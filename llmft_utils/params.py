@@ -52,6 +52,8 @@ def spec() -> dict[str, Param]:
         "ks": Param("list", "numbers of demonstrations (even; 0 is zero-shot)", item="int", min=0, even=True),
         "seeds": Param("list", "data seeds for the demonstrations", item="int", min=0),
         "batch_size": Param("int", "queries per forward pass (evaluation, teacher caching)", min=1),
+        "max_batch_tokens": Param("int", "> 0: evaluation and teacher batches of up to this many padded tokens "
+                                         "instead of batch_size queries (GPUs); 0 uses batch_size", min=0),
         "device": Param("str", "auto, cpu or cuda[:N]"),
         "dtype": Param("str", "weights and evaluation precision; auto is float32 on every device (faithful)",
                        choices=models.DTYPES),

@@ -31,11 +31,14 @@ def test_prefix_reuse_equals_full_prompt(tiny_lms, arch, pattern, k):
         assert m1["tokens_processed"] < m2["tokens_processed"]
 
 
+@pytest.mark.parametrize("kernel", ["auto", "math"])
 @pytest.mark.parametrize("arch", ["opt", "llama"])
-def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, monkeypatch):
+def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, kernel, monkeypatch):
     """The split attention (prefix attended once, merged by log-sum-exp) gives the same log-probs as a
-    key/value cache broadcast over the batch, for left-padded rows of different lengths; and it is the
-    path taken on CPU."""
+    key/value cache broadcast over the batch, for left-padded rows of different lengths, with either of
+    its kernels: torch's fused CPU kernel (``auto`` on CPU) and the float32 matmul kernel that GPUs use
+    (``math``; chunked here into pieces of a few query rows, to test the chunking too). It is the path
+    taken on every device for these model types."""
     lm = tiny_lms[arch]
     ev, pool = _frames(9)
     ev.loc[0, "premise"] = " ".join(["doctor"] * 40)  # much longer than the others: lots of left padding
@@ -45,14 +48,52 @@ def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, monkeypat
     prefix_ids, rows, _, _ = icl.build_rows(lm.tokenizer, prefix, queries, GPT3.verbalizers)
     kv = icl._prefix_kv(lm.model, prefix_ids, "cpu")
     calls = []
-    real = icl._flash_lse
-    monkeypatch.setattr(icl, "_flash_lse", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    assert icl.uses_split_attention(lm.model, "cpu") and not icl.uses_split_attention(lm.model, "cuda")
+    name = "_flash_lse" if kernel == "auto" else "_math_lse"
+    real = getattr(icl, name)
+    monkeypatch.setattr(icl, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(icl, "SPLIT_KERNEL", kernel)
+    if kernel == "math":
+        monkeypatch.setattr(icl, "MATH_MAX_SCORES", 3 * len(prefix_ids) * lm.model.config.num_attention_heads)
+    assert icl.uses_split_attention(lm.model, "cpu") and icl.uses_split_attention(lm.model, "cuda")
     split = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=True)
     assert len(calls) == 2 * lm.model.config.num_hidden_layers * 3  # 2 partial attentions per layer and batch
     cache = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=False)
     assert np.abs(split[0] - cache[0]).max() < 1e-5 and (split[1] == cache[1]).all()
     assert lm.model.config._attn_implementation == "sdpa"  # restored after the split forward
+
+
+def test_token_budget_batches_and_device_side_gather_match_fixed_batches(tiny_lms):
+    """Batches filled up to a token budget give the same scores as fixed-size batches (every batch within
+    the budget, padded size counted), and the device-side gather of multi-token label sets equals an
+    independent per-row sum over a plain forward."""
+    lm = tiny_lms["llama"]
+    ev, pool = _frames(12)
+    ev.loc[3, "premise"] = " ".join(["lawyer"] * 30)
+    demos = data.sample_demonstrations(pool, 2, seed=1, exclude=ev)
+    prefix = patterns.build_prefix(GPT3, demos)
+    queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
+    multi = ("  maybe so", " no way at all")  # several tokens per label: one row per (query, label)
+    prefix_ids, rows, single, _ = icl.build_rows(lm.tokenizer, prefix, queries, multi)
+    assert not single
+    budget = 3 * max(len(r.ids) for r in rows)
+    batches = icl._batches(rows, 4, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    assert all(len(b) * max(len(rows[i].ids) for i in b) <= budget for b in batches) and len(batches) > 2
+    kv = icl._prefix_kv(lm.model, prefix_ids, "cpu")
+    fixed = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4)
+    tok = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, max_tokens=budget)
+    assert np.abs(fixed[0] - tok[0]).max(where=~np.isnan(fixed[0]), initial=0) < 1e-5
+    assert (np.isnan(fixed[0]) == np.isnan(tok[0])).all() and (fixed[1] == tok[1]).all()
+    for r, sc in zip(rows, fixed[0]):  # each label set's log-prob: summed over its tokens on the full prompt
+        ids = torch.tensor([prefix_ids + r.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(ids).logits[0].float(), -1)
+        for s, tset in enumerate(r.sets):
+            if tset:
+                want = sum(float(logp[len(r.ids) + len(prefix_ids) + o, t]) for o, t in tset)
+                assert abs(sc[s] - want) < 1e-4
+            else:
+                assert np.isnan(sc[s])
 
 
 def test_naive_reference_is_independent_forward(tiny_lms):
@@ -100,3 +141,54 @@ def test_metrics_consistent(tiny_lms):
 def test_wilson_reference():
     lo, hi = icl.wilson_ci(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+
+
+def _whole_split(tok, prefix, queries):
+    """split_prefix's definition: every prefix + query tokenised whole."""
+    prefix_ids = tok([prefix])["input_ids"][0]
+    out = []
+    for ids in tok([prefix + q for q in queries])["input_ids"]:
+        standalone = ids[:len(prefix_ids)] != prefix_ids
+        out.append((ids if standalone else ids[len(prefix_ids):], standalone))
+    return prefix_ids, out
+
+
+@pytest.mark.parametrize("which", ["tiny-bos", "tiny", "smollm2"])
+def test_tail_tokenisation_equals_whole_prompt_tokenisation(which, smollm2_tokenizer):
+    """split_prefix tokenises only the prefix's tail with each query (for tokenizers where that is exact) and
+    gets the ids of whole-prompt tokenisation, also for queries that merge with the prefix's end (standalone
+    rows), digits, whitespace runs and non-ASCII text."""
+    tok = {"tiny-bos": models.tiny_tokenizer(add_bos=True), "tiny": models.tiny_tokenizer(),
+           "smollm2": smollm2_tokenizer}[which]
+    assert icl._local_tokenizer(tok)
+    ev, pool = _frames(80, 40)
+    odd = ["\n\nQuestion: x", "12345 cats", "  spaced  out", "Ünïcödé — text?", "", "es no", ":", "\t\n 7", "terday"]
+    for pattern in patterns.PATTERNS:
+        pat = patterns.get_pattern(pattern)
+        prefix = patterns.build_prefix(pat, data.sample_demonstrations(pool, 8, seed=3))
+        queries = [patterns.query_text(pat, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)] + odd
+        fast = icl._tail_split(tok, prefix, tok([prefix])["input_ids"][0], queries)
+        assert fast is not None and (prefix_ids_and := icl.split_prefix(tok, prefix, queries))[1] == fast
+        assert prefix_ids_and == _whole_split(tok, prefix, queries)
+    if which == "smollm2":  # "... answer: Yes" + "terday": the query merges with the prefix's last token
+        assert fast[-1][1] and fast[-1][0] == smollm2_tokenizer([prefix + "terday"])["input_ids"][0]
+
+
+def test_tail_tokenisation_is_refused_where_not_exact(monkeypatch):
+    """A tokenizer with an added prefix space is not local: whole prompts are tokenised. A tail that
+    tokenises differently from the whole prompt on the checked queries falls back to whole prompts."""
+    from tokenizers import pre_tokenizers
+
+    tok = models.tiny_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok._llmft_local = None
+    assert not icl._local_tokenizer(tok)
+    ev, pool = _frames(80, 40)
+    prefix = patterns.build_prefix(GPT3, data.sample_demonstrations(pool, 8, seed=3))
+    queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
+    assert icl.split_prefix(tok, prefix, queries) == _whole_split(tok, prefix, queries)
+    tok = models.tiny_tokenizer()
+    real = icl._tok
+    monkeypatch.setattr(icl, "_tok", lambda t, texts, special: [ids[:-1] if not special and len(texts) > 1 else ids
+                                                                  for ids in real(t, texts, special)])
+    assert icl._tail_split(tok, prefix, real(tok, [prefix], True)[0], queries) is None

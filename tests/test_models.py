@@ -39,3 +39,37 @@ def test_tiny_models_build():
         assert m.config.vocab_size == len(tok)
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         models.tiny_model("gpt5", tok)
+
+
+def test_random_init_shapes_have_the_real_parameter_counts():
+    """``random:<shape>`` models have the real models' sizes: SmolLM2-135M as the embedded model loads
+    (n_params in results/reference/icl.csv), OPT-125m and OPT-1.3b as published on the Hub."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    want = {"smollm2-135m": 134_515_008, "opt-125m": 125_239_296, "opt-1.3b": 1_315_758_080}
+    assert set(want) == set(models.SHAPES)
+    for shape, n in want.items():
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(models.shape_config(shape))
+        assert sum(p.numel() for p in m.parameters()) == n, shape
+    assert models.check_model_name("random:opt-125m") == "random"
+    with pytest.raises(models.ModelError, match="unknown shape 'gpt-9'.*smollm2-135m, opt-125m, opt-1.3b"):
+        models.check_model_name("random:gpt-9")
+
+
+def test_random_init_rows_are_marked_and_keyed_apart(tmp_path, monkeypatch):
+    """A random-init model's ICL rows carry its ``random:`` name (so their resume keys never match real
+    weights' rows) and ``random_init = True``; ``dtype="tf32"`` is recorded as such (its own keys)."""
+    import toy_data
+    from llmft_utils import icl
+
+    tok = models.tiny_tokenizer()
+    monkeypatch.setattr(models, "random_model", lambda shape, device, dtype, seed=0: models.tiny_model("llama", tok))
+    monkeypatch.setattr(models, "_random_tokenizer", lambda: (tok, "memory"))
+    lm = models.load_model("random:smollm2-135m", device="cpu", dtype="tf32")
+    assert lm.source.startswith("random-init:smollm2-135m") and lm.dtype == "tf32" and lm.info["random_init"]
+    _, out = toy_data.results_folder(tmp_path)
+    rows = icl.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    assert rows["random_init"].all() and (rows["model"] == "random:smollm2-135m").all()
+    assert rows["run_key"].str.contains("random:smollm2-135m").all() and rows["run_key"].str.endswith("tf32@cpu").all()

@@ -122,6 +122,7 @@ pattern: str = "gpt-3"  # prompt pattern: minimal, gpt-3 or eval-harness
 ks: list = [0, 4]  # numbers of demonstrations, even; 0 is zero-shot
 seeds: list = [0]  # data seeds for the demonstrations (k > 0)
 batch_size: int = 8  # queries per forward pass
+max_batch_tokens: int = 0  # > 0: batches of up to this many padded tokens instead of batch_size queries (GPUs)
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (float32 on every device), float32, bfloat16 or float16
 on_too_long: str = "error"  # prompts longer than the context: error, or skip (counted in the table)
@@ -138,7 +139,7 @@ print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, 
 """),
     code("""
 table = icl.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too_long=on_too_long,
-                      force=force, model_name=model, profile=profile)
+                      force=force, model_name=model, profile=profile, max_tokens=max_batch_tokens)
 """),
     md("## Results per run"),
     checked("""
@@ -233,6 +234,7 @@ lr_schedule: str = "linear"  # linear (10% warm-up, decay to 0) or constant
 mixed_precision: str = "bf16"  # student forward under bf16 autocast (weights float32); "no" for pure float32
 lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
 batch_size: int = 8  # queries per forward pass for teacher caching and evaluation
+max_batch_tokens: int = 0  # > 0: batches of up to this many padded tokens instead of batch_size queries (GPUs)
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (float32 on every device), float32, bfloat16 or float16
 force: bool = False  # retrain students whose rows already exist
@@ -252,7 +254,7 @@ print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
     code("""
 table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
-                             ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr)
+                             ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens)
 """),
     md("## Students against their teachers and the zero-shot model"),
     checked("""
