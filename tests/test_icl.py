@@ -192,3 +192,44 @@ def test_tail_tokenisation_is_refused_where_not_exact(monkeypatch):
     monkeypatch.setattr(icl, "_tok", lambda t, texts, special: [ids[:-1] if not special and len(texts) > 1 else ids
                                                                   for ids in real(t, texts, special)])
     assert icl._tail_split(tok, prefix, real(tok, [prefix], True)[0], queries) is None
+
+
+def test_build_rows_is_cached_by_texts_and_tokenizer(monkeypatch):
+    """Scoring the same queries again reuses their tokenisation; another text, verbalizer or tokenizer
+    object does not."""
+    tok, other = models.tiny_tokenizer(), models.tiny_tokenizer()
+    calls = []
+    real = icl._build_rows
+    monkeypatch.setattr(icl, "_build_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(icl, "_rows_cache", [])
+    qs = ["A cat sat. question: a cat? Yes or No? answer:", "A dog ran. question: a dog? Yes or No? answer:"]
+    first = icl.build_rows(tok, "", qs, GPT3.verbalizers)
+    assert icl.build_rows(tok, "", list(qs), GPT3.verbalizers) is first and len(calls) == 1
+    icl.build_rows(tok, "", [qs[0], qs[1] + " "], GPT3.verbalizers)
+    icl.build_rows(tok, "x", qs, GPT3.verbalizers)
+    icl.build_rows(tok, "", qs, (" True", " False"))
+    icl.build_rows(other, "", qs, GPT3.verbalizers)
+    assert len(calls) == 5
+    assert icl.build_rows(tok, "", qs, GPT3.verbalizers) is first and len(calls) == 5
+
+
+@pytest.mark.parametrize("which", ["tiny-bos", "smollm2"])
+def test_continuations_from_distinct_tails_equal_whole_context_encoding(which, smollm2_tokenizer, monkeypatch):
+    """continuation_ids encodes only the distinct tails of the contexts with each verbalizer (one tail for
+    a whole evaluation set) and gets what whole-context encoding gets, for every pattern; a verbalizer
+    that merges with the prompt's end is still refused."""
+    tok = {"tiny-bos": models.tiny_tokenizer(add_bos=True), "smollm2": smollm2_tokenizer}[which]
+    ev, _ = _frames(80, 10)
+    calls = []
+    real = icl._continuation_ids
+    monkeypatch.setattr(icl, "_continuation_ids", lambda t, ctx, v: calls.append(len(ctx)) or real(t, ctx, v))
+    for pattern in patterns.PATTERNS:
+        pat = patterns.get_pattern(pattern)
+        ctx = [patterns.query_text(pat, p, h, False) for p, h in zip(ev.premise, ev.hypothesis)] + ["Ünï 12 ?  x:"]
+        calls.clear()
+        assert icl.continuation_ids(tok, ctx, pat.verbalizers) == real(tok, ctx, pat.verbalizers)
+        assert len(calls) == 2 and calls[1] <= icl.FAST_SPLIT_CHECK  # the distinct tails, then the check
+        if pattern == "gpt-3":  # every prompt ends "... Yes or No? answer:": one tail (+ the odd context's)
+            assert calls[0] <= 2
+    with pytest.raises(ValueError, match="merges with the end of the prompt"):
+        icl.continuation_ids(tok, ["Is it so? answer: Y"] * 70, ("es",))
