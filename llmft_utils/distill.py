@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -663,13 +664,15 @@ def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision:
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
-                 pbft_lr: float | None = None, eval_max_tokens: int = 0):
+                 pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none"):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
     compared with its ICL teacher and with the untrained zero-shot model (agreement, κ, KL).
     PBFT students train with ``cfg`` except alpha = 1, ``pbft_epochs`` and ``pbft_lr`` (default: cfg.lr).
-    Rows go to ``out_dir/cd.csv`` (atomic, resumable)."""
+    Rows go to ``out_dir/cd.csv`` (atomic, resumable). Students chosen by ``save_students``
+    (:func:`llmft_utils.students.should_save`) are saved under ``out_dir/students/`` as Hugging Face model
+    folders with a model card; their rows name the folder in ``student_dir``."""
     import gc
 
     from . import data
@@ -707,6 +710,10 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                     and (ood_train_tasks is None or task in ood_train_tasks)]
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
             plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+    from .students import should_save
+
+    order = [(p.method, p.task, p.k, p.seed) for p in plan]
+    keep = [should_save(save_students, p.method, p.task, p.k, p.seed, order) for p in plan]
     missing = _missing_icl_runs(icl_rows, model_name, pattern.name, plan, precision)
     if missing:  # before any teacher or student runs: the comparisons need these rows
         raise FileNotFoundError(f"{len(missing)} ICL runs this CD sweep compares with are not in {out_dir / 'icl.csv'} "
@@ -714,7 +721,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                 "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
                                 "every cd_k in ks and the same seeds, first")
     planned = []
-    for method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys in plan:
+    for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
         info = manifest["eval_sets"][es_in]
         pool = pools[info["demo_pool"]]
         demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
@@ -772,6 +779,29 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                   f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
                                                        f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}" if ag_z else ""),
                   flush=True)
+        student_dir = ""
+        if save:
+            from .students import save_student
+
+            folder = out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}"
+            metrics_by_set = {r["task"] + "/" + r["split"]: {c: r.get(c) for c in (
+                "n_eval", "score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "kl_teacher_student")}
+                for r in new_rows}
+            for v in metrics_by_set.values():
+                v["n"] = v.pop("n_eval")
+            save_student(slm.model, lm.tokenizer, folder, {
+                "student_key": key_base, "method": method, "train_task": task, "k": k, "seed": seed,
+                "n_train": n_train, "base_model": model_name, "base_model_source": lm.source,
+                "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": info["demo_pool"],
+                "demo_ids": [int(i) if str(i).isdigit() else str(i) for i in demos["idx"]],
+                "pattern": {"name": pattern.name, "template": pattern.template,
+                            "verbalizers": list(pattern.verbalizers)},
+                "dtype": lm.dtype, "device": lm.device, "recipe": asdict(mcfg), "metrics": metrics_by_set,
+                "profile": profile, "provenance": prov, "command": f"profile {profile!r}: " + " ".join(sys.argv)})
+            student_dir = str(folder.relative_to(out_dir))
+            print(f"  saved: {student_dir}", flush=True)
+        for r in new_rows:
+            r["student_dir"] = student_dir
         ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum), replace="student")
         table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
         del student, slm

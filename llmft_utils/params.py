@@ -38,7 +38,7 @@ def _study_tasks() -> tuple:
 def spec() -> dict[str, Param]:
     """Every parameter; built on call, from the modules that own the choices (patterns, tasks, dtypes, the
     distillation kinds), which are imported only then."""
-    from . import distill, models
+    from . import distill, models, students
     from .patterns import PATTERNS
 
     tasks = _study_tasks()
@@ -82,6 +82,9 @@ def spec() -> dict[str, Param]:
         "lr_schedule": Param("str", "learning-rate schedule", choices=distill.LR_SCHEDULES),
         "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=distill.MIXED_PRECISION),
         "lora_r": Param("int", "LoRA rank; 0 is full fine-tuning", min=0),
+        "save_students": Param("str", "students kept under <results>/students/ as Hugging Face folders with a model "
+                                      "card: none, first (per task: first seed, largest k), first_seed, all",
+                               choices=students.SAVE_STUDENTS),
     }
 
 

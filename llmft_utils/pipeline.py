@@ -1,5 +1,6 @@
-"""Run the study notebooks in order with papermill.
+"""Run the study notebooks in order with papermill (installed as the command ``llmft-study``).
 
+    llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
     python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
     python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
     python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
@@ -32,16 +33,17 @@ NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distill
 _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto", "dtype": "auto",
            "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
            "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8,
-           "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4, "max_batch_tokens": 0}
+           "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4, "max_batch_tokens": 0,
+           "save_students": "none"}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
               "ks": [0, 4], "seeds": [0], "batch_size": 8,
               "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
-    "default": {**_COMMON, "profile": "default", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
+    "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
                 "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
                 # CD sizes chosen to keep the whole study under 60 min on 2 CPU cores (see README)
                 "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5},
-    "full": {**_COMMON, "profile": "full", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
+    "full": {**_COMMON, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
              "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
              "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5},
     # one GPU: every evaluation set in full (MNLI-binary 6,692, RTE 277, HANS 30,000), k up to 32, ten seeds,
@@ -160,18 +162,62 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     return 0
 
 
+PROFILE_NOTES = {"smoke": "tiny evaluation sets, about 2 minutes on 2 CPU cores (= the notebooks' own cells)",
+                 "default": "the main study, about an hour on 2 CPU cores",
+                 "full": "every evaluation set in full, larger transfer sets (CPU: many hours)",
+                 "gpu": "one GPU: full sets, k up to 32, ten seeds (about 35 minutes on an H200)"}
+
+
+def parameters_help() -> str:
+    """Every notebook parameter: type, meaning and its value in each profile (for ``--help``)."""
+    from .params import spec
+
+    lines = ["notebook parameters (override with --set NAME=VALUE; values per profile: "
+             + ", ".join(PROFILES) + "):"]
+    for name, p in spec().items():
+        kind = p.kind + (f"[{p.item}]" if p.item else "")
+        choices = f" {{{', '.join(map(str, p.choices))}}}" if p.choices else ""
+        values = " | ".join(repr(PROFILES[pr].get(name)) for pr in PROFILES)
+        lines.append(f"  {name} ({kind}{choices}): {p.help}\n      {values}")
+    return "\n".join(lines)
+
+
+def version_string() -> str:
+    from . import __version__
+    from .results import git_commit
+
+    return f"llmft-study {__version__} (git {git_commit() or 'unknown'})"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    ap = argparse.ArgumentParser(prog="llmft-study", description=__doc__, epilog=parameters_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                    help="the parameter set to run (required unless --sweep names one); see --list-profiles")
     ap.add_argument("--sweep", default=None, metavar="FILE.json", help="run every parameter set in this file")
     ap.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 01 02")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
     ap.add_argument("--force", action="store_true", help="recompute rows that already exist")
+    ap.add_argument("--list-profiles", action="store_true", help="list the profiles and exit")
+    ap.add_argument("--version", action="version", version=version_string())
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: debug)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     a = ap.parse_args(argv)
+    if a.list_profiles:
+        for name, prof in PROFILES.items():
+            print(f"{name:8s} {PROFILE_NOTES.get(name, '')}\n         ks={prof['ks']} seeds={prof['seeds']} "
+                  f"cd_ks={prof['cd_ks']} sizes: mnli={prof['mnli_eval_n'] or 'all'} rte={prof['rte_eval_n'] or 'all'} "
+                  f"hans={prof['hans_eval_n'] or 'all'}")
+        return 0
+    if a.profile is None and a.sweep is None:
+        ap.error("choose what to run: --profile " + "|".join(PROFILES) + " (smoke takes about 2 minutes; "
+                 "default about an hour), or --sweep FILE.json; --list-profiles describes them")
+    a.profile = a.profile or "default"  # a sweep file names its own profile; this is its fallback
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="  | %(message)s")  # papermill streams cell output here
+    level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
     for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .params import ParameterError, coerce_cli

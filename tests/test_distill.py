@@ -314,3 +314,43 @@ def test_training_log_rows():
     log = pd.DataFrame(distill.training_log("s", stats, grad_accum=2))
     assert list(log["batch"]) == [0, 1, 2, 3] and list(log["loss"]) == [1.0, 0.9, 0.8, 0.7]
     assert np.isnan(log["lr"][0]) and log["lr"][1] == 1e-3 and log["grad_norm"][3] == 1.5
+
+
+def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tmp_path):
+    """save_students="all": every student is a Hugging Face folder (weights, tokenizer, student.json, model
+    card) that AutoModelForCausalLM/AutoTokenizer load with no help from this kit and that gives its row's
+    accuracy and per-example predictions exactly; "first" keeps only the first seed's CD student with the
+    most demonstrations per task; a forced rerun replaces the folder, never adds one."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmft_utils import data, models, patterns, students
+
+    lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
+    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0, 1], progress=False)
+    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False, save_students="all")
+    assert rows["student_dir"].str.startswith("students/").all()
+    ev = data.read_split(out, data.load_manifest(out)["eval_sets"]["toy/validation"])
+    for _, row in rows.iterrows():
+        folder = out / row["student_dir"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        m, preds = icl.evaluate(models.wrap(model, tok, name="loaded"), ev, patterns.get_pattern("gpt-3"), ev.iloc[0:0],
+                                progress=False)
+        assert m["score_acc"] == row["score_acc"]
+        pd.testing.assert_frame_equal(preds, pd.read_parquet(out / row["predictions_file"]))
+        info = json.loads((folder / "student.json").read_text())
+        assert info["student_key"] == row["run_key"].rsplit("|", 2)[0] and info["method"] == row["method"]
+        assert info["metrics"]["toy/validation"]["score_acc"] == row["score_acc"]
+        card = (folder / "README.md").read_text()
+        assert f"{row['score_acc']:.4f}" in card and "from_pretrained" in card and info["demo_ids"]
+    distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False,
+                         save_students="all")
+    assert len(list((out / "students").iterdir())) == 2  # replaced, no leftovers
+    plan = [(m, "toy", k, s) for s in (0, 1) for m, k in (("cd", 2), ("cd", 4), ("pbft", 2))]
+    chosen = [p for p in plan if students.should_save("first", *p, plan)]
+    assert chosen == [("cd", "toy", 4, 0)]
+    assert [p for p in plan if students.should_save("first_seed", *p, plan)] == plan[:3]
+    assert not any(students.should_save("none", *p, plan) for p in plan)

@@ -71,3 +71,27 @@ def test_shipped_sweep_files_are_valid(path):
     params = pipeline.PROFILES[spec["profile"]]
     for run in spec["runs"]:
         assert set(run) - {"label"} <= set(params), path.name
+
+
+def test_cli_lists_every_parameter_requires_a_profile_and_reports_its_version(capsys):
+    """``llmft-study --help`` lists every notebook parameter with its type and per-profile values; running
+    with neither a profile nor a sweep is refused (exit 2) instead of starting the hour-long default;
+    ``--version`` and ``--list-profiles`` answer without running anything."""
+    from llmft_utils import params
+
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name, p in params.spec().items():
+        assert f"  {name} ({p.kind}" in text, name
+    with pytest.raises(SystemExit) as e:
+        pipeline.main([])
+    assert e.value.code == 2 and "choose what to run: --profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("llmft-study ")
+    assert pipeline.main(["--list-profiles"]) == 0
+    listed = capsys.readouterr().out
+    assert all(line.split()[0] in pipeline.PROFILES for line in listed.splitlines() if not line.startswith(" "))
+    assert set(pipeline.PROFILES) <= set(listed.split())
