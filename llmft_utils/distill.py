@@ -511,8 +511,8 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     losses, grad_norms, lrs, step = [], [], [], 0
     pbar = None
     if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=cfg.epochs * len(loader), desc="train", unit="batch", leave=False)
+        from .progress import bar
+        pbar = bar(cfg.epochs * len(loader), "train", "batch")
     with probe(str(acc.device)) as pr, training_attention(acc.unwrap_model(student), cfg.train_attention, acc.device.type):
         for epoch in range(cfg.epochs):
             for batch in loader:

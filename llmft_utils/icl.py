@@ -637,9 +637,9 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from .progress import bar
 
-    return tqdm(total=total, desc=desc, unit="row", leave=False)
+    return bar(total, desc, "row")
 
 
 def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 8, progress: bool = False,

@@ -1,6 +1,7 @@
 """Run the study notebooks in order with papermill (installed as the command ``llmft-study``).
 
     llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
+    llmft-study distill --model M --prefix demos.txt --queries q.jsonl --out DIR   # distil any prompt
     python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
     python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
     python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
@@ -136,6 +137,7 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     params["results_dir"] = str(out_dir)
     root = repo_root()
     os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
+    os.environ.setdefault("LLMFT_PROGRESS", "lines")  # papermill streams text: periodic lines, not frozen widget bars
     prov = provenance()
     manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {}}
     mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
@@ -190,6 +192,11 @@ def version_string() -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "distill":  # llmft-study distill ...: distil any prompt (llmft_utils.prompt_distill)
+        from .prompt_distill import main as distill_main
+
+        return distill_main(argv[1:])
     ap = argparse.ArgumentParser(prog="llmft-study", description=__doc__, epilog=parameters_help(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES),

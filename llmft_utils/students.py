@@ -54,26 +54,32 @@ def plain_model(model):
 def model_card(info: dict) -> str:
     """The README.md of a saved student, from its ``student.json`` facts."""
     m = info["metrics"]
-    rows = "\n".join(f"| {es} | {v['n']} | {v['score_acc']:.4f} | {v.get('zeroshot_acc', float('nan')):.4f} | "
+    rows = "\n".join(f"| {es} | {v['n']} | {_fmt(v.get('score_acc'))} | {_fmt(v.get('zeroshot_acc'))} | "
                      f"{_fmt(v.get('teacher_acc'))} | {_fmt(v.get('agree_teacher_student'))} | "
                      f"{_fmt(v.get('kl_teacher_student'))} |" for es, v in m.items())
     cfg = "\n".join(f"  {k}: {v}" for k, v in info["recipe"].items())
-    teacher = (f"the frozen base model prompted with k = {info['k']} labelled demonstrations from "
-               f"`{info['demo_pool']}` (ids {info['demo_ids']})" if info["method"] == "cd" else
-               f"none: pattern-based fine-tuning on k = {info['k']} labelled examples (ids {info['demo_ids']})")
+    if info.get("prefix") is not None:
+        teacher = f"the frozen base model prompted with a given prefix of {len(info['prefix'])} characters (in student.json)"
+    elif info["method"] == "cd":
+        teacher = (f"the frozen base model prompted with k = {info['k']} labelled demonstrations from "
+                   f"`{info['demo_pool']}` (ids {info['demo_ids']})")
+    else:
+        teacher = f"none: pattern-based fine-tuning on k = {info['k']} labelled examples (ids {info['demo_ids']})"
+    title = (f"{info['train_task']}, k = {info['k']}, seed {info['seed']}" if info.get("prefix") is None
+             else "a distilled prompt")
     return f"""---
 base_model: {info['base_model_reference'] or info['base_model']}
 library_name: transformers
 tags: [context-distillation, nli, llmft-study]
 ---
-# {info['method'].upper()} student: {info['train_task']}, k = {info['k']}, seed {info['seed']}
+# {info['method'].upper()} student: {title}
 
 A copy of `{info['base_model']}` fine-tuned {'by context distillation: it answers' if info['method'] == 'cd' else 'on labelled examples: it answers'}
 zero-shot, without demonstrations in its prompt. Written by the llmft study kit.
 
 - base model: `{info['base_model']}` ({info['base_model_source']})
 - teacher: {teacher}
-- training queries: {info['n_train']} {'unlabelled transfer queries from `' + info['demo_pool'] + '`' if info['method'] == 'cd' else 'labelled examples'}
+- training queries: {info['n_train']} {('unlabelled queries' if info.get('prefix') is not None else 'unlabelled transfer queries from `' + info['demo_pool'] + '`') if info['method'] == 'cd' else 'labelled examples'}
 - pattern `{info['pattern']['name']}`: `{info['pattern']['template']!r}`, verbalizers {info['pattern']['verbalizers']} (score: the verbalizer with the higher log-probability after the prompt)
 - weights: {info['dtype']} (trained with float32 master weights), evaluated on {info['device']}
 

@@ -95,3 +95,28 @@ def test_cli_lists_every_parameter_requires_a_profile_and_reports_its_version(ca
     listed = capsys.readouterr().out
     assert all(line.split()[0] in pipeline.PROFILES for line in listed.splitlines() if not line.startswith(" "))
     assert set(pipeline.PROFILES) <= set(listed.split())
+
+
+def test_progress_prints_periodic_lines_under_the_pipeline(monkeypatch, capsys):
+    """Under the pipeline ($LLMFT_PROGRESS=lines) progress is plain lines (a start line, periodic lines with
+    count, rate and time left, an end line), not a widget that papermill would print once frozen at 0%;
+    elsewhere it is a tqdm.auto bar."""
+    import io
+
+    from llmft_utils import progress
+
+    monkeypatch.setenv("LLMFT_PROGRESS", "lines")
+    out = io.StringIO()
+    p = progress.LineProgress(10, "scoring", "row", every=0.0, stream=out)
+    for _ in range(4):
+        p.update(2)
+    p.set_postfix(loss="0.5")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].strip() == "scoring: 10 rows" and "2/10 rows" in lines[1] and "s left" in lines[1]
+    assert lines[-1].strip().startswith("scoring: 8/10 rows") and "done" in lines[-1] and "loss=0.5" in lines[-1]
+    assert isinstance(progress.bar(3, "x"), progress.LineProgress)
+    monkeypatch.delenv("LLMFT_PROGRESS")
+    b = progress.bar(3, "x")
+    assert type(b).__module__.startswith("tqdm")
+    b.close()

@@ -1,0 +1,52 @@
+"""Distilling any prompt (llmft-study distill) on a tiny model: a student, its report and its controls."""
+import json
+
+import pytest
+import torch
+
+import toy_data
+from llmft_utils import data, distill, models, patterns, pipeline, prompt_distill
+
+GPT3 = patterns.get_pattern("gpt-3")
+
+
+def _teacher_model(tok):
+    """A tiny random Llama (its answer depends on the prefix)."""
+    return models.tiny_model("llama", tok, seed=3, max_positions=1024)
+
+
+def test_distilled_prompt_student_beats_the_untrained_model_and_is_saved(tmp_path):
+    tok = models.tiny_tokenizer()
+    lm = models.wrap(_teacher_model(tok), tok, name="tiny")
+    ev, pool = toy_data.frames(n_eval=120, n_pool=40)
+    prefix = patterns.build_prefix(GPT3, data.sample_demonstrations(pool, 4, seed=0))
+    (tmp_path / "demos.txt").write_text(prefix)
+    lines = [json.dumps({"premise": p, "hypothesis": h}) for p, h in zip(ev.premise, ev.hypothesis)]
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = distill.DistillConfig(epochs=6, lr=3e-3, batch_size=8, mixed_precision="no")
+    r = prompt_distill.distill_prompt(lm, prefix, prompt_distill.read_queries(tmp_path / "q.jsonl"),
+                                      tmp_path / "out", GPT3, cfg, holdout=0.25)
+    h = r["heldout"]
+    assert r["n_heldout"] == 30 and r["n_train"] == 90
+    assert h["student_vs_teacher"]["kl"] < h["zeroshot_vs_teacher"]["kl"]
+    assert h["student_vs_teacher"]["agreement"] > h["zeroshot_vs_teacher"]["agreement"]
+    # the control for any agreement claim: this tiny teacher always says label 1, so a constant agrees fully
+    assert h["constant_vs_teacher"]["agreement"] == max(h["teacher_label1_frac"], 1 - h["teacher_label1_frac"])
+    assert r["cost"]["tokens_per_query_teacher"] > r["cost"]["tokens_per_query_student"] + r["prefix_tokens"] - 1
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "student")
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    info = json.loads((tmp_path / "out" / "student" / "student.json").read_text())
+    assert info["prefix"] == prefix and (tmp_path / "out" / "report.md").read_text().startswith("# Distilled prompt")
+
+
+def test_distill_command_refuses_bad_queries_before_loading_a_model(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("demo")
+    (tmp_path / "q.jsonl").write_text('{"premise": "a", "hypothesis": "b"}\nnot json\n')
+    rc = pipeline.main(["distill", "--model", "no-such/model", "--prefix", str(tmp_path / "p.txt"),
+                        "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "q.jsonl:2: not JSON" in capsys.readouterr().err
+    (tmp_path / "few.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match="need at least 4"):
+        prompt_distill.read_queries(tmp_path / "few.jsonl")
