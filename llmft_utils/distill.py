@@ -602,6 +602,19 @@ def agreement(teacher_preds, other_preds) -> dict:
     return {"agreement": po, "kappa": kappa, "kl": kl, "n": int(ok.sum())}
 
 
+def paired_vs(student_preds, other_preds, name: str) -> dict:
+    """Exact McNemar test of the student against ``other`` (the zero-shot model or the teacher) on the examples
+    both scored: ``student_only_right_vs_<name>``, ``<name>_only_right``, ``mcnemar_p_vs_<name>``."""
+    from .stats import mcnemar_exact
+
+    s = student_preds.set_index("idx")
+    o = other_preds.set_index("idx").loc[s.index]
+    ok = ~(s["skipped"].to_numpy() | o["skipped"].to_numpy())
+    r = mcnemar_exact((s["pred"] == s["label"]).to_numpy()[ok], (o["pred"] == o["label"]).to_numpy()[ok])
+    return {f"student_only_right_vs_{name}": r["only_a"], f"{name}_only_right": r["only_b"],
+            f"mcnemar_p_vs_{name}": r["p"]}
+
+
 # ----------------------------------------------------------------------------- the notebook-03 sweep
 
 def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
@@ -710,6 +723,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                     and (ood_train_tasks is None or task in ood_train_tasks)]
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
             plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+    from .stats import constant_agreement
     from .students import should_save
 
     order = [(p.method, p.task, p.k, p.seed) for p in plan]
@@ -753,12 +767,14 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
             atomic_write_parquet(preds, out_dir / pfile)
             zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
-            ag_z = {}
+            ag_z = paired_vs(preds, zpreds, "zeroshot")
             if method == "cd":
                 trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed, precision)
                 same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
-                ag_z = {"teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
+                ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"),
+                        "agree_teacher_constant": constant_agreement(tpreds.loc[~tpreds["skipped"], "pred"]),
+                        "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],
                         "kappa_teacher_zeroshot": a_z["kappa"], "kl_teacher_zeroshot": a_z["kl"]}
@@ -777,7 +793,9 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
             print(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
                   f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
-                                                       f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}" if ag_z else ""),
+                                                       f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "
+                                                       f"{ag_z['agree_teacher_constant']:.3f}"
+                                                       if "agree_teacher_student" in ag_z else ""),
                   flush=True)
         student_dir = ""
         if save:

@@ -35,6 +35,7 @@ import torch
 from .models import attention_implementation
 from .patterns import Pattern, build_prefix, query_text
 from .probes import probe
+from .stats import balanced_accuracy, expected_calibration_error
 
 
 log = logging.getLogger(__name__)
@@ -765,6 +766,8 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
         "pred_label1_frac": float((pred[ok] == 1).mean()) if n else float("nan"),
         "acc_label0": float((pred[ok & (gold == 0)] == 0).mean()) if (ok & (gold == 0)).any() else float("nan"),
         "acc_label1": float((pred[ok & (gold == 1)] == 1).mean()) if (ok & (gold == 1)).any() else float("nan"),
+        "balanced_acc": balanced_accuracy(gold[ok], pred[ok]) if n else float("nan"),
+        "ece": expected_calibration_error(gold[ok], lp[ok]) if n else float("nan"),
         "single_token_verbalizers": bool(s["single_token"]), "prefix_tokens": s["prefix_tokens"],
         "query_tokens_mean": float(np.mean(s["query_tokens"])), "tokens_processed": s["tokens_processed"],
         "n_prefix_fallback": s["n_prefix_fallback"], "prefix_reuse_note": s["prefix_reuse_note"],

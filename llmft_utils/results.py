@@ -272,8 +272,30 @@ def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
     runs = pd.concat(parts, ignore_index=True, sort=False)
     runs["method_label"] = [method_label(m, int(k)) for m, k in zip(runs["method"], runs["k"])]
     runs["eval_set"] = runs["task"] + "/" + runs["split"]
+    runs["config"] = run_configs(runs)
     runs["prompt_tokens"] = runs["prefix_tokens"].fillna(0) + runs["query_tokens_mean"]
     return runs
+
+
+CONFIG_COLUMNS = ("dtype", "device_kind", "eval_ids_digest", "n_train")  # + every cfg_* column but cfg_seed
+
+
+def run_configs(runs: pd.DataFrame) -> pd.Series:
+    """Per row, a short digest of the settings besides the data seed that change its numbers: precision
+    (dtype, device kind), the evaluation subset (``eval_ids_digest``), ``n_train`` and the whole training
+    recipe (``cfg_*``: lr, loss, target, alpha, epochs, ...). Rows that differ only in seed share it, so
+    means over seeds never pool two recipes or two precisions."""
+    import hashlib
+    import json
+
+    frame = runs.assign(device_kind=runs["device"].astype(str).str.split(":").str[0]) if "device" in runs else runs
+    cols = [c for c in CONFIG_COLUMNS if c in frame] + sorted(c for c in frame if c.startswith("cfg_") and c != "cfg_seed")
+    def one(values) -> str:
+        clean = [None if (isinstance(v, float) and v != v) else (float(v) if isinstance(v, (int, float, np.number))
+                                                                  and not isinstance(v, bool) else str(v))
+                 for v in values]
+        return hashlib.sha1(json.dumps(dict(zip(cols, clean)), sort_keys=True).encode()).hexdigest()[:8]
+    return pd.Series([one(v) for v in frame[cols].itertuples(index=False)], index=runs.index, dtype=object)
 
 
 METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "PBFT n=16"]
@@ -294,12 +316,13 @@ def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, pattern, evaluation set, training task and method: mean and 95% t-interval over seeds of score
+    """Per model, pattern, evaluation set, training task, method and configuration (:func:`run_configs`: two
+    recipes or precisions in one table are two rows, never one mean): mean and 95% t-interval over seeds of score
     accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
     majority-class baseline. Computed from the raw rows only; rows that evaluated nothing (every prompt
     skipped as too long) are left out."""
     runs, _ = evaluated(runs)
-    t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k"],
+    t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
                   ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
     t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")

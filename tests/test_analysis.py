@@ -116,3 +116,23 @@ def test_committed_figures_are_reproduced_byte_for_byte(tmp_path):
     for name, fig in figs.items():
         for path in plots.save(fig, tmp_path, name):
             assert path.read_bytes() == (REFERENCE / "figures" / path.name).read_bytes(), path.name
+
+
+def test_summary_never_pools_two_recipes_or_precisions():
+    """Rows that differ only in seed share a configuration; two learning rates (or two dtypes) in one table
+    give two summary rows with their own n_seeds, not one mean over both."""
+    cd = _cd_rows().assign(cfg_lr=3e-5)
+    two = pd.concat([cd, cd.assign(cfg_lr=cd["cfg_lr"] * 10, run_key=cd["run_key"] + "|lr",
+                                   score_acc=cd["score_acc"] - 0.1)], ignore_index=True)
+    s = results.summary_table(results.unify(_icl_rows(), two))
+    one = results.summary_table(results.unify(_icl_rows(), cd))
+    cd_rows = lambda t: t[t["method_label"].str.startswith("CD")]
+    assert len(cd_rows(s)) == 2 * len(cd_rows(one))
+    assert sorted(cd_rows(s)["n_seeds"]) == sorted(list(cd_rows(one)["n_seeds"]) * 2)
+    assert sorted(cd_rows(s)["score_acc_mean"].round(6)) == sorted(
+        list(cd_rows(one)["score_acc_mean"].round(6)) + list((cd_rows(one)["score_acc_mean"] - 0.1).round(6)))
+    icl = _icl_rows().assign(dtype="float32")
+    f32 = results.unify(icl, None)
+    mixed = results.unify(pd.concat([icl, icl.assign(dtype="bfloat16", run_key=icl["run_key"] + "|bf16")]), None)
+    assert len(results.summary_table(mixed)) == 2 * len(results.summary_table(f32))
+    assert results.unify(icl, None).groupby(["task", "k"])["config"].nunique().eq(1).all()

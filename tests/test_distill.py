@@ -298,6 +298,17 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     cd = rows.set_index("method").loc["cd"]
     assert 0 <= cd["agree_teacher_student"] <= 1 and cd["kl_teacher_student"] >= 0
     assert all((out / f).is_file() for f in rows["predictions_file"])
+    # controls and paired tests: the constant control is the teacher's majority-label share; McNemar's
+    # discordant counts give the accuracy difference on the same examples
+    icl_rows = pd.read_csv(out / "icl.csv")
+    teacher = pd.read_parquet(out / icl_rows[icl_rows["k"] == 2]["predictions_file"].iloc[0])
+    assert cd["agree_teacher_constant"] == teacher["pred"].value_counts().max() / len(teacher)
+    for _, r in rows.iterrows():
+        n = r["n_eval"]
+        assert r["student_only_right_vs_zeroshot"] - r["zeroshot_only_right"] == round(n * (r["score_acc"] - r["zeroshot_acc"]))
+        assert 0 < r["mcnemar_p_vs_zeroshot"] <= 1
+        assert r["balanced_acc"] == pytest.approx((r["acc_label0"] + r["acc_label1"]) / 2) and 0 <= r["ece"] <= 1
+    assert cd["student_only_right_vs_teacher"] - cd["teacher_only_right"] == round(8 * (cd["score_acc"] - cd["teacher_acc"]))
     log = pd.read_csv(out / "train_log.csv")
     assert log.groupby("student").size().to_dict() == {k.rsplit("|", 2)[0]: n for k, n in
                                                        zip(rows["run_key"], rows["train_steps"])}

@@ -262,8 +262,9 @@ table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfe
     checked("""
 rows = table  # the rows of this notebook's plan (runs with other settings stay in cd.csv)
 cols = ["method", "train_task", "task", "k", "seed", "n_train", "majority_acc", "zeroshot_acc", "teacher_acc",
-        "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "kappa_teacher_student",
-        "kappa_teacher_zeroshot", "kl_teacher_student", "kl_teacher_zeroshot"]
+        "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",
+        "kappa_teacher_student", "kappa_teacher_zeroshot", "kl_teacher_student", "kl_teacher_zeroshot",
+        "mcnemar_p_vs_zeroshot", "mcnemar_p_vs_teacher"]
 print(rows[cols].sort_values(["method", "train_task", "task", "k", "seed"]).round(3).to_string(index=False))
 """),
     md("## Cost: teacher caching, training, student inference"),

@@ -1,0 +1,31 @@
+"""Reference values for the paired test, the constant control, balanced accuracy and ECE (by hand)."""
+import math
+
+import numpy as np
+import pytest
+
+from llmft_utils import stats
+
+
+def test_mcnemar_exact_reference_values():
+    a = np.array([1] * 9 + [0] * 1 + [1] * 5 + [0] * 5, dtype=bool)  # 9 only-A, 1 only-B, 10 concordant
+    b = np.array([0] * 9 + [1] * 1 + [1] * 5 + [0] * 5, dtype=bool)
+    r = stats.mcnemar_exact(a, b)
+    assert (r["only_a"], r["only_b"]) == (9, 1)
+    assert r["p"] == pytest.approx(2 * (1 + 10) / 2 ** 10)  # 2 · P[X <= 1], X ~ Bin(10, 1/2) = 0.021484375
+    assert stats.mcnemar_exact(a, a)["p"] == 1.0
+    assert stats.mcnemar_exact([1, 0], [0, 1])["p"] == 1.0  # 1 vs 1: min(1, 2 · 3/4)
+    with pytest.raises(ValueError, match="same examples"):
+        stats.mcnemar_exact([1, 0], [1])
+
+
+def test_constant_control_balanced_accuracy_and_ece():
+    assert stats.constant_agreement([1, 1, 1, 0]) == 0.75
+    assert stats.balanced_accuracy([0, 0, 0, 1], [0, 0, 1, 1]) == pytest.approx((2 / 3 + 1) / 2)
+    # two examples at confidence 0.9 (one right), two at 0.6 (both right): bins 9 and 6
+    lp = np.log([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    gold = [0, 1, 0, 1]
+    want = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    assert stats.expected_calibration_error(gold, lp) == pytest.approx(want)
+    assert stats.expected_calibration_error(gold, lp + 3.0) == pytest.approx(want)  # renormalised
+    assert math.isnan(stats.balanced_accuracy([], []))
