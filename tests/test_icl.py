@@ -233,3 +233,28 @@ def test_continuations_from_distinct_tails_equal_whole_context_encoding(which, s
             assert calls[0] <= 2
     with pytest.raises(ValueError, match="merges with the end of the prompt"):
         icl.continuation_ids(tok, ["Is it so? answer: Y"] * 70, ("es",))
+
+
+def test_scoring_and_teacher_targets_sharded_over_two_processes_equal_one_process(tmp_path):
+    """Under torchrun (2 processes, gloo), every process scores its shard of the queries and gets all results
+    back in query order: the same log-probs, predictions, top-1 tokens, teacher targets and token count as
+    one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("shard_worker.py")
+    got = {}
+    for n in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                            str(worker), str(tmp_path / f"{n}.pt")], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        got[n] = torch.load(tmp_path / f"{n}.pt", weights_only=False)
+    one, two = got[1], got[2]
+    assert one["world"] == 1 and two["world"] == 2
+    np.testing.assert_allclose(two["logp"], one["logp"], atol=1e-5)
+    assert (two["pred"] == one["pred"]).all() and (two["top1"] == one["top1"]).all()
+    torch.testing.assert_close(two["teacher_logp"], one["teacher_logp"], atol=1e-5, rtol=0)
+    assert torch.equal(two["teacher_ids"], one["teacher_ids"]) and two["tokens"] == one["tokens"]
