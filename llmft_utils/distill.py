@@ -318,7 +318,10 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     blob["sha256"] = tensors_sha256(blob)
     seconds = time.perf_counter() - t0
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        from .icl import _world
+
+        if _world()[1] == 0:  # under a launcher every process has the same blob; the main one writes it
+            atomic_write(path, lambda tmp: torch.save(blob, tmp))
     return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
 
 
@@ -602,6 +605,13 @@ def agreement(teacher_preds, other_preds) -> dict:
     return {"agreement": po, "kappa": kappa, "kl": kl, "n": int(ok.sum())}
 
 
+def _barrier() -> None:
+    from .icl import _world
+
+    if _world()[0] > 1:
+        torch.distributed.barrier()
+
+
 def paired_vs(student_preds, other_preds, name: str) -> dict:
     """Exact McNemar test of the student against ``other`` (the zero-shot model or the teacher) on the examples
     both scored: ``student_only_right_vs_<name>``, ``<name>_only_right``, ``mcnemar_p_vs_<name>``."""
@@ -723,8 +733,12 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                     and (ood_train_tasks is None or task in ood_train_tasks)]
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
             plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+    from .icl import _world
     from .stats import constant_agreement
     from .students import should_save
+
+    main = _world()[1] == 0
+    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
     order = [(p.method, p.task, p.k, p.seed) for p in plan]
     keep = [should_save(save_students, p.method, p.task, p.k, p.seed, order) for p in plan]
@@ -741,9 +755,9 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
         planned += keys
         if all(k_ in done for k_ in keys):
-            print(f"skip (done): {key_base}")
+            say(f"skip (done): {key_base}")
             continue
-        print(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}", flush=True)
+        say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}")
         teach = {"seconds": 0.0, "cache_hit": None}
         if method == "cd":
             train = transfer_set(pool, n_transfer, seed, [demos, *(frames[es] for es in eval_sets)])
@@ -765,7 +779,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress,
                                       max_tokens=eval_max_tokens)
             pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
-            atomic_write_parquet(preds, out_dir / pfile)
+            if main:
+                atomic_write_parquet(preds, out_dir / pfile)
             zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
             ag_z = paired_vs(preds, zpreds, "zeroshot")
             if method == "cd":
@@ -781,6 +796,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             new_rows.append({
                 "run_key": key, "method": method, "model": model_name, "model_source": lm.source,
                 "device": lm.device, "dtype": lm.dtype, "random_init": lm.source.startswith("random-init"),
+                "n_processes": _world()[0],
                 "train_task": task, "task": einfo["task"],
                 "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
                 "n_train": n_train, "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
@@ -791,14 +807,13 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "train_mem_delta_mb": st["train_mem_delta_mb"], "train_steps": st["steps"],
                 "loss_first": st["losses"][0], "loss_last": st["losses"][-1],
                 **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
-            print(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
+            say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
                   f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
                                                        f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "
                                                        f"{ag_z['agree_teacher_constant']:.3f}"
-                                                       if "agree_teacher_student" in ag_z else ""),
-                  flush=True)
+                                                       if "agree_teacher_student" in ag_z else ""))
         student_dir = ""
-        if save:
+        if save and main:
             from .students import save_student
 
             folder = out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}"
@@ -817,11 +832,17 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "dtype": lm.dtype, "device": lm.device, "recipe": asdict(mcfg), "metrics": metrics_by_set,
                 "profile": profile, "provenance": prov, "command": f"profile {profile!r}: " + " ".join(sys.argv)})
             student_dir = str(folder.relative_to(out_dir))
-            print(f"  saved: {student_dir}", flush=True)
+            say(f"  saved: {student_dir}")
+        elif save:
+            student_dir = str((out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}")
+                              .relative_to(out_dir))
         for r in new_rows:
             r["student_dir"] = student_dir
-        ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum), replace="student")
-        table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
+        if main:  # under a launcher (accelerate launch, torchrun) the main process writes; all compute
+            ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum),
+                                                          replace="student")
+            table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
+        _barrier()
         del student, slm
         gc.collect()
     out = table.read()

@@ -875,7 +875,8 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
                "eval_full_size": info["full_size"], "eval_subsampled": info["subsampled"],
                "eval_ids_digest": info["ids_digest"], "demo_pool": info["demo_pool"],
                "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size,
-               "max_batch_tokens": max_tokens, "random_init": lm.source.startswith("random-init"), "profile": profile,
+               "max_batch_tokens": max_tokens, "random_init": lm.source.startswith("random-init"),
+               "n_processes": _world()[0], "profile": profile,
                "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
         table.append([row])
         if metrics["n_eval"] == 0:

@@ -365,3 +365,48 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
     assert chosen == [("cd", "toy", 4, 0)]
     assert [p for p in plan if students.should_save("first_seed", *p, plan)] == plan[:3]
     assert not any(students.should_save("none", *p, plan) for p in plan)
+
+
+def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m llmft_utils.train`` (gloo, CPU): every process computes, teacher caching
+    and evaluation are sharded, students train data-parallel (2 × batch 4 = one process's batch 8), and
+    only the main process writes: the same rows (no duplicates), the same teacher caches and the same
+    student predictions as one process running the same step."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from llmft_utils import data as d
+
+    tok = models.tiny_tokenizer()
+    model_dir = tmp_path / "tiny"
+    models.tiny_model("llama", tok, seed=0, max_positions=2048).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    one = tmp_path / "one"
+    d.prepare_study_data(one, d.STUDY_EVAL_SETS, {"mnli": 16, "rte": 8, "hans": 30}, seed=0)
+    lm = models.load_model(str(model_dir), device="cpu")
+    icl.run_sweep(lm, one, "gpt-3", [0, 4], [0], model_name=str(model_dir), progress=False)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--profile", "smoke", "--set", f"model={model_dir}", "--set", "cd_tasks=['rte']",
+              "--set", "ood_train_tasks=['rte']", "--set", "n_transfer=8", "--set", "lr=0.001"]
+    for folder, launch, batch in ((one, [], 8), (two, ["-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node=2"], 4)):
+        cmd = [sys.executable, *launch, "-m", "llmft_utils.train", *common, "--set", f"results_dir={folder}",
+               "--set", f"train_batch_size={batch}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = pd.read_csv(one / "cd.csv"), pd.read_csv(two / "cd.csv")
+    assert len(a) == len(b) == 4 and b["run_key"].is_unique  # cd + pbft on rte, each in domain and on HANS
+    assert (a["n_processes"] == 1).all() and (b["n_processes"] == 2).all()
+    assert sorted(os.listdir(two / "teacher_cache")) != [] and len(os.listdir(two / "teacher_cache")) == 1
+    ta = torch.load(next((one / "teacher_cache").iterdir()), weights_only=True)
+    tb = torch.load(next((two / "teacher_cache").iterdir()), weights_only=True)
+    torch.testing.assert_close(tb["logp"], ta["logp"], atol=1e-5, rtol=0)
+    key = ["method", "task", "k", "seed"]
+    for (_, ra), (_, rb) in zip(a.sort_values(key).iterrows(), b.sort_values(key).iterrows()):
+        pa, pb = (pd.read_parquet(f / r["predictions_file"]) for f, r in ((one, ra), (two, rb)))
+        assert (pa["pred"] == pb["pred"]).mean() >= 0.9 and ra["n_eval"] == rb["n_eval"]
+        np.testing.assert_allclose(pb[["logp_label0", "logp_label1"]], pa[["logp_label0", "logp_label1"]], atol=2e-3)
