@@ -7,7 +7,7 @@ SHARED_DATA := $(abspath ../shared/data)
 export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 
-.PHONY: bench-cd venv study smoke test test-unit test-notebooks bench lab clean
+.PHONY: bench-cd venv study smoke test test-unit test-notebooks bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,21 @@ lab: venv  ## JupyterLab for exploration (installed on first use)
 
 clean:
 	rm -rf $(VENV) results/smoke
+
+# Docker (see README "Docker"): images run as your uid/gid, so files in the mounted results/ stay yours.
+DOCKER_IDS := --build-arg UID=$$(id -u) --build-arg GID=$$(id -g)
+DOCKER_MOUNTS = -v $(SHARED_DATA):/data:ro -v $(CURDIR)/results:/work/results -v $(HOME)/.cache/huggingface:/cache/huggingface
+
+docker-build:  ## CPU image llmft-study:cpu
+	docker build -f docker/Dockerfile $(DOCKER_IDS) -t llmft-study:cpu .
+
+docker-build-gpu:  ## GPU image llmft-study:gpu (NVIDIA's CUDA PyTorch base)
+	docker build -f docker/Dockerfile.gpu $(DOCKER_IDS) -t llmft-study:gpu .
+
+docker-study:  ## the study in the CPU image (PROFILE=...)
+	mkdir -p results $(HOME)/.cache/huggingface
+	docker run --rm $(DOCKER_MOUNTS) llmft-study:cpu --profile $(PROFILE)
+
+docker-study-gpu:  ## the study in the GPU image, all GPUs (PROFILE=gpu)
+	mkdir -p results $(HOME)/.cache/huggingface
+	docker run --rm --gpus all --ipc=host $(DOCKER_MOUNTS) llmft-study:gpu --profile $(PROFILE)
