@@ -6,8 +6,9 @@ SHARED_DATA := $(abspath ../shared/data)
 # The local data mirror beside the checkout is used when present; otherwise the Hugging Face Hub.
 export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
+JUPYTERLAB := 4.6.6
 
-.PHONY: bench-cd venv study smoke test test-unit test-notebooks bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
+.PHONY: bench-cd venv study smoke test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +25,22 @@ study: venv  ## run the study notebooks on the embedded model (PROFILE=default|s
 smoke: venv  ## the study with tiny evaluation sets (about 2 minutes)
 	$(PY) -m llmft_utils.pipeline --profile smoke
 
-test: venv  ## all tests: unit tests, then the notebooks under nbval with the smoke profile
-	$(MAKE) test-unit test-notebooks
+test: venv  ## all tests: unit tests, the notebooks under nbval (smoke profile), JupyterLab in headless Chromium
+	$(MAKE) test-unit test-notebooks test-browser
 
 test-unit: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/test_lab_browser.py
 
 test-notebooks: venv
 	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
+
+# JupyterLab and selenium from PyPI; Debian's chromium + chromedriver with apt (no browser downloads by pip tools)
+test-browser: venv
+	@$(PY) -m pip install -q jupyterlab==$(JUPYTERLAB) selenium==4.51.0
+	@(command -v chromium && command -v chromedriver) >/dev/null || apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) \
+	  || echo "test-browser: could not install Debian's chromium/chromium-driver (needs root and apt): the browser test is skipped"
+	$(PY) -m pytest -q -rs tests/test_lab_browser.py
 
 bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64
@@ -39,9 +48,9 @@ bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 bench-cd: venv  ## CD training throughput: cached+batched teacher vs online teacher, 1 example/step (prints the ratio)
 	$(PY) benchmarks/bench_cd_throughput.py
 
-lab: venv  ## JupyterLab for exploration (installed on first use)
-	$(PY) -m pip install -q jupyterlab==4.6.6
-	$(VENV)/bin/jupyter lab notebooks
+lab: venv  ## JupyterLab at the repository root (notebooks/, results/, figures and executed copies in reach)
+	$(PY) -m pip install -q jupyterlab==$(JUPYTERLAB)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:
 	rm -rf $(VENV) results/smoke

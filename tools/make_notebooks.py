@@ -379,9 +379,12 @@ def explore(eval_set, method, metric):
     if g.empty:
         print("no runs"); return
     t = g.groupby(["method_label", "train_task"])[metric].agg(["mean", "std", "count"]).round(4)
-    display(t)
+    # the chart first, as a finished image, then the table: drawn the other way round, JupyterLab shows the
+    # redrawn chart blank after a dropdown change (tests/test_lab_browser.py)
     fig, ax = plt.subplots(figsize=(6, 2.4))
-    t["mean"].plot.barh(ax=ax, xerr=t["std"].fillna(0), color="#4c72b0"); ax.set_xlabel(metric); plt.show()
+    t["mean"].plot.barh(ax=ax, xerr=t["std"].fillna(0), color="#4c72b0"); ax.set_xlabel(metric)
+    display(fig); plt.close(fig)
+    display(t)
 
 w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "zero-shot", "ICL", "CD", "PBFT"],
            metric=["score_acc", "acc_label0", "acc_label1", "top1_acc", "non_verbalizer_frac", "s_per_query",
