@@ -456,10 +456,10 @@ def _batches(rows: list[Row], batch_size: int, max_tokens: int = 0) -> list[list
     return out + ([cur] if cur else [])
 
 
-def _most_padded(rows: list[Row], batch_size: int, max_tokens: int = 0) -> int:
+def _most_padded(rows: list[Row], batch_size: int, max_tokens: int = 0, order=None) -> int:
     """Index of the row with the most left padding in its batch (the first in batch order on ties)."""
     pads = {i: max(len(rows[j].ids) for j in b) - len(rows[i].ids)
-            for b in _batches(rows, batch_size, max_tokens) for i in b}
+            for b in (order or _batches(rows, batch_size, max_tokens)) for i in b}
     return max(pads, key=pads.get)
 
 
@@ -505,7 +505,7 @@ def _to_device(batches: list[dict], device: str) -> list[dict]:
 
 def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
                   batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None,
-                  max_tokens: int = 0):
+                  max_tokens: int = 0, order=None):
     """Log-prob sums per row and label set, the top-1 token at each row's answer position, ``extract``
     results and the watched row's answer-position log-probs.
 
@@ -518,10 +518,11 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
     to the prefix with :func:`split_prefix_attention` (default: where supported); a forward in which it
     ran for fewer layers than the prefix cache has raises RuntimeError (the model would silently have
     scored without the prefix). ``watch``: a row index whose full answer-position log-softmax is the
-    fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`_batches`."""
+    fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`_batches`, or
+    ``order`` (lists of row indices) where given."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
-    order = _batches(rows, batch_size, max_tokens)
+    order = order or _batches(rows, batch_size, max_tokens)
     batches = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in order]
                          + [{"rows": torch.tensor([i for idx in order for i in idx])}], device)
     where = batches.pop()["rows"]  # row index of each result, in batch order
@@ -619,24 +620,26 @@ def _world() -> tuple[int, int]:
 
 
 def _gather_shards(parts, n: int, world: int):
-    """Put every process's ``(scores, top1, extracted)`` of its rows ``rank::world`` back in row order."""
+    """Put every process's ``(positions, scores, top1, extracted)`` back in row order (``positions``: the
+    rows of the group it scored)."""
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, parts)
-    scores = np.full((n, gathered[0][0].shape[1]), np.nan)
+    first = next(g for g in gathered if len(g[0]))
+    scores = np.full((n, first[1].shape[1]), np.nan)
     top1 = np.zeros(n, dtype=np.int64)
-    ex = gathered[0][2]
+    ex = first[3]
+    single = ex is not None and not isinstance(ex, tuple)
     if ex is not None:
-        single = not isinstance(ex, tuple)
-        parts_ex = [(g[2],) if single else g[2] for g in gathered]
-        ex = [None if e is None else e.new_empty((n, *e.shape[1:])) for e in parts_ex[0]]
-    for r, (sc, t1, e) in enumerate(gathered):
-        if len(sc) == 0:  # fewer rows than processes
+        ex = [None if e is None else e.new_empty((n, *e.shape[1:])) for e in ((ex,) if single else ex)]
+    for pos, sc, t1, e in gathered:
+        if not len(pos):  # fewer batches than processes
             continue
-        scores[r::world], top1[r::world] = sc, t1
+        idx = np.asarray(pos)
+        scores[idx], top1[idx] = sc, t1
         if ex is not None:
             for out, part in zip(ex, (e,) if single else e):
                 if out is not None:
-                    out[r::world] = part
+                    out[torch.as_tensor(idx)] = part
     if ex is not None:
         ex = ex[0] if single else tuple(ex)
     return scores, top1, ex
@@ -650,8 +653,9 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
     model (the check's forward not counted).
 
     Inside a torch.distributed group (``accelerate launch``/``torchrun``) each of the W processes scores
-    the rows ``rank::W`` of each group (its own prefix cache and self-check) and every process gets all
-    results back in row order (``all_gather_object``): the same values as one process, in 1/W of the time."""
+    the batches ``rank::W`` of each group — whole batches, exactly as one process would form them — (its
+    own prefix cache and self-check) and every process gets all results back in row order
+    (``all_gather_object``): bit for bit the values of one process, in about 1/W of the time."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     world, rank = _world()
     tokens = 0
@@ -659,17 +663,31 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
     for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
         if not group:
             continue
-        mine = group[rank::world] if world > 1 else group
+        batches = _batches(group, batch_size, max_tokens)
+        mine_b = batches[rank::world]  # whole batches: each is the batch one process would run, so the same values
+        positions = [i for b in mine_b for i in b]
+        mine = [group[i] for i in positions]
+        order, at = [], 0
+        for b in mine_b:
+            order.append(list(range(at, at + len(b))))
+            at += len(b)
         scores, top1, ex = np.zeros((0, len(group[0].sets))), np.zeros(0, dtype=np.int64), None
         kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids and mine) else None
         if mine:
-            watch = _most_padded(mine, batch_size, max_tokens) if kv is not None else None
+            watch = _most_padded(mine, batch_size, max_tokens, order) if kv is not None else None
             scores, top1, ex, watched = _forward_rows(lm.model, mine, prefix_ids, kv, pad_id, lm.device, batch_size,
-                                                      pbar, extract, watch=watch, max_tokens=max_tokens)
+                                                      pbar, extract, watch=watch, max_tokens=max_tokens, order=order)
             if kv is not None:
                 _check_reuse(lm.model, prefix_ids, mine[watch], scores[watch], watched, pad_id, lm.device)
         if world > 1:
-            scores, top1, ex = _gather_shards((scores, top1, ex), len(group), world)
+            scores, top1, ex = _gather_shards((positions, scores, top1, ex), len(group), world)
+        else:  # one process: its rows in batch order back to group order
+            inv = np.empty(len(positions), dtype=np.int64)
+            inv[np.asarray(positions)] = np.arange(len(positions))
+            scores, top1 = scores[inv], top1[inv]
+            if ex is not None:
+                t = torch.as_tensor(inv)
+                ex = tuple(None if e is None else e[t] for e in ex) if isinstance(ex, tuple) else ex[t]
         out.append((group, scores, top1, ex))
         tokens += sum(len(r.ids) for r in group) + (len(prefix_ids) if use_prefix and prefix_ids else 0)
     return out, tokens
