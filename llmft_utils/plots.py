@@ -145,6 +145,28 @@ def training_cost(runs: pd.DataFrame):
     return fig
 
 
+def loss_curves(log: pd.DataFrame):
+    """Training loss per batch of every student (``train_log.csv``), one panel per method (CD, PBFT), one
+    line per student, coloured by its training task."""
+    kinds = [m for m in ("cd", "pbft") if log["student"].str.startswith(m + "|").any()] or ["cd"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.2), squeeze=False)
+    tasks = sorted({s.split("|")[2] for s in log["student"]}) if len(log) else []
+    colors = dict(zip(tasks, ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2"] * 3))
+    for ax, kind in zip(axes[0], kinds):
+        for student, g in log[log["student"].str.startswith(kind + "|")].groupby("student", sort=True):
+            task = student.split("|")[2]
+            ax.plot(g["batch"], g["loss"], color=colors[task], alpha=0.5, lw=1,
+                    label=task if task not in ax.get_legend_handles_labels()[1] else None)
+        ax.set(xlabel="batch", ylabel="KL to the teacher" if kind == "cd" else "cross-entropy",
+               title=f"{kind.upper()} training loss, every student")
+        if ax.lines:
+            ax.legend(fontsize=8, title="training task")
+        else:
+            ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, folder, name: str) -> list:
     """Write ``name``.png (and .svg) under ``folder``; returns the paths. Byte-identical for the same figure
     (no date, a fixed SVG id salt), so rerunning the analysis on committed results leaves git clean."""

@@ -136,3 +136,14 @@ def test_summary_never_pools_two_recipes_or_precisions():
     mixed = results.unify(pd.concat([icl, icl.assign(dtype="bfloat16", run_key=icl["run_key"] + "|bf16")]), None)
     assert len(results.summary_table(mixed)) == 2 * len(results.summary_table(f32))
     assert results.unify(icl, None).groupby(["task", "k"])["config"].nunique().eq(1).all()
+
+
+def test_loss_curves_one_line_per_student_per_method():
+    log = pd.DataFrame([{"student": f"{m}|tiny|{t}|gpt-3|k4|s{s}|n8|abc|float32@cpu", "batch": b,
+                         "loss": 1.0 / (b + 1), "lr": 1e-3, "grad_norm": 1.0}
+                        for m in ("cd", "pbft") for t in ("mnli", "rte") for s in (0, 1) for b in range(5)])
+    fig = plots.loss_curves(log)
+    assert [len(ax.lines) for ax in fig.axes if ax.lines] == [4, 4]
+    assert {t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()} == {"mnli", "rte"}
+    empty = plots.loss_curves(log.iloc[0:0])
+    assert not empty.axes[0].lines

@@ -365,6 +365,10 @@ figs["hans_subcases"] = plots.hans_heatmap(subcases)
     md("## Training cost: CD vs PBFT"),
     code("""
 figs["training_cost"] = plots.training_cost(runs)
+if (out / "train_log.csv").is_file():  # written by notebook 03 (per batch: loss, lr, gradient norm)
+    figs["loss_curves"] = plots.loss_curves(results.ResultTable(out / "train_log.csv").read())
+else:
+    print("no train_log.csv (notebook 03 writes it): no loss curves")
 for name, fig in figs.items():
     plots.save(fig, out / "figures", name)
 print("figures:", ", ".join(sorted(p.name for p in (out / "figures").glob("*.png"))))
