@@ -466,8 +466,32 @@ def float32_copy(model):
     return out
 
 
+TRACKERS = ("", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
+
+
+def check_tracker(log_with) -> None:
+    """Raise a clear error, before any training, when the experiment tracker ``log_with`` (one of
+    :data:`TRACKERS`, or an accelerate ``GeneralTracker`` instance) is unknown or not installed."""
+    if not log_with or not isinstance(log_with, str):
+        return
+    if log_with not in TRACKERS:
+        raise ValueError(f"unknown tracker {log_with!r}; use one of {', '.join(t for t in TRACKERS if t)} or ''")
+    import importlib.util
+
+    import accelerate.utils as au
+
+    probe = getattr(au, f"is_{log_with}_available", None)
+    available = probe() if probe else importlib.util.find_spec(log_with) is not None
+    if log_with == "tensorboard" and not available:
+        available = importlib.util.find_spec("tensorboardX") is not None
+    if not available:
+        raise ValueError(f"the tracker {log_with!r} is not installed: pip install {log_with.replace('_', '-')} "
+                         "(or leave log_with empty)")
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
-                  accelerator=None, progress: bool = False) -> tuple:
+                  accelerator=None, progress: bool = False, log_with=None, run_name: str = "student",
+                  logging_dir=None) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
 
     Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
@@ -480,7 +504,9 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     backward pass (whose gradient all-reduce would wait forever for a process that stopped alone), and a
     non-finite loss on any of them raises :class:`FloatingPointError` on all. After the backward pass the
     gradients are the same on every process, so a non-finite gradient norm raises on all of them too,
-    before the optimizer step. Nothing is written to disk."""
+    before the optimizer step. Nothing is written to disk, except by an experiment tracker: ``log_with``
+    (e.g. ``"tensorboard"``, or an accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of
+    every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -488,7 +514,12 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
 
     if cfg.alpha < 1.0 and "teacher_logp" not in examples[0]:
         raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
+    check_tracker(log_with)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum,
+                                     log_with=[log_with] if log_with else None,
+                                     project_dir=str(logging_dir) if logging_dir else None)
+    if log_with:
+        acc.init_trackers(run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
     set_seed(cfg.seed)
     student = float32_copy(base_model)
     if cfg.lora_r:
@@ -555,12 +586,17 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                     if acc.sync_gradients:
                         sched.step()
                 losses.append(sum(rank_losses) / len(rank_losses))
+                if log_with:
+                    acc.log({"loss": losses[-1], **({"lr": lrs[-1], "grad_norm": grad_norms[-1]}
+                                                    if acc.sync_gradients and grad_norms else {})}, step=step)
                 step += 1
                 if pbar is not None:
                     pbar.update(1)
                     pbar.set_postfix(loss=f"{losses[-1]:.4f}")
     if pbar is not None:
         pbar.close()
+    if log_with:
+        acc.end_training()
     student = acc.unwrap_model(student)
     if cfg.lora_r:
         student = student.merge_and_unload()
@@ -687,7 +723,8 @@ def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision:
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
-                 pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none"):
+                 pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none",
+                 log_with: str = ""):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
@@ -695,7 +732,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     PBFT students train with ``cfg`` except alpha = 1, ``pbft_epochs`` and ``pbft_lr`` (default: cfg.lr).
     Rows go to ``out_dir/cd.csv`` (atomic, resumable). Students chosen by ``save_students``
     (:func:`llmft_utils.students.should_save`) are saved under ``out_dir/students/`` as Hugging Face model
-    folders with a model card; their rows name the folder in ``student_dir``."""
+    folders with a model card; their rows name the folder in ``student_dir``. ``log_with``: an experiment
+    tracker (see :func:`train_student`) logging under ``out_dir/trackers/``."""
     import gc
 
     from . import data
@@ -737,6 +775,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     from .stats import constant_agreement
     from .students import should_save
 
+    check_tracker(log_with)  # before any work
+
     main = _world()[1] == 0
     say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
@@ -769,7 +809,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
         else:
             rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
-        student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress)
+        student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress, log_with=log_with,
+                                    run_name=key_base, logging_dir=out_dir / "trackers")
         # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
         slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{method}-student",
                    device=lm.device)

@@ -82,6 +82,8 @@ def spec() -> dict[str, Param]:
         "lr_schedule": Param("str", "learning-rate schedule", choices=distill.LR_SCHEDULES),
         "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=distill.MIXED_PRECISION),
         "lora_r": Param("int", "LoRA rank; 0 is full fine-tuning", min=0),
+        "log_with": Param("str", "experiment tracker for training curves (tensorboard, wandb, mlflow, ...; must be "
+                                 "installed); empty: none (train_log.csv is always written)", choices=distill.TRACKERS),
         "save_students": Param("str", "students kept under <results>/students/ as Hugging Face folders with a model "
                                       "card: none, first (per task: first seed, largest k), first_seed, all",
                                choices=students.SAVE_STUDENTS),
@@ -137,6 +139,15 @@ def check_value(name: str, value, params: dict | None = None) -> list[str]:
 
 def _cross_checks(values: dict) -> list[str]:
     errs = []
+    tracker = values.get("log_with")
+    if isinstance(tracker, str) and tracker:
+        from .distill import check_tracker
+
+        try:
+            check_tracker(tracker)
+        except ValueError as e:
+            if "not installed" in str(e):
+                errs.append(f"log_with: {e}")
     dev = values.get("device")
     if isinstance(dev, str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
         errs.append(f"device: {dev!r} is not auto, cpu, cuda or cuda:N")

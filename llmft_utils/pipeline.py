@@ -35,7 +35,7 @@ _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results
            "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
            "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8,
            "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4, "max_batch_tokens": 0,
-           "save_students": "none"}
+           "save_students": "none", "log_with": ""}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
               "ks": [0, 4], "seeds": [0], "batch_size": 8,

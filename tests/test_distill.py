@@ -410,3 +410,46 @@ def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_pa
         pa, pb = (pd.read_parquet(f / r["predictions_file"]) for f, r in ((one, ra), (two, rb)))
         assert (pa["pred"] == pb["pred"]).mean() >= 0.9 and ra["n_eval"] == rb["n_eval"]
         np.testing.assert_allclose(pb[["logp_label0", "logp_label1"]], pa[["logp_label0", "logp_label1"]], atol=2e-3)
+
+
+def test_experiment_tracker_gets_every_step_and_missing_trackers_fail_early():
+    """log_with: an accelerate tracker receives loss, lr and gradient norm at every optimizer step (the
+    numbers of the training log); an unknown or uninstalled tracker is refused before training."""
+    from accelerate.tracking import GeneralTracker
+
+    class Collect(GeneralTracker):
+        name, requires_logging_directory = "collect", False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.config = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kw):
+            self.logged.append((step, dict(values)))
+
+    tok = models.tiny_tokenizer()
+    base = models.tiny_model("llama", tok, seed=0)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": tok(f"The cat sat {'on ' * (i % 3)}question: A cat . Yes or No? answer:").input_ids,
+             "label": i % 2, "teacher_logp": torch.log_softmax(torch.randn(2, generator=g), -1)} for i in range(8)]
+    vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
+    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    tracker = Collect()
+    _, st = distill.train_student(base, tok, rows, cfg, vids, log_with=tracker, run_name="cd|x")
+    assert [s for s, _ in tracker.logged] == list(range(4)) and tracker.config["lr"] == 1e-3
+    assert [v["loss"] for _, v in tracker.logged] == st["losses"]
+    assert [v["grad_norm"] for _, v in tracker.logged] == st["grad_norms"]
+    with pytest.raises(ValueError, match="unknown tracker"):
+        distill.train_student(base, tok, rows, cfg, vids, log_with="tensorbored")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            distill.train_student(base, tok, rows, cfg, vids, log_with="tensorboard")

@@ -234,6 +234,7 @@ lr_schedule: str = "linear"  # linear (10% warm-up, decay to 0) or constant
 mixed_precision: str = "bf16"  # student forward under bf16 autocast (weights float32); "no" for pure float32
 lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
 save_students: str = "none"  # keep students as Hugging Face folders + model card: none, first, first_seed or all
+log_with: str = ""  # experiment tracker for the training curves (tensorboard, wandb, ...; must be installed)
 batch_size: int = 8  # queries per forward pass for teacher caching and evaluation
 max_batch_tokens: int = 0  # > 0: batches of up to this many padded tokens instead of batch_size queries (GPUs)
 device: str = "auto"  # auto, cpu or cuda
@@ -256,7 +257,7 @@ print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
 table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
                              ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens,
-                             save_students=save_students)
+                             save_students=save_students, log_with=log_with)
 """),
     md("## Students against their teachers and the zero-shot model"),
     checked("""

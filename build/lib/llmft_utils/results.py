@@ -1,0 +1,346 @@
+"""Tidy result tables: provenance, atomic writes, resume-by-key, seed aggregation."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import secrets
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RESULTS_DIR_ENV = "LLMFT_RESULTS_DIR"
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (falls back to the current directory)."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "notebooks").is_dir():
+        return here
+    return Path.cwd()
+
+
+def results_dir(results_dir: str = "", profile: str = "smoke", create: bool = True) -> Path:
+    """Explicit argument, else $LLMFT_RESULTS_DIR, else ``<repo>/results/<profile>``; created if missing."""
+    d = results_dir or os.environ.get(RESULTS_DIR_ENV, "")
+    p = Path(d).expanduser() if d else repo_root() / "results" / profile
+    if not p.is_absolute():
+        p = repo_root() / p
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+RESULT_SUBFOLDERS = ("prepared", "predictions", "teacher_cache", "executed", "figures")
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove that it (and its existing result subfolders) can be written, by
+    writing and removing a probe file; raise :class:`PermissionError` naming the folder otherwise. Cheap:
+    meant to run before any model load, so that a read-only folder fails in a second, not after scoring."""
+    folder = Path(folder)
+    targets = [folder] + [folder / s for s in RESULT_SUBFOLDERS if (folder / s).is_dir()]
+    for t in targets:
+        try:
+            t.mkdir(parents=True, exist_ok=True)
+            probe_file = t / f".write_probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            probe_file.write_bytes(b"")
+            probe_file.unlink()
+        except OSError as e:
+            raise PermissionError(f"the results folder {t} is not writable ({type(e).__name__}: {e.strerror or e}); "
+                                  "fix its permissions or choose another results_dir (or $LLMFT_RESULTS_DIR)") from None
+    return folder
+
+
+def git_commit() -> str:
+    try:
+        root = repo_root()
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    """What produced a row: code version, library versions, hardware, time."""
+    import torch
+    import transformers
+
+    from . import __version__
+    from .probes import hardware
+
+    return {"git_commit": git_commit(), "llmft_utils": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "hardware": hardware(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def ids_digest(ids) -> str:
+    """Short stable digest of a list of example ids (identifies an evaluation or demonstration set)."""
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+PIPELINE_PID_ENV = "LLMFT_PIPELINE_PID"
+
+
+def check_parent_alive(path) -> None:
+    """In a notebook kernel started by the pipeline (which sets ``$LLMFT_PIPELINE_PID`` to its own pid), refuse
+    to write once the pipeline is gone: a killed pipeline must not leave a kernel that still adds rows.
+    (ipykernel's own parent poller ends such a kernel within about a second; this closes that window.)"""
+    pid = os.environ.get(PIPELINE_PID_ENV, "")
+    if pid.isdigit() and int(pid) not in (os.getpid(), os.getppid()) and not _process_alive(int(pid)):
+        raise RuntimeError(f"the pipeline (pid {pid}) that started this notebook kernel has exited; not writing {path}")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file with a unique name beside ``path``
+    (``.<name>.<pid>.<random>.tmp``), which is fsync'ed and renamed over ``path``; the folder is fsync'ed
+    too. A crash or an exception leaves the old file (or none) and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        check_parent_alive(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_csv(df: pd.DataFrame, path) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def atomic_write_parquet(df: pd.DataFrame, path) -> None:
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive advisory lock (``fcntl.flock``) on ``.<name>.lock`` beside ``path``, held for the block:
+    concurrent writers of one table (two pipelines on one results folder) take turns instead of losing rows."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class ResultTable:
+    """A CSV of result rows keyed by ``run_key``; appends are atomic, so an interrupted run leaves
+    either the old file or the old file plus complete new rows, never a partial row."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read(self) -> pd.DataFrame:
+        if not self.path.is_file():
+            return pd.DataFrame()
+        return pd.read_csv(self.path)
+
+    def done(self) -> set:
+        df = self.read()
+        return set(df["run_key"]) if "run_key" in df else set()
+
+    def append(self, rows: list[dict], replace: str = "run_key") -> None:
+        """Add rows under the table's lock (the read-modify-write is atomic against other writers of the same
+        file, and the file on disk is always either the old table or the new one). Old rows whose
+        ``replace`` column holds a value of the new rows are dropped: a forced rerun replaces its rows."""
+        new = pd.DataFrame(rows)
+        with file_lock(self.path):
+            old = self.read()
+            if replace in old and len(old):
+                old = old[~old[replace].isin(set(new[replace]))]
+            atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
+
+
+def t_ci(values, confidence: float = 0.95, bounds: tuple | None = None) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t interval over seeds; a single value gives (v, nan, nan).
+    ``bounds`` (e.g. (0, 1) for a proportion) clips the interval to the values the metric can take."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if not pd.isna(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    lo, hi = m - h, m + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return m, lo, hi
+
+
+def is_proportion(metric: str) -> bool:
+    """Metrics that live in [0, 1] (accuracies, fractions, agreement)."""
+    return metric.endswith("acc") or metric.startswith("acc_") or metric.endswith("_frac") or metric.startswith("agree")
+
+
+def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
+    """One row per group: ``n_seeds`` and, per metric, mean with a 95% t-interval over seeds."""
+    out = []
+    for keys, g in df.groupby(by, sort=True, dropna=False):
+        row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
+        row["n_seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
+        for m in metrics:
+            mean, lo, hi = t_ci(g[m], bounds=(0.0, 1.0) if is_proportion(m) else None)
+            row[f"{m}_mean"], row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = mean, lo, hi
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- analysis tables (notebook 04)
+
+def method_label(method: str, k: int) -> str:
+    if method == "zero-shot" or (method == "icl" and k == 0):
+        return "zero-shot"
+    return {"icl": f"ICL k={k}", "cd": f"CD k={k}", "pbft": f"PBFT n={k}"}[method]
+
+
+def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy frame of every evaluated run: ICL/zero-shot rows and CD/PBFT student rows.
+
+    ``train_task``: where the labelled signal came from (the demonstration pool's task for ICL, the
+    transfer/training task for CD and PBFT, none for zero-shot). ``prompt_tokens``: tokens the model
+    reads per query at inference (prefix + query)."""
+    parts = []
+    if icl is not None and len(icl):
+        a = icl.copy()
+        a["method"] = np.where(a["k"] == 0, "zero-shot", "icl")
+        a["train_task"] = np.where(a["k"] == 0, "none", a["demo_pool"].str.split("/").str[0])
+        a["train_s"] = np.nan
+        a["train_peak_mem_mb"] = np.nan
+        a["teacher_cache_s"] = np.nan
+        a["n_train"] = np.nan
+        parts.append(a)
+    if cd is not None and len(cd):
+        parts.append(cd.copy())
+    runs = pd.concat(parts, ignore_index=True, sort=False)
+    runs["method_label"] = [method_label(m, int(k)) for m, k in zip(runs["method"], runs["k"])]
+    runs["eval_set"] = runs["task"] + "/" + runs["split"]
+    runs["config"] = run_configs(runs)
+    runs["prompt_tokens"] = runs["prefix_tokens"].fillna(0) + runs["query_tokens_mean"]
+    return runs
+
+
+CONFIG_COLUMNS = ("dtype", "device_kind", "eval_ids_digest", "n_train")  # + every cfg_* column but cfg_seed
+
+
+def run_configs(runs: pd.DataFrame) -> pd.Series:
+    """Per row, a short digest of the settings besides the data seed that change its numbers: precision
+    (dtype, device kind), the evaluation subset (``eval_ids_digest``), ``n_train`` and the whole training
+    recipe (``cfg_*``: lr, loss, target, alpha, epochs, ...). Rows that differ only in seed share it, so
+    means over seeds never pool two recipes or two precisions."""
+    import hashlib
+    import json
+
+    frame = runs.assign(device_kind=runs["device"].astype(str).str.split(":").str[0]) if "device" in runs else runs
+    cols = [c for c in CONFIG_COLUMNS if c in frame] + sorted(c for c in frame if c.startswith("cfg_") and c != "cfg_seed")
+    def one(values) -> str:
+        clean = [None if (isinstance(v, float) and v != v) else (float(v) if isinstance(v, (int, float, np.number))
+                                                                  and not isinstance(v, bool) else str(v))
+                 for v in values]
+        return hashlib.sha1(json.dumps(dict(zip(cols, clean)), sort_keys=True).encode()).hexdigest()[:8]
+    return pd.Series([one(v) for v in frame[cols].itertuples(index=False)], index=runs.index, dtype=object)
+
+
+METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "PBFT n=16"]
+
+
+def _order(labels) -> list:
+    known = [m for m in METHOD_ORDER if m in set(labels)]
+    return known + sorted(set(labels) - set(known))
+
+
+def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(scored, skipped)``: rows that evaluated at least one example, and rows where every prompt was
+    skipped as too long (``n_eval == 0``: their metrics are NaN, and they belong in no mean)."""
+    if "n_eval" not in runs:
+        return runs, runs.iloc[0:0]
+    none = runs["n_eval"].fillna(0) == 0
+    return runs[~none], runs[none]
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, pattern, evaluation set, training task, method and configuration (:func:`run_configs`: two
+    recipes or precisions in one table are two rows, never one mean): mean and 95% t-interval over seeds of score
+    accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
+    majority-class baseline. Computed from the raw rows only; rows that evaluated nothing (every prompt
+    skipped as too long) are left out."""
+    runs, _ = evaluated(runs)
+    t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
+                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
+    t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
+    t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
+    return t.reset_index(drop=True)
+
+
+def hans_subcases(runs: pd.DataFrame, results_root) -> pd.DataFrame:
+    """Per HANS run, accuracy per heuristic × subcase from its prediction file (tidy, one row each)."""
+    out = []
+    h = runs[runs["task"] == "hans"]
+    for _, r in h.iterrows():
+        path = Path(results_root) / r["predictions_file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; rerun the notebook that wrote it (force=True)")
+        p = pd.read_parquet(path)
+        p = p[~p["skipped"]]
+        for (heur, sub), g in p.groupby(["heuristic", "subcase"]):
+            out.append({"run_key": r["run_key"], "method_label": r["method_label"], "train_task": r["train_task"],
+                        "k": r["k"], "seed": r["seed"], "heuristic": heur, "subcase": sub,
+                        "label": int(g["label"].iloc[0]), "n": len(g), "acc": float((g["pred"] == g["label"]).mean())})
+    return pd.DataFrame(out)

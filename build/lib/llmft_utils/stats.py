@@ -1,0 +1,52 @@
+"""Small pure statistics for paired comparisons and calibration (numpy/scipy in, floats out)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def mcnemar_exact(a_correct, b_correct) -> dict:
+    """Exact (binomial) McNemar test of two classifiers on the same examples.
+
+    With ``b01`` = examples only B gets right and ``b10`` = examples only A gets right, under H0 (equal
+    accuracy) ``b10 ~ Binomial(b01 + b10, 1/2)``; the two-sided p-value is
+    ``min(1, 2 · P[X ≤ min(b01, b10)])`` (1 when there is no discordant pair)."""
+    from scipy.stats import binom
+
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired test needs the same examples: {a.shape} vs {b.shape}")
+    b10, b01 = int((a & ~b).sum()), int((~a & b).sum())
+    n = b10 + b01
+    p = 1.0 if n == 0 else float(min(1.0, 2 * binom.cdf(min(b10, b01), n, 0.5)))
+    return {"only_a": b10, "only_b": b01, "p": p}
+
+
+def constant_agreement(reference_pred) -> float:
+    """Agreement with ``reference_pred`` of a constant predictor that always gives its most frequent label:
+    the floor any "agrees with the teacher" claim must clear."""
+    r = np.asarray(reference_pred)
+    return float(np.bincount(r).max() / len(r)) if len(r) else float("nan")
+
+
+def balanced_accuracy(gold, pred) -> float:
+    """Mean over the gold labels present of the accuracy on that label."""
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    accs = [float((pred[gold == c] == c).mean()) for c in np.unique(gold)]
+    return float(np.mean(accs)) if accs else float("nan")
+
+
+def expected_calibration_error(gold, logp_labels, bins: int = 10) -> float:
+    """ECE of the label distribution (rows: log-probabilities over the labels, renormalised here): the
+    confidence of the predicted label is binned in ``bins`` equal-width bins over [0, 1]; ECE =
+    Σ_b (n_b / n) · |accuracy_b − mean confidence_b|."""
+    lp = np.asarray(logp_labels, dtype=float)
+    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    pred, conf = lp.argmax(1), np.exp(lp.max(1))
+    correct = pred == np.asarray(gold)
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)

@@ -1,0 +1,67 @@
+"""Notebook 03's step (CD and PBFT students) as a command, for one process or a launcher.
+
+    python -m llmft_utils.train --profile default                       # one process, as the notebook runs it
+    accelerate launch --config_file configs/ddp.yaml -m llmft_utils.train --profile gpu --set device=cuda
+    torchrun --nproc_per_node 2 -m llmft_utils.train --profile smoke --set results_dir=/tmp/r
+
+The parameters are the notebook's (a profile, ``--set NAME=VALUE`` overrides), checked before anything
+runs; notebooks 01 and 02 must have written the results folder. Under a launcher every process loads
+the model; teacher caching and every evaluation are split over the processes and gathered back, each
+student trains data-parallel (accelerate: DDP, or FSDP/DeepSpeed from the config file on GPUs), and
+the main process alone writes — the same rows as the notebook path. The frozen teacher is not
+needed while training: its outputs are cached before the student's first step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    from . import distill, models, params, pipeline, results
+
+    ap = argparse.ArgumentParser(prog="python -m llmft_utils.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True, choices=sorted(pipeline.PROFILES))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    over = {}
+    for kv in a.set:
+        if "=" not in kv:
+            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        over[k.strip()] = params.coerce_cli(k.strip(), v)
+    p = pipeline.resolve_params(a.profile, over, a.force)
+    try:
+        pipeline.check_run(p, ["03_context_distillation.ipynb"])
+    except params.ParameterError as e:
+        print(f"nothing was run: {e}", file=sys.stderr)
+        return 2
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # joins the launcher's process group, if any
+    if state.num_processes > 1 and p["device"] == "auto":
+        p["device"] = str(state.device)  # each process on its own GPU
+    out = results.results_dir(p["results_dir"], p["profile"])
+    lm = models.load_model(p["model"], device=p["device"], dtype=p["dtype"])
+    cfg = distill.DistillConfig(target=p["target"], topk=p["topk"], loss=p["loss"], temperature=p["temperature"],
+                                alpha=p["alpha"], epochs=p["epochs"], batch_size=p["train_batch_size"], lr=p["lr"],
+                                lr_schedule=p["lr_schedule"], mixed_precision=p["mixed_precision"], lora_r=p["lora_r"])
+    distill.run_cd_sweep(lm, out, p["pattern"], p["cd_tasks"], p["cd_ks"], p["seeds"], p["n_transfer"], p["pbft_n"],
+                         cfg, p["pbft_epochs"], eval_batch_size=p["batch_size"], force=p["force"],
+                         model_name=p["model"], profile=p["profile"], progress=False,
+                         ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
+                         eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"])
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(rc)
