@@ -156,6 +156,13 @@ class DistillConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+def config_from_params(p: dict) -> DistillConfig:
+    """The CD recipe from notebook parameters (a profile's, a notebook's ``globals()``, the CLI's)."""
+    return DistillConfig(target=p["target"], topk=p["topk"], loss=p["loss"], temperature=p["temperature"],
+                         alpha=p["alpha"], epochs=p["epochs"], batch_size=p["train_batch_size"], lr=p["lr"],
+                         lr_schedule=p["lr_schedule"], mixed_precision=p["mixed_precision"], lora_r=p["lora_r"])
+
+
 # ----------------------------------------------------------------------------- teacher cache
 
 def _verbalizer_ids(tokenizer, pattern) -> list[int]:
@@ -632,13 +639,21 @@ def agreement(teacher_preds, other_preds) -> dict:
     t = teacher_preds.set_index("idx")
     o = other_preds.set_index("idx").loc[t.index]
     ok = ~(t["skipped"].to_numpy() | o["skipped"].to_numpy())
-    a, b = t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok]
-    po = float((a == b).mean())
-    pe = float(sum((a == c).mean() * (b == c).mean() for c in (0, 1)))
-    kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
-    lt, lo = _verbalizer_logp(t[ok]), _verbalizer_logp(o[ok])
-    kl = float((np.exp(lt) * (lt - lo)).sum(1).mean())
-    return {"agreement": po, "kappa": kappa, "kl": kl, "n": int(ok.sum())}
+    from .stats import agreement_stats
+
+    return {**agreement_stats(t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok], _verbalizer_logp(t[ok]),
+                              _verbalizer_logp(o[ok])), "n": int(ok.sum())}
+
+
+def sweep_from_params(lm, out_dir, p: dict, progress: bool = False, **narrow):
+    """Notebook 03's :func:`run_cd_sweep` with the notebook parameters ``p`` (a profile's, the CLI's);
+    ``narrow`` replaces ``train_tasks``, ``ks``, ``seeds`` or ``pbft_n`` (e.g. one seed at a time)."""
+    a = {"train_tasks": p["cd_tasks"], "ks": p["cd_ks"], "seeds": p["seeds"], "pbft_n": p["pbft_n"], **narrow}
+    return run_cd_sweep(lm, out_dir, p["pattern"], a["train_tasks"], a["ks"], a["seeds"], p["n_transfer"], a["pbft_n"],
+                        config_from_params(p), p["pbft_epochs"], eval_batch_size=p["batch_size"], force=p["force"],
+                        model_name=p["model"], profile=p["profile"], progress=progress,
+                        ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
+                        eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"], log_with=p["log_with"])
 
 
 def _barrier() -> None:
@@ -853,17 +868,16 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                                        f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "
                                                        f"{ag_z['agree_teacher_constant']:.3f}"
                                                        if "agree_teacher_student" in ag_z else ""))
-        student_dir = ""
+        student_dir = f"students/{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}" if save else ""
         if save and main:
             from .students import save_student
 
-            folder = out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}"
             metrics_by_set = {r["task"] + "/" + r["split"]: {c: r.get(c) for c in (
                 "n_eval", "score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "kl_teacher_student")}
                 for r in new_rows}
             for v in metrics_by_set.values():
                 v["n"] = v.pop("n_eval")
-            save_student(slm.model, lm.tokenizer, folder, {
+            save_student(slm.model, lm.tokenizer, out_dir / student_dir, {
                 "student_key": key_base, "method": method, "train_task": task, "k": k, "seed": seed,
                 "n_train": n_train, "base_model": model_name, "base_model_source": lm.source,
                 "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": info["demo_pool"],
@@ -872,11 +886,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                             "verbalizers": list(pattern.verbalizers)},
                 "dtype": lm.dtype, "device": lm.device, "recipe": asdict(mcfg), "metrics": metrics_by_set,
                 "profile": profile, "provenance": prov, "command": f"profile {profile!r}: " + " ".join(sys.argv)})
-            student_dir = str(folder.relative_to(out_dir))
             say(f"  saved: {student_dir}")
-        elif save:
-            student_dir = str((out_dir / "students" / f"{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}")
-                              .relative_to(out_dir))
         for r in new_rows:
             r["student_dir"] = student_dir
         if main:  # under a launcher (accelerate launch, torchrun) the main process writes; all compute

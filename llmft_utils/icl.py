@@ -89,18 +89,30 @@ def _continuation_ids(tokenizer, contexts: list[str], verbalizers: tuple) -> lis
     return out
 
 
+def _tail_start(tokenizer, text: str) -> int | None:
+    """Where ``text``'s third-last pre-token starts (the cut of the tail tokenisations; exact for
+    :func:`_local_tokenizer` tokenizers), or None when it has fewer than four pre-tokens."""
+    chunks = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    return chunks[-3][1][0] if len(chunks) >= 4 else None
+
+
+def _check_indices(n: int) -> list[int]:
+    """Up to ``FAST_SPLIT_CHECK`` indices spread over ``range(n)``: the items a tail tokenisation is
+    checked on against whole-text tokenisation."""
+    return sorted(set(np.linspace(0, n - 1, min(FAST_SPLIT_CHECK, n)).astype(int).tolist()))
+
+
 def _continuations_by_tail(tokenizer, contexts: list[str], verbalizers: tuple):
-    pre = tokenizer.backend_tokenizer.pre_tokenizer
     tails = []
     for c in contexts:
-        chunks = pre.pre_tokenize_str(c)
-        if len(chunks) < 4:
+        cut = _tail_start(tokenizer, c)
+        if cut is None:
             return None
-        tails.append(c[chunks[-3][1][0]:])
+        tails.append(c[cut:])
     uniq = sorted(set(tails))
     table = dict(zip(uniq, _continuation_ids(tokenizer, uniq, verbalizers)))
     out = [table[t] for t in tails]
-    probe_at = sorted(set(np.linspace(0, len(contexts) - 1, min(FAST_SPLIT_CHECK, len(contexts))).astype(int).tolist()))
+    probe_at = _check_indices(len(contexts))
     if _continuation_ids(tokenizer, [contexts[i] for i in probe_at], verbalizers) != [out[i] for i in probe_at]:
         log.warning("tail encoding of the verbalizers differs from whole-context encoding; encoding whole contexts")
         return None
@@ -148,10 +160,10 @@ def _tail_split(tokenizer, prefix_text: str, prefix_ids: list, queries: list[str
     tokenisation (any difference: None, and the caller tokenises whole prompts)."""
     if not _local_tokenizer(tokenizer):
         return None
-    chunks = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prefix_text)
-    if len(chunks) < 4:
+    cut = _tail_start(tokenizer, prefix_text)
+    if cut is None:
         return None
-    tail = prefix_text[chunks[-3][1][0]:]
+    tail = prefix_text[cut:]
     tail_ids = _tok(tokenizer, [tail], False)[0]
     T = len(tail_ids)
     if not T or prefix_ids[-T:] != tail_ids:
@@ -160,7 +172,7 @@ def _tail_split(tokenizer, prefix_text: str, prefix_ids: list, queries: list[str
     out = []
     for ids in _tok(tokenizer, [tail + q for q in queries], False):
         out.append((ids[T:], False) if ids[:T] == tail_ids else (head + ids, True))
-    probe_at = sorted(set(np.linspace(0, len(queries) - 1, min(FAST_SPLIT_CHECK, len(queries))).astype(int).tolist()))
+    probe_at = _check_indices(len(queries))
     whole = _tok(tokenizer, [prefix_text + queries[i] for i in probe_at], True)
     for i, w in zip(probe_at, whole):
         ids, standalone = out[i]
@@ -512,14 +524,15 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
     Everything stays on the model's device until the end (one host-to-device copy of all the batches'
     inputs before the first forward, one copy of the results back after the last; no per-row or
     per-batch synchronisation). ``extract(logits)`` (optional) is applied to each batch's raw
-    answer-position logits (B, V) in float32 and returns a tensor or a tuple of tensors (or None) with
-    the batch as first dimension; the third value returned is the same structure over all rows, in row
-    order, on the CPU (None without ``extract``; used to cache teacher distributions). ``split``: attend
+    answer-position logits (B, V) in float32 and returns a tuple of tensors (or None) with the batch as
+    first dimension; the third value returned is that tuple over all rows, in row order, on the CPU (None
+    without ``extract``; used to cache teacher distributions). ``split``: attend
     to the prefix with :func:`split_prefix_attention` (default: where supported); a forward in which it
     ran for fewer layers than the prefix cache has raises RuntimeError (the model would silently have
     scored without the prefix). ``watch``: a row index whose full answer-position log-softmax is the
     fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`_batches`, or
-    ``order`` (lists of row indices) where given."""
+    ``order`` (lists of row indices) where given: then only those rows are scored, and the others keep
+    NaN scores, top-1 0 and zero ``extract`` results."""
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
     order = order or _batches(rows, batch_size, max_tokens)
@@ -561,8 +574,7 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
             answer = logp[rb, bt["ans"]]  # (B, V): each row's answer-position log-softmax
             tops.append(answer.argmax(-1))
             if extract is not None:
-                e = extract(logits[rb, bt["ans"]].float())
-                ext.append(e if isinstance(e, tuple) else (e,))
+                ext.append(extract(logits[rb, bt["ans"]].float()))
             if watch is not None and watch in idx:
                 watched = answer[idx.index(watch)].clone()
         if pbar is not None:
@@ -570,17 +582,23 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
     with torch.inference_mode():
         if not bool(finite):
             raise FloatingPointError("non-finite log-probabilities from the model (NaN/inf); check dtype and inputs")
-        inv = torch.empty_like(where)
-        inv[where] = torch.arange(len(where), device=where.device)
-        scores = torch.cat(sums)[inv].double().cpu().numpy()
-        top1 = torch.cat(tops)[inv].cpu().numpy().astype(np.int64)
+        scores = torch.full((len(rows), len(rows[0].sets)), float("nan"), device=where.device)
+        scores[where] = torch.cat(sums)
+        top1 = torch.zeros(len(rows), dtype=torch.long, device=where.device)
+        top1[where] = torch.cat(tops)
         extracted = None
         if extract is not None:
-            parts = list(zip(*ext))
-            extracted = tuple(None if p[0] is None else torch.cat(p)[inv].cpu() for p in parts)
-            if not isinstance(e, tuple):
-                extracted = extracted[0]
-    return scores, top1, extracted, (watched.cpu() if watched is not None else None)
+            extracted = tuple(None if p[0] is None else _placed(torch.cat(p), where, len(rows)).cpu()
+                              for p in zip(*ext))
+    return (scores.double().cpu().numpy(), top1.cpu().numpy(), extracted,
+            (watched.cpu() if watched is not None else None))
+
+
+def _placed(values: torch.Tensor, where: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` (one per index in ``where``) placed at those rows of an ``n``-row zero tensor."""
+    out = values.new_zeros((n, *values.shape[1:]))
+    out[where] = values
+    return out
 
 
 def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id: int, device: str):
@@ -619,29 +637,23 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _gather_shards(parts, n: int, world: int):
-    """Put every process's ``(positions, scores, top1, extracted)`` back in row order (``positions``: the
-    rows of the group it scored)."""
+def _gather_shards(positions: list, scores, top1, ex, world: int):
+    """Every process's results at its ``positions`` (the rows it scored), in one set of arrays on every
+    process: each sends only its own rows (``all_gather_object``) and fills in the others'."""
+    idx = np.asarray(positions, dtype=np.int64)
+    part = (idx, scores[idx], top1[idx], None if ex is None else tuple(None if e is None else e[idx] for e in ex))
     gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, parts)
-    first = next(g for g in gathered if len(g[0]))
-    scores = np.full((n, first[1].shape[1]), np.nan)
-    top1 = np.zeros(n, dtype=np.int64)
-    ex = first[3]
-    single = ex is not None and not isinstance(ex, tuple)
-    if ex is not None:
-        ex = [None if e is None else e.new_empty((n, *e.shape[1:])) for e in ((ex,) if single else ex)]
-    for pos, sc, t1, e in gathered:
-        if not len(pos):  # fewer batches than processes
-            continue
-        idx = np.asarray(pos)
-        scores[idx], top1[idx] = sc, t1
-        if ex is not None:
-            for out, part in zip(ex, (e,) if single else e):
+    torch.distributed.all_gather_object(gathered, part)
+    with torch.inference_mode():  # ex holds inference tensors (from _forward_rows)
+        if ex is None:  # this process scored nothing: shaped like another's results
+            first = next((g[3] for g in gathered if g[3] is not None), None)
+            ex = None if first is None else tuple(None if e is None else e.new_zeros((len(scores), *e.shape[1:]))
+                                                  for e in first)
+        for pos, sc, t1, e in gathered:
+            scores[pos], top1[pos] = sc, t1
+            for out, got in zip(ex or (), e or ()):
                 if out is not None:
-                    out[torch.as_tensor(idx)] = part
-    if ex is not None:
-        ex = ex[0] if single else tuple(ex)
+                    out[torch.as_tensor(pos)] = got
     return scores, top1, ex
 
 
@@ -649,8 +661,8 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
                 max_tokens: int = 0):
     """Forward the prefix-reusing rows (one prefix cache, checked by :func:`_check_reuse` on its most
     padded row) and the standalone rows. Returns a list of ``(rows, scores, top1, extracted)`` per
-    non-empty group (as :func:`_forward_rows` returns them) and the number of tokens run through the
-    model (the check's forward not counted).
+    non-empty group (as :func:`_forward_rows` returns them; ``extract`` returns a tuple) and the number
+    of tokens run through the model (the check's forward not counted).
 
     Inside a torch.distributed group (``accelerate launch``/``torchrun``) each of the W processes scores
     the batches ``rank::W`` of each group — whole batches, exactly as one process would form them — (its
@@ -663,31 +675,18 @@ def _run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_s
     for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
         if not group:
             continue
-        batches = _batches(group, batch_size, max_tokens)
-        mine_b = batches[rank::world]  # whole batches: each is the batch one process would run, so the same values
-        positions = [i for b in mine_b for i in b]
-        mine = [group[i] for i in positions]
-        order, at = [], 0
-        for b in mine_b:
-            order.append(list(range(at, at + len(b))))
-            at += len(b)
-        scores, top1, ex = np.zeros((0, len(group[0].sets))), np.zeros(0, dtype=np.int64), None
+        mine = _batches(group, batch_size, max_tokens)[rank::world]  # one process: every batch
         kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids and mine) else None
+        watch = _most_padded(group, batch_size, max_tokens, mine) if kv is not None else None
+        scores, top1, ex, watched = np.full((len(group), len(group[0].sets)), np.nan), np.zeros(len(group), np.int64), \
+            None, None  # a process with no batch (fewer batches than processes) scores nothing
         if mine:
-            watch = _most_padded(mine, batch_size, max_tokens, order) if kv is not None else None
-            scores, top1, ex, watched = _forward_rows(lm.model, mine, prefix_ids, kv, pad_id, lm.device, batch_size,
-                                                      pbar, extract, watch=watch, max_tokens=max_tokens, order=order)
-            if kv is not None:
-                _check_reuse(lm.model, prefix_ids, mine[watch], scores[watch], watched, pad_id, lm.device)
+            scores, top1, ex, watched = _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size,
+                                                      pbar, extract, watch=watch, max_tokens=max_tokens, order=mine)
+        if kv is not None:
+            _check_reuse(lm.model, prefix_ids, group[watch], scores[watch], watched, pad_id, lm.device)
         if world > 1:
-            scores, top1, ex = _gather_shards((positions, scores, top1, ex), len(group), world)
-        else:  # one process: its rows in batch order back to group order
-            inv = np.empty(len(positions), dtype=np.int64)
-            inv[np.asarray(positions)] = np.arange(len(positions))
-            scores, top1 = scores[inv], top1[inv]
-            if ex is not None:
-                t = torch.as_tensor(inv)
-                ex = tuple(None if e is None else e[t] for e in ex) if isinstance(ex, tuple) else ex[t]
+            scores, top1, ex = _gather_shards([i for b in mine for i in b], scores, top1, ex, world)
         out.append((group, scores, top1, ex))
         tokens += sum(len(r.ids) for r in group) + (len(prefix_ids) if use_prefix and prefix_ids else 0)
     return out, tokens
@@ -716,20 +715,28 @@ def answer_logits(lm, prefix_text: str, queries: list[str], extract, batch_size:
     rows = [Row(i, ids, [[]], -1, standalone) for i, (ids, standalone) in enumerate(split)]
     reuse_rows, full_rows, _ = _plan_reuse(lm.model, prefix_ids, rows)
     pbar = _progress(len(rows), "teacher", progress)
-    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, extract, max_tokens)
+    single = []  # whether extract returns one tensor (recorded at its first call), not a tuple
+
+    def as_tuple(logits):
+        e = extract(logits)
+        if not single:
+            single.append(not isinstance(e, tuple))
+        return (e,) if single[0] else e
+
+    done, _ = _run_groups(lm, prefix_ids, reuse_rows, full_rows, batch_size, pbar, as_tuple, max_tokens)
     if pbar is not None:
         pbar.close()
-    single = not isinstance(done[0][3], tuple)
+    if not single:  # this process scored no batch (fewer batches than processes): ask extract what it returns
+        as_tuple(torch.zeros((1, lm.model.config.get_text_config(decoder=True).vocab_size), device=lm.device))
     out = None
     for group, _, _, ex in done:
-        ex = (ex,) if single else ex
         if out is None:
             out = [None if e is None else e.new_empty((len(queries), *e.shape[1:])) for e in ex]
         qi = torch.tensor([r.qi for r in group])
         for o, e in zip(out, ex):
             if o is not None:
                 o[qi] = e
-    return out[0] if single else tuple(out)
+    return out[0] if single[0] else tuple(out)
 
 
 def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 8,

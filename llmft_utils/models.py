@@ -64,6 +64,17 @@ def shape_config(shape: str):
     return (LlamaConfig if arch == "llama" else OPTConfig)(**kw)
 
 
+def embedded_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of an embedded model, read from its GGUF file (SmolLM2's digit splitting restored)."""
+    from transformers import AutoTokenizer
+
+    path = embedded_gguf_path(name)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if name == "smollm2-135m":
+        _restore_smollm2_digits(tok)
+    return tok
+
+
 def _random_tokenizer():
     import os
 
@@ -72,10 +83,7 @@ def _random_tokenizer():
     where = os.environ.get(RANDOM_TOKENIZER_ENV)
     if where:
         return AutoTokenizer.from_pretrained(where), f"dir:{where}"
-    path = embedded_gguf_path(DEFAULT_MODEL)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    _restore_smollm2_digits(tok)
-    return tok, f"embedded:{DEFAULT_MODEL}"
+    return embedded_tokenizer(DEFAULT_MODEL), f"embedded:{DEFAULT_MODEL}"
 
 
 def random_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -185,10 +193,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             info.update(random_init=True, shape=shape)
         elif resolved in EMBEDDED:
             path = embedded_gguf_path(resolved)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok = embedded_tokenizer(resolved)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
-            if resolved == "smollm2-135m":
-                _restore_smollm2_digits(tok)
             spec = EMBEDDED[resolved]
             source = f"gguf:{path}"
             info.update(reference=spec.reference, package=spec.package,

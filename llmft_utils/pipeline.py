@@ -227,14 +227,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
     for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .params import ParameterError, coerce_cli
+    from .params import ParameterError
 
-    overrides = {}
-    for kv in a.set:
-        if "=" not in kv:
-            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k.strip()] = coerce_cli(k.strip(), v)
+    overrides = parse_sets(ap, a.set)
     runs = [("", a.profile, overrides)]
     if a.sweep is not None:
         runs = read_sweep(a.sweep, a.profile, overrides, ap)
@@ -255,6 +250,19 @@ def main(argv=None) -> int:
                 print(f"[pipeline] sweep stopped at {label} ({i + 1}/{len(runs)})", file=sys.stderr)
             return rc
     return 0
+
+
+def parse_sets(ap, sets: list) -> dict:
+    """``--set KEY=VALUE`` arguments as parameter overrides (values read as the parameter's type)."""
+    from .params import coerce_cli
+
+    out = {}
+    for kv in sets:
+        if "=" not in kv:
+            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = coerce_cli(k.strip(), v)
+    return out
 
 
 def read_sweep(path: str, default_profile: str, overrides: dict, ap) -> list:

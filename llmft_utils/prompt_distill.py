@@ -64,9 +64,10 @@ def _scores(lm, prefix: str, texts: list[str], verbalizers, max_tokens: int):
 
 
 def _versus(teacher: np.ndarray, other: np.ndarray) -> dict:
-    agree = float((teacher.argmax(1) == other.argmax(1)).mean())
-    kl = float((np.exp(teacher) * (teacher - other)).sum(1).mean())
-    return {"agreement": agree, "kl": kl}
+    from .stats import agreement_stats
+
+    r = agreement_stats(teacher.argmax(1), other.argmax(1), teacher, other)
+    return {"agreement": r["agreement"], "kl": r["kl"]}
 
 
 def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=None, holdout: float = 0.2,
@@ -78,6 +79,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
     from .icl import answer_logits
     from .models import wrap
     from .results import atomic_write_json, provenance
+    from .stats import constant_agreement
     from .students import save_student
 
     cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
@@ -115,7 +117,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
         "prefix_tokens": int(t_s["prefix_tokens"]), "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
         "recipe": dataclasses.asdict(cfg),
         "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
-                    "constant_vs_teacher": {"agreement": float(np.bincount(t_lp.argmax(1), minlength=2).max() / len(ho))},
+                    "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
                     "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
                     "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
         "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,

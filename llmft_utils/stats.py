@@ -21,6 +21,17 @@ def mcnemar_exact(a_correct, b_correct) -> dict:
     return {"only_a": b10, "only_b": b01, "p": p}
 
 
+def agreement_stats(a_pred, b_pred, a_logp, b_logp) -> dict:
+    """Agreement of two classifiers' labels, Cohen's κ, and mean KL(a ‖ b) of their label distributions
+    (rows of log-probabilities over the labels, already normalised), on the same examples."""
+    a, b = np.asarray(a_pred), np.asarray(b_pred)
+    po = float((a == b).mean())
+    pe = float(sum((a == c).mean() * (b == c).mean() for c in (0, 1)))
+    kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
+    kl = float((np.exp(a_logp) * (a_logp - b_logp)).sum(1).mean())
+    return {"agreement": po, "kappa": kappa, "kl": kl}
+
+
 def constant_agreement(reference_pred) -> float:
     """Agreement with ``reference_pred`` of a constant predictor that always gives its most frequent label:
     the floor any "agrees with the teacher" claim must clear."""

@@ -26,13 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        if "=" not in kv:
-            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        over[k.strip()] = params.coerce_cli(k.strip(), v)
-    p = pipeline.resolve_params(a.profile, over, a.force)
+    p = pipeline.resolve_params(a.profile, pipeline.parse_sets(ap, a.set), a.force)
     try:
         pipeline.check_run(p, ["03_context_distillation.ipynb"])
     except params.ParameterError as e:
@@ -46,14 +40,7 @@ def main(argv=None) -> int:
         p["device"] = str(state.device)  # each process on its own GPU
     out = results.results_dir(p["results_dir"], p["profile"])
     lm = models.load_model(p["model"], device=p["device"], dtype=p["dtype"])
-    cfg = distill.DistillConfig(target=p["target"], topk=p["topk"], loss=p["loss"], temperature=p["temperature"],
-                                alpha=p["alpha"], epochs=p["epochs"], batch_size=p["train_batch_size"], lr=p["lr"],
-                                lr_schedule=p["lr_schedule"], mixed_precision=p["mixed_precision"], lora_r=p["lora_r"])
-    distill.run_cd_sweep(lm, out, p["pattern"], p["cd_tasks"], p["cd_ks"], p["seeds"], p["n_transfer"], p["pbft_n"],
-                         cfg, p["pbft_epochs"], eval_batch_size=p["batch_size"], force=p["force"],
-                         model_name=p["model"], profile=p["profile"], progress=False,
-                         ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
-                         eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"])
+    distill.sweep_from_params(lm, out, p)
     return 0
 
 

@@ -33,11 +33,6 @@ def tiny_lms():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
     from llmft_utils import models
 
-    path = models.embedded_gguf_path("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    models._restore_smollm2_digits(tok)
-    return tok
+    return models.embedded_tokenizer("smollm2-135m")

@@ -23,7 +23,11 @@ def compute():
     demos = data.sample_demonstrations(pool, 4, seed=0, exclude=ev)
     m, preds = icl.evaluate(lm, ev, pat, demos, batch_size=4, progress=False)
     teacher = distill.teacher_targets(lm, pat, demos, ev, distill.DistillConfig(target="topk", topk=5), batch_size=3)
-    return {"logp": preds[["logp_label0", "logp_label1"]].to_numpy(), "pred": preds["pred"].to_numpy(),
+    # one query: one batch for two processes, so one of them scores nothing and gets the other's result
+    lone = icl.answer_logits(lm, patterns.build_prefix(pat, demos), [patterns.query_text(pat, "A b.", "C.", True)],
+                             lambda z: torch.log_softmax(z, -1))
+    return {"lone": lone,
+            "logp": preds[["logp_label0", "logp_label1"]].to_numpy(), "pred": preds["pred"].to_numpy(),
             "top1": preds["top1_token"].to_numpy(), "teacher_logp": teacher["logp"], "teacher_ids": teacher["topk_ids"],
             "tokens": m["tokens_processed"]}
 

@@ -258,3 +258,4 @@ def test_scoring_and_teacher_targets_sharded_over_two_processes_equal_one_proces
     assert (two["pred"] == one["pred"]).all() and (two["top1"] == one["top1"]).all()
     assert torch.equal(two["teacher_logp"], one["teacher_logp"])
     assert torch.equal(two["teacher_ids"], one["teacher_ids"]) and two["tokens"] == one["tokens"]
+    assert torch.equal(two["lone"], one["lone"])  # fewer batches than processes

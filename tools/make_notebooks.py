@@ -248,9 +248,7 @@ from llmft_utils import distill, models, params, results
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device, dtype=dtype)
-cfg = distill.DistillConfig(target=target, topk=topk, loss=loss, temperature=temperature, alpha=alpha,
-                            epochs=epochs, batch_size=train_batch_size, lr=lr, lr_schedule=lr_schedule,
-                            mixed_precision=mixed_precision, lora_r=lora_r)
+cfg = distill.config_from_params(globals())  # the recipe: target, loss, temperature, alpha, epochs, lr, ...
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
 """),
     code("""

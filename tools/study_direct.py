@@ -71,9 +71,6 @@ def run(a) -> dict:
     report["model"] = {"name": lm.name, "source": lm.source, "dtype": lm.dtype, "device": lm.device}
     common = dict(batch_size=p["batch_size"], max_tokens=p["max_batch_tokens"], model_name=p["model"],
                   profile=p["profile"], progress=False)
-    cfg = distill.DistillConfig(target=p["target"], topk=p["topk"], loss=p["loss"], temperature=p["temperature"],
-                                alpha=p["alpha"], epochs=p["epochs"], batch_size=p["train_batch_size"], lr=p["lr"],
-                                lr_schedule=p["lr_schedule"], mixed_precision=p["mixed_precision"], lora_r=p["lora_r"])
     if 0 in p["ks"]:
         step("02 icl k=0", lambda: icl.run_sweep(lm, out, p["pattern"], [0], [0], on_too_long=p["on_too_long"], **common))
     for seed in p["seeds"]:  # seed by seed (ICL, then CD and PBFT): a deadline leaves whole seeds done
@@ -87,11 +84,8 @@ def run(a) -> dict:
                 if late():
                     break
                 step(f"03 {'cd k=' + str(ks[0]) if ks else 'pbft'} {task} seed={seed}",
-                     lambda: distill.run_cd_sweep(lm, out, p["pattern"], [task], ks, [seed], p["n_transfer"], pbft_n,
-                                                  cfg, p["pbft_epochs"], eval_batch_size=p["batch_size"],
-                                                  model_name=p["model"], profile=p["profile"], progress=False,
-                                                  ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
-                                                  eval_max_tokens=p["max_batch_tokens"]))
+                     lambda: distill.sweep_from_params(lm, out, p, train_tasks=[task], ks=ks, seeds=[seed],
+                                                       pbft_n=pbft_n))
     report["total_s"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / "direct_run.json", report)
     print(f"done in {report['total_s']} s" + (" (stopped at the deadline)" if report["stopped_early"] else ""))
