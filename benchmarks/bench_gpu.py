@@ -7,8 +7,13 @@ Per shape, through ``icl.evaluate``, ``distill.teacher_targets`` and ``distill.t
   scoring), 16 and 32, on the reused demonstration prefix, in batches of ``--max-tokens`` padded tokens;
 * full prompts (no prefix reuse), k = 16, on ``--n-full`` queries;
 * teacher caching (k = 16) of ``--n-teacher`` MNLI train queries;
-* CD training on those cached targets at each ``--train-batch`` size (one epoch, float32 master weights,
-  ``--mixed-precision`` autocast of the forward).
+* CD training on those cached targets for each ``--train`` variant ``BATCH:MIXED_PRECISION:CHECKPOINTING``
+  (one epoch, float32 master weights; ``bf16`` autocasts the forward; ``ckpt`` recomputes each layer's
+  activations in the backward pass instead of keeping them).
+
+``--only icl|teacher|train`` narrows a run; ``--kernels N`` prints the N CUDA kernels that take the most
+time in zero-shot and k = 16 scoring (torch profiler, 2,048 queries); ``--compile`` also times zero-shot
+scoring with ``torch.compile``d forwards (compile time reported apart).
 
 Each measurement follows an untimed warm-up of the same path and is a synchronised wall clock
 (``probes.probe``): tokenisation, batching and the copies back to the host are included. Peak memory is
@@ -19,7 +24,7 @@ bf16 peak where the card is known.
 
     python benchmarks/bench_gpu.py --shapes smollm2-135m,opt-125m,opt-1.3b --json bench_gpu.json
     python benchmarks/bench_gpu.py --shapes smollm2-135m --device cpu --n 64 --n-full 16 --n-teacher 64 \\
-        --train-batch 16 --json /tmp/bench.json          # a dry run on CPU
+        --train 16:bf16:ckpt --json /tmp/bench.json          # a dry run on CPU
 
 The tokenizer is the embedded SmolLM2 one for every shape (``--tokenizer DIR`` for another), so token
 counts are SmolLM2's; OPT's own tokenizer gives similar lengths on this text.
@@ -99,7 +104,9 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
     # warm-up: every path once, on a few queries
     for k in (0, 16):
         icl.evaluate(lm, ev.head(64), pat, demos[k], max_tokens=a.max_tokens, progress=False)
-    for k in sorted(a.ks):
+    if a.kernels:
+        res["kernels"] = kernel_tables(lm, ev.head(2048), pat, demos, a)
+    for k in sorted(a.ks) if a.only in ("", "icl") else ():
         prefix = patterns.build_prefix(pat, demos[k])
         queries = [patterns.query_text(pat, p, h, bool(prefix)) for p, h in zip(ev.premise, ev.hypothesis)]
         t0 = time.perf_counter()
@@ -111,12 +118,17 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
         record(f"icl k={k}" + (" (zero-shot/student)" if k == 0 else " prefix reuse"), len(ev), s, mem,
                forward_flops(dims, lengths, m["prefix_tokens"]), prefix_tokens=m["prefix_tokens"],
                tokenize_s=round(tok_s, 3))
-    sub = ev.head(a.n_full)
-    icl.evaluate(lm, sub.head(8), pat, demos[16], reuse_prefix=False, max_tokens=a.max_tokens, progress=False)
-    (m, _), s, mem = _measure(lambda: icl.evaluate(lm, sub, pat, demos[16], reuse_prefix=False,
-                                                   max_tokens=a.max_tokens, progress=False), lm.device)
-    full_len = m["query_tokens_mean"]
-    record("icl k=16 full prompts", len(sub), s, mem, forward_flops(dims, np.full(len(sub), full_len), 0))
+    if a.compile and a.only in ("", "icl"):
+        res["compiled"] = compiled_zero_shot(lm, ev, pat, demos[0], a, dims, record)
+    if a.only == "icl":
+        return _done(res, lm)
+    if a.only == "":
+        sub = ev.head(a.n_full)
+        icl.evaluate(lm, sub.head(8), pat, demos[16], reuse_prefix=False, max_tokens=a.max_tokens, progress=False)
+        (m, _), s, mem = _measure(lambda: icl.evaluate(lm, sub, pat, demos[16], reuse_prefix=False,
+                                                       max_tokens=a.max_tokens, progress=False), lm.device)
+        record("icl k=16 full prompts", len(sub), s, mem,
+               forward_flops(dims, np.full(len(sub), m["query_tokens_mean"]), 0))
 
     cfg = distill.DistillConfig(epochs=1, lr=1e-5, mixed_precision=a.mixed_precision)
     transfer = distill.transfer_set(pool, a.n_teacher, 0, [demos[16], ev])
@@ -127,22 +139,69 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
                                                          zip(transfer.premise, transfer.hypothesis)])["input_ids"]]))
     p_len = len(lm.tokenizer(patterns.build_prefix(pat, demos[16]))["input_ids"])
     record("teacher caching k=16", len(transfer), s, mem, forward_flops(dims, np.full(len(transfer), q_len), p_len))
+    if a.only == "teacher":
+        return _done(res, lm)
 
     rows = distill.student_examples(lm.tokenizer, pat, transfer, t, lm.max_context)
     vids = distill._verbalizer_ids(lm.tokenizer, pat)
     s_len = float(np.mean([len(r["input_ids"]) for r in rows]))
-    for bs in a.train_batch:
-        c = distill.DistillConfig(epochs=1, batch_size=bs, lr=1e-5, mixed_precision=a.mixed_precision)
-        distill.train_student(lm.model, lm.tokenizer, rows[: 2 * bs], c, vids)  # warm-up
+    for variant in a.train:
+        bs, mp, ckpt = variant
+        c = distill.DistillConfig(epochs=1, batch_size=bs, lr=1e-5, mixed_precision=mp)
+        distill.train_student(lm.model, lm.tokenizer, rows[: 2 * bs], c, vids, checkpointing=ckpt)  # warm-up
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _, st = distill.train_student(lm.model, lm.tokenizer, rows, c, vids)
-        record(f"CD training batch {bs} ({a.mixed_precision})", len(rows), st["train_s"], st["train_peak_mem_mb"],
-               3 * forward_flops(dims, np.full(len(rows), s_len), 0), unit="examples")
-    del lm
+        _, st = distill.train_student(lm.model, lm.tokenizer, rows, c, vids, checkpointing=ckpt)
+        record(f"CD training batch {bs} ({mp}{', ckpt' if ckpt else ''})", len(rows), st["train_s"],
+               st["train_peak_mem_mb"], 3 * forward_flops(dims, np.full(len(rows), s_len), 0),
+               unit="examples")
+    return _done(res, lm)
+
+
+def _done(res: dict, lm) -> dict:
+    lm.model.to("meta")  # free the device memory now (the caller may load the next shape)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+def kernel_tables(lm, ev, pat, demos, a) -> dict:
+    """The CUDA kernels that take the most device time in zero-shot and k = 16 scoring (printed; returned as text)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for k in (0, 16):
+        cuda = torch.cuda.is_available()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            icl.evaluate(lm, ev, pat, demos[k], max_tokens=a.max_tokens, progress=False)
+            _sync(lm.device)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                          row_limit=a.kernels, max_name_column_width=60)
+        print(f"  kernels, k={k}, {len(ev)} queries:\n{table}", flush=True)
+        out[f"k{k}"] = table
+    return out
+
+
+def compiled_zero_shot(lm, ev, pat, demos0, a, dims, record) -> dict:
+    """Zero-shot scoring with the model's forward under ``torch.compile(dynamic=True)``: the first call
+    (compilation included) timed apart, then the measured run; the original forward is restored."""
+    forward = lm.model.forward
+    lm.model.forward = torch.compile(forward, dynamic=True)
+    try:
+        t0 = time.perf_counter()
+        icl.evaluate(lm, ev.head(2048), pat, demos0, max_tokens=a.max_tokens, progress=False)
+        _sync(lm.device)
+        first = time.perf_counter() - t0
+        (m, _), s, mem = _measure(lambda: icl.evaluate(lm, ev, pat, demos0, max_tokens=a.max_tokens, progress=False),
+                                  lm.device)
+        record("icl k=0 compiled", len(ev), s, mem, forward_flops(dims, np.full(len(ev), m["query_tokens_mean"]), 0),
+               compile_and_first_s=round(first, 1))
+        return {"first_call_s": first, "seconds": s}
+    except Exception as e:  # noqa: BLE001 - an experiment: report and go on
+        print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        lm.model.forward = forward
 
 
 def main() -> None:
@@ -156,7 +215,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="MNLI queries (0: all 6,692)")
     ap.add_argument("--n-full", type=int, default=1000)
     ap.add_argument("--n-teacher", type=int, default=4096)
-    ap.add_argument("--train-batch", default="64,256")
+    ap.add_argument("--train", default="64:no:-,256:bf16:-,256:bf16:ckpt,1024:bf16:ckpt",
+                    help="training variants BATCH:MIXED_PRECISION:CHECKPOINTING (no|bf16, ckpt|-), comma-separated")
+    ap.add_argument("--only", default="", choices=["", "icl", "teacher", "train"])
+    ap.add_argument("--kernels", type=int, default=0, help="print the N CUDA kernels that take the most time")
+    ap.add_argument("--compile", action="store_true", help="also time zero-shot scoring with torch.compile")
     ap.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per evaluation batch")
     ap.add_argument("--mixed-precision", default="no", choices=list(distill.MIXED_PRECISION))
     ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the embedded SmolLM2 one)")
@@ -164,7 +227,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     a.ks = [int(k) for k in a.ks.split(",")]
-    a.train_batch = [int(b) for b in a.train_batch.split(",")]
+    a.train = [(int(b), mp, c == "ckpt") for b, mp, c in (v.split(":") for v in a.train.split(",") if v)]
     a.device = models.pick_device(a.device)
     if a.tokenizer:
         os.environ[models.RANDOM_TOKENIZER_ENV] = a.tokenizer

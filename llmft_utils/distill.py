@@ -473,6 +473,58 @@ def float32_copy(model):
     return out
 
 
+def _new_student(base_model, cfg: DistillConfig):
+    """The float32 copy of ``base_model`` that is trained (with LoRA adapters when ``cfg.lora_r``)."""
+    student = float32_copy(base_model)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    return student
+
+
+def _plain_student(acc, student, base_model, cfg: DistillConfig):
+    """The trained student as a plain module with whole float32 weights on every process, ready for the
+    sharded evaluation (in which processes run different numbers of forwards, so no forward may need a
+    collective) and for saving. DDP: the unwrapped module. FSDP (1 or 2): the full state dict, gathered on
+    every process, loaded into a fresh copy. DeepSpeed ZeRO-3: the partitioned parameters gathered
+    (``deepspeed.zero.GatheredParameters``) and copied likewise. Only the first two run in this kit's tests
+    (FSDP through torch on CPU, see tests/test_distill.py); ZeRO-3 needs CUDA and DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    model = acc.unwrap_model(student)
+    kind = acc.distributed_type
+    zero3 = (kind == DistributedType.DEEPSPEED
+             and getattr(getattr(acc.state, "deepspeed_plugin", None), "zero_stage", 0) == 3)
+    if kind != DistributedType.FSDP and not zero3 and not _is_sharded(model):
+        return model
+    fresh = _new_student(base_model, cfg)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    fresh.load_state_dict({k: v.to(acc.device) for k, v in state.items()}, strict=False)
+    missing = [k for k, _ in fresh.named_parameters() if k not in state]
+    if missing:
+        raise RuntimeError(f"gathering the sharded student lost {len(missing)} parameters, e.g. {missing[:3]}")
+    return fresh.to(acc.device)
+
+
+def _is_sharded(model) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (FSDP2's shards)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 TRACKERS = ("", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
 
 
@@ -498,7 +550,7 @@ def check_tracker(log_with) -> None:
 
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
                   accelerator=None, progress: bool = False, log_with=None, run_name: str = "student",
-                  logging_dir=None) -> tuple:
+                  logging_dir=None, checkpointing: bool = False) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
 
     Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
@@ -513,7 +565,10 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     gradients are the same on every process, so a non-finite gradient norm raises on all of them too,
     before the optimizer step. Nothing is written to disk, except by an experiment tracker: ``log_with``
     (e.g. ``"tensorboard"``, or an accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of
-    every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training."""
+    every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training.
+    ``checkpointing``: activation (gradient) checkpointing — each layer's activations are recomputed in
+    the backward pass instead of kept, so training memory grows with the batch by a layer's activations,
+    not all of them, for about one more forward of compute; the gradients are the same."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -528,12 +583,10 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if log_with:
         acc.init_trackers(run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
     set_seed(cfg.seed)
-    student = float32_copy(base_model)
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    student = _new_student(base_model, cfg)
+    if checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -546,6 +599,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
                                              collate_fn=lambda b: collate(b, pad_id))
     student, opt, loader = acc.prepare(student, opt, loader)
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
                                               lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
@@ -604,13 +658,17 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         pbar.close()
     if log_with:
         acc.end_training()
-    student = acc.unwrap_model(student)
+    student = _plain_student(acc, student, base_model, cfg)
     if cfg.lora_r:
         student = student.merge_and_unload()
+    if checkpointing:
+        student.gradient_checkpointing_disable()
+        student.config.use_cache = getattr(base_model.config, "use_cache", True)
     student.eval()
     return student, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "train_s": pr.wall_s,
                      "train_peak_mem_mb": pr.peak_mem_mb, "train_mem_delta_mb": pr.mem_delta_mb,
-                     "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg)}
+                     "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg),
+                     "checkpointing": checkpointing}
 
 
 def training_log(student_key: str, stats: dict, grad_accum: int = 1) -> list[dict]:

@@ -55,7 +55,7 @@ def spec() -> dict[str, Param]:
         "max_batch_tokens": Param("int", "> 0: evaluation and teacher batches of up to this many padded tokens "
                                          "instead of batch_size queries (GPUs); 0 uses batch_size", min=0),
         "device": Param("str", "auto, cpu or cuda[:N]"),
-        "dtype": Param("str", "weights and evaluation precision; auto is float32 on every device (faithful)",
+        "dtype": Param("str", "weights and evaluation precision; auto is float32 on CPU, tf32 on CUDA (both measured faithful)",
                        choices=models.DTYPES),
         "on_too_long": Param("str", "prompts longer than the context: error, or skip (counted)", choices=("error", "skip")),
         "force": Param("bool", "recompute rows (and teacher caches) that already exist"),

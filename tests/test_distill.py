@@ -214,6 +214,43 @@ def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     assert all(p.dtype == torch.float32 for p in student3.parameters())
 
 
+def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_student(tiny, monkeypatch):
+    """``checkpointing=True`` keeps far fewer activations for the backward pass (bytes of the tensors
+    autograd saves during each forward, counted with a saved-tensors hook) and trains the same student:
+    losses and weights equal those of a run that keeps every activation."""
+    ev, pool = _frames(16)
+    cfg = distill.DistillConfig(epochs=2, batch_size=8, lr=3e-3, mixed_precision="no")
+    t = distill.teacher_targets(tiny, GPT3, data.sample_demonstrations(pool, 4, seed=0), ev, cfg)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
+    real = distill.answer_position_logits
+    saved = []
+
+    def counted(model, batch):
+        n = [0]
+
+        def pack(x):
+            n[0] += x.numel() * x.element_size()
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = real(model, batch)
+        saved.append(n[0])
+        return out
+
+    monkeypatch.setattr(distill, "answer_position_logits", counted)
+    runs, kept = {}, {}
+    for ckpt in (False, True):
+        saved.clear()
+        runs[ckpt] = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, checkpointing=ckpt)
+        kept[ckpt] = sum(saved) / len(saved)
+    (plain, sp), (ck, sc) = runs[False], runs[True]
+    assert kept[True] < kept[False] / 3, kept
+    assert sc["losses"] == pytest.approx(sp["losses"], rel=1e-5, abs=1e-7) and sc["checkpointing"]
+    for (n, a), (_, b) in zip(plain.named_parameters(), ck.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert not ck.is_gradient_checkpointing  # handed back like the base model: ready to evaluate
+
+
 def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):
     """On CPU the student trains with eager attention (``train_attention="auto"``) and is handed back,
     like the base model, with the model's own kernel, so that evaluation is the same code as notebook 02."""
@@ -453,3 +490,55 @@ def test_experiment_tracker_gets_every_step_and_missing_trackers_fail_early():
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         with pytest.raises(ValueError, match="pip install tensorboard"):
             distill.train_student(base, tok, rows, cfg, vids, log_with="tensorboard")
+
+
+def test_two_process_fsdp2_matches_single_process(tmp_path):
+    """``accelerate launch --config_file configs/fsdp.yaml`` with 2 CPU processes (gloo): FSDP2 really shards
+    the student (every parameter of the prepared model is a DTensor split over a 2-process mesh), trains
+    with the loss curve and gradient norms (clipping at 5 is active) of 1 process × batch 8 without FSDP,
+    and ``train_student`` hands back a plain float32 module with the same whole weights on both processes,
+    equal to the single-process student.
+
+    What is patched, in tests/fsdp_worker.py only: accelerate 1.15 switches ``AcceleratorState`` to
+    ``DistributedType.FSDP`` only on an accelerator device (state.py, the MULTI_GPU/.../MULTI_NEURON
+    branch), so on a CPU machine the FSDP config would silently run as DDP (MULTI_CPU). torch's FSDP2
+    (``fully_shard``) runs on CPU over gloo, so the worker wraps ``AcceleratorState.__init__`` to make, for
+    MULTI_CPU, the same assignments accelerate makes for MULTI_GPU (distributed type FSDP, the plugin kept,
+    the type copied into ``PartialState``). The launcher, the plugin built from the config's environment
+    variables, ``Accelerator.prepare`` -> ``fsdp2_prepare_model``, clipping and the kit's code are unpatched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    worker, config = here / "fsdp_worker.py", here.parent / "configs" / "fsdp.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_FSDP", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--num_processes", "2", "--main_process_port", "0"]
+    for folder, cmd, batch in (("one", [sys.executable], 8), ("two", launch, 4)):
+        (tmp_path / folder).mkdir()
+        r = subprocess.run([*cmd, str(worker), str(tmp_path / folder), str(batch)], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
+    two = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert one["world"] == 1 and one["distributed_type"] == "DistributedType.NO" and not any(one["dtensor"].values())
+    for run in two:
+        assert run["world"] == 2 and run["backend"] == "gloo"
+        assert run["distributed_type"] == "DistributedType.FSDP" and run["fsdp2"] and run["fsdp_version"] == 2
+        assert run["dtensor"] and all(run["dtensor"].values()) and run["mesh"] == [(2,)]  # sharded, not replicated
+        assert set(run["split"]) == set(run["dtensor"])  # each process holds half of every parameter
+        assert not run["student_dtensor"] and run["student_dtypes"] == ["torch.float32"]
+        assert len(run["losses"]) == len(one["losses"]) == 4 and len(run["grad_norms"]) == 4
+        np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run["grad_norms"], one["grad_norms"], rtol=1e-4, atol=1e-5)
+        assert run["student"].keys() == one["student"].keys()
+        for k, v in one["student"].items():
+            torch.testing.assert_close(run["student"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for k, v in two[0]["student"].items():
+        assert torch.equal(two[1]["student"][k], v), k  # the gathered weights are the same on both processes
+    assert max(one["grad_norms"]) > 5.0  # clipping was active
+    base = models.tiny_model("llama", models.tiny_tokenizer(), seed=0).state_dict()
+    assert max((one["student"][k] - v).abs().max().item() for k, v in base.items()) > 1e-3  # the students trained
