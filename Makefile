@@ -8,7 +8,7 @@ export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 JUPYTERLAB := 4.6.6
 
-.PHONY: bench-cd venv study smoke test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
+.PHONY: bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ study: venv  ## run the study notebooks on the embedded model (PROFILE=default|s
 
 smoke: venv  ## the study with tiny evaluation sets (about 2 minutes)
 	$(PY) -m llmft_utils.pipeline --profile smoke
+
+notebooks: venv  ## after editing notebooks/*.py (the source): sync the paired .ipynb and store fresh smoke outputs
+	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) tools/execute_notebooks.py; rc=$$?; rm -rf $$tmp; exit $$rc
 
 test: venv  ## all tests: unit tests, the notebooks under nbval (smoke profile), JupyterLab in headless Chromium
 	$(MAKE) test-unit test-notebooks test-browser

@@ -1,0 +1,137 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Analysis
+#
+# Reads only the result tables of notebooks 02 and 03 (`icl.csv`, `cd.csv`, and the per-example
+# prediction files for the HANS breakdown) and renders the study's summary table and figures into
+# `figures/`. Means are over data seeds with 95% Student-t intervals (one run for zero-shot);
+# the majority-class baseline of each evaluated set is shown beside every accuracy.
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # name of the run; reads results/<profile>/ unless results_dir is set
+results_dir: str = ""  # folder written by notebooks 01-03; empty: $LLMFT_RESULTS_DIR, else results/<profile>
+model: str = "smollm2-135m"  # model whose runs the figures show (the summary table keeps every model)
+pattern: str = "gpt-3"  # pattern whose runs the figures show (the summary table keeps every pattern)
+
+# %%
+import pandas as pd
+from llmft_utils import params, plots, results
+
+params.validate_namespace(globals(), check_model=False)
+out = results.results_dir(results_dir, profile)
+icl = results.ResultTable(out / "icl.csv").read()
+cd = results.ResultTable(out / "cd.csv").read()
+all_runs, skipped = results.evaluated(results.unify(icl, cd))
+if len(skipped):  # every prompt longer than the context: recorded in the tables, left out of every mean
+    print(f"left out: {len(skipped)} runs that evaluated nothing:", ", ".join(skipped["run_key"]))
+summary_all = results.summary_table(all_runs)
+results.atomic_write_csv(summary_all, out / "summary.csv")
+runs = all_runs[(all_runs["model"] == model) & (all_runs["pattern"] == pattern)]
+summary = summary_all[(summary_all["model"] == model) & (summary_all["pattern"] == pattern)]
+assert len(runs), f"no rows for model={model!r}, pattern={pattern!r}; have {sorted(set(all_runs['model']))}"
+print(f"{len(icl)} ICL rows, {len(cd)} CD/PBFT rows -> summary.csv with {len(summary_all)} rows; "
+      f"figures for {model} / {pattern}")
+
+# %% [markdown]
+# ## Summary: accuracy per evaluation set and method
+#
+# `score_acc`: verbalizer-score accuracy; `acc_label0` / `acc_label1`: accuracy on entailment /
+# non-entailment examples (for HANS: the heuristic-consistent and heuristic-inconsistent halves);
+# `train_task`: where the labelled signal came from (demonstration pool or training task).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+cols = ["eval_set", "train_task", "method_label", "n_seeds", "score_acc_mean", "score_acc_ci_lo", "score_acc_ci_hi",
+        "acc_label0_mean", "acc_label1_mean", "majority_acc_mean"]
+print(summary[cols].round(3).to_string(index=False))
+
+# %% [markdown]
+# ## Accuracy against the number of demonstrations
+
+# %%
+figs = {}
+figs["accuracy_vs_k"] = plots.accuracy_vs_k(summary)
+
+# %% [markdown]
+# ## In-domain vs out-of-domain (MNLI → HANS)
+
+# %%
+figs["in_vs_out_of_domain"] = plots.in_vs_out_of_domain(summary)
+
+# %% [markdown]
+# ## Inference cost against k: ICL vs the CD student
+
+# %%
+figs["cost_vs_k"] = plots.cost_vs_k(runs)
+
+# %% [markdown]
+# ## HANS by heuristic and subcase
+
+# %%
+sub_path = out / "hans_subcases.csv"
+try:
+    subcases = results.hans_subcases(runs, out)
+    results.atomic_write_csv(subcases, sub_path)
+except FileNotFoundError as e:  # a checkout with the committed tables but without prediction files
+    print(f"prediction files not found ({e}); using {sub_path.name}")
+    subcases = pd.read_csv(sub_path)
+figs["hans_subcases"] = plots.hans_heatmap(subcases)
+
+# %% [markdown]
+# ## Training cost: CD vs PBFT
+
+# %%
+figs["training_cost"] = plots.training_cost(runs)
+if (out / "train_log.csv").is_file():  # written by notebook 03 (per batch: loss, lr, gradient norm)
+    figs["loss_curves"] = plots.loss_curves(results.ResultTable(out / "train_log.csv").read())
+else:
+    print("no train_log.csv (notebook 03 writes it): no loss curves")
+for name, fig in figs.items():
+    plots.save(fig, out / "figures", name)
+print("figures:", ", ".join(sorted(p.name for p in (out / "figures").glob("*.png"))))
+
+# %% [markdown]
+# ## Explorer (interactive in JupyterLab)
+
+# %%
+import ipywidgets as w
+import matplotlib.pyplot as plt
+
+def explore(eval_set, method, metric):
+    g = runs[(runs["eval_set"] == eval_set) & (runs["method_label"].str.startswith(method) | (method == "all"))]
+    if g.empty:
+        print("no runs"); return
+    t = g.groupby(["method_label", "train_task"])[metric].agg(["mean", "std", "count"]).round(4)
+    # the chart first, as a finished image, then the table: drawn the other way round, JupyterLab shows the
+    # redrawn chart blank after a dropdown change (tests/test_lab_browser.py)
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    t["mean"].plot.barh(ax=ax, xerr=t["std"].fillna(0), color="#4c72b0"); ax.set_xlabel(metric)
+    display(fig); plt.close(fig)
+    display(t)
+
+w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "zero-shot", "ICL", "CD", "PBFT"],
+           metric=["score_acc", "acc_label0", "acc_label1", "top1_acc", "non_verbalizer_frac", "s_per_query",
+                   "peak_mem_mb", "prompt_tokens", "train_s"]);
+
+# %%
+# Checks: the summary is exactly recomputable from the raw rows, and every figure was written.
+again = results.summary_table(results.unify(results.ResultTable(out / "icl.csv").read(),
+                                            results.ResultTable(out / "cd.csv").read()))
+pd.testing.assert_frame_equal(again, pd.read_csv(out / "summary.csv"), check_dtype=False, atol=1e-12)
+assert len(summary) == len(again[(again["model"] == model) & (again["pattern"] == pattern)])
+assert {p.stem for p in (out / "figures").glob("*.png")} >= set(figs)
+print("ok")
