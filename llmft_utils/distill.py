@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import sys
 import time
@@ -32,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import logs
+
 TARGET_KINDS = ("verbalizer", "topk", "full")
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LR_SCHEDULES = ("constant", "linear")
 MIXED_PRECISION = ("no", "bf16")
 TRAIN_ATTENTION = ("auto", "eager", "sdpa")
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 
 # ----------------------------------------------------------------------------- losses (pure, log-space)
@@ -851,7 +852,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     check_tracker(log_with)  # before any work
 
     main = _world()[1] == 0
-    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    say = log.info if main else (lambda msg: None)
 
     order = [(p.method, p.task, p.k, p.seed) for p in plan]
     keep = [should_save(save_students, p.method, p.task, p.k, p.seed, order) for p in plan]

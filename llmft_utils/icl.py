@@ -24,7 +24,6 @@ row on its full prompt and raises :class:`PrefixReuseMismatch` if the two disagr
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -32,13 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import logs
 from .models import attention_implementation
 from .patterns import Pattern, build_prefix, query_text
 from .probes import probe
 from .stats import balanced_accuracy, expected_calibration_error
 
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -886,11 +886,11 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
         key = f"{model_name}|{es}|{pattern.name}|k{k}|s{seed}|eval{info['ids_digest']}|{precision_tag(lm)}"
         planned.append(key)
         if key in done:
-            print(f"skip (done): {key}")
+            log.info(f"skip (done): {key}")
             continue
         ev = data.read_split(out_dir, info)
         demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=ev)
-        print(f"{es}  k={k}  seed={seed}  n={len(ev)}", flush=True)
+        log.info(f"{es}  k={k}  seed={seed}  n={len(ev)}")
         metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
                                   progress=progress, max_tokens=max_tokens)
         atomic_write_parquet(preds, out_dir / "predictions" / f"icl__{ids_digest([key])}.parquet")
@@ -905,12 +905,12 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
                "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
         table.append([row])
         if metrics["n_eval"] == 0:
-            print(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context of "
-                  f"{lm.max_context} tokens (prefix {metrics['prefix_tokens']}); recorded with NaN metrics and left "
-                  "out of the summary. Use fewer demonstrations or a longer-context model.", flush=True)
+            log.warning(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context "
+                        f"of {lm.max_context} tokens (prefix {metrics['prefix_tokens']}); recorded with NaN metrics and "
+                        "left out of the summary. Use fewer demonstrations or a longer-context model.")
             continue
         skipped = f", {metrics['n_skipped_too_long']} too long and skipped" if metrics["n_skipped_too_long"] else ""
-        print(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f}{skipped})  "
-              f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB", flush=True)
+        log.info(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f}{skipped})  "
+                 f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB")
     out = table.read()
     return out[out["run_key"].isin(planned)].reset_index(drop=True)

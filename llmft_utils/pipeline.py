@@ -225,6 +225,10 @@ def main(argv=None) -> int:
 
     level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
     logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
+    from . import logs
+
+    os.environ[logs.ENV] = logging.getLevelName(level).lower()  # the notebook kernels' library verbosity
+    logs.set_verbosity(os.environ[logs.ENV])
     for noisy in ("httpx", "urllib3", "filelock", "traitlets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .params import ParameterError

@@ -1,0 +1,67 @@
+"""The library's logging: one ``llmft_utils`` logger for the progress reports of sweeps and runs.
+
+Messages go to the *current* ``sys.stdout`` (so they appear in a notebook cell's output, in papermill's
+streamed cell output and in a terminal) as plain lines, at INFO by default. The level comes from
+``$LLMFT_VERBOSITY`` (``debug``, ``info``, ``warning``, ``error``; set by ``llmft-study -v`` / ``-q`` for
+the notebook kernels it starts) or :func:`set_verbosity`. Under a launcher (``RANK`` > 0) only warnings
+and errors are shown: the main process reports. An application that configures logging itself can
+``logging.getLogger("llmft_utils").handlers.clear()`` and set ``propagate = True``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+ENV = "LLMFT_VERBOSITY"
+ROOT = "llmft_utils"
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is when a record is emitted (Jupyter replaces it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _main_process_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def level_from(name: str | None) -> int:
+    """The logging level of a verbosity name (case-insensitive); ``ValueError`` names the choices."""
+    if not name:
+        return logging.INFO
+    try:
+        return LEVELS[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown verbosity {name!r}; use one of {', '.join(LEVELS)}") from None
+
+
+def set_verbosity(name: str) -> None:
+    """Show the library's messages from ``name`` (``debug``/``info``/``warning``/``error``) up."""
+    logging.getLogger(ROOT).setLevel(level_from(name))
+
+
+def _install() -> logging.Logger:
+    root = logging.getLogger(ROOT)
+    if not any(isinstance(h, _Stdout) for h in root.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_main_process_or_warning)
+        root.addHandler(handler)
+    root.propagate = False
+    root.setLevel(level_from(os.environ.get(ENV)))
+    return root
+
+
+def get(name: str) -> logging.Logger:
+    """The logger of a library module (``llmft_utils.icl`` ...), the handler installed once."""
+    _install()
+    return logging.getLogger(name)
