@@ -16,6 +16,7 @@ every process.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -474,6 +475,48 @@ def float32_copy(model):
     return out
 
 
+def batch_loss(student, batch: dict, cfg: DistillConfig, verbalizer_ids, device_type: str) -> torch.Tensor:
+    """The training loss of one batch: ``(1 − α)·distill_loss + α·gold_ce`` at the answer position."""
+    with student_autocast(device_type, cfg.mixed_precision):
+        logits = answer_position_logits(student, batch).float()
+    loss = torch.zeros((), device=logits.device)
+    if cfg.alpha < 1.0:
+        loss = loss + (1 - cfg.alpha) * distill_loss(
+            logits, batch["teacher_logp"], cfg.loss, cfg.temperature, cfg.target, verbalizer_ids,
+            batch.get("topk_ids"), cfg.beta)
+    if cfg.alpha > 0.0:
+        loss = loss + cfg.alpha * gold_ce(logits, batch["labels"], verbalizer_ids)
+    return loss
+
+
+def training_step_memory(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
+                         checkpointing: bool = False):
+    """Tensor memory (:func:`probes.tensor_memory`) of one optimizer step of this training on its largest
+    batch (the ``batch_size`` longest examples), measured on a throw-away float32 copy after one untracked
+    step (so the optimizer's states exist, as in every step after the first): weights, gradients,
+    AdamW states, activations and temporaries at their joint peak, one process, no DDP buffers. The
+    student that :func:`train_student` trains is not touched."""
+    from .probes import tensor_memory
+
+    device = next(base_model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[:cfg.batch_size]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = {k: v.to(device) for k, v in collate([examples[i] for i in order], pad_id).items()}
+    model = _new_student(base_model, cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    with training_attention(model, cfg.train_attention, device.type):
+        for tracked in (False, True):
+            with (tensor_memory(model, optimizer=opt) if tracked else contextlib.nullcontext()) as m:
+                batch_loss(model, batch, cfg, verbalizer_ids, device.type).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    del model, opt
+    return m
+
+
 def _new_student(base_model, cfg: DistillConfig):
     """The float32 copy of ``base_model`` that is trained (with LoRA adapters when ``cfg.lora_r``)."""
     student = float32_copy(base_model)
@@ -613,15 +656,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         for epoch in range(cfg.epochs):
             for batch in loader:
                 with acc.accumulate(student):
-                    with student_autocast(acc.device.type, cfg.mixed_precision):
-                        logits = answer_position_logits(student, batch).float()
-                    loss = torch.zeros((), device=logits.device)
-                    if cfg.alpha < 1.0:
-                        loss = loss + (1 - cfg.alpha) * distill_loss(
-                            logits, batch["teacher_logp"], cfg.loss, cfg.temperature, cfg.target, verbalizer_ids,
-                            batch.get("topk_ids"), cfg.beta)
-                    if cfg.alpha > 0.0:
-                        loss = loss + cfg.alpha * gold_ce(logits, batch["labels"], verbalizer_ids)
+                    loss = batch_loss(student, batch, cfg, verbalizer_ids, acc.device.type)
                     rank_losses = acc.gather(loss.detach()[None]).tolist()  # one value per process
                     bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
                     if bad:
@@ -846,7 +881,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
             plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
     from .icl import _world
-    from .stats import constant_agreement
+    from .stats import bias_matched_agreement, constant_agreement
     from .students import should_save
 
     check_tracker(log_with)  # before any work
@@ -873,8 +908,9 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             continue
         say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}")
         teach = {"seconds": 0.0, "cache_hit": None}
-        if method == "cd":
-            train = transfer_set(pool, n_transfer, seed, [demos, *(frames[es] for es in eval_sets)])
+        if method == "cd":  # one transfer set per (task, seed), the same for every k: disjoint from all their demos
+            seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
+            train = transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in eval_sets)])
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
                                      mcfg, lm.dtype, lm.device)
             teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
@@ -883,8 +919,10 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
         else:
             rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
+            train = demos
         student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress, log_with=log_with,
                                     run_name=key_base, logging_dir=out_dir / "trackers")
+        tmem = training_step_memory(lm.model, lm.tokenizer, rows, mcfg, vids)
         # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
         slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{method}-student",
                    device=lm.device)
@@ -904,6 +942,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"),
                         "agree_teacher_constant": constant_agreement(tpreds.loc[~tpreds["skipped"], "pred"]),
+                        "agree_teacher_bias_matched": bias_matched_agreement(tpreds, zpreds),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],
@@ -914,12 +953,14 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "n_processes": _world()[0],
                 "train_task": task, "task": einfo["task"],
                 "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
-                "n_train": n_train, "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
+                "n_train": n_train, "train_ids_digest": ids_digest(list(map(str, train["idx"]))),
+                "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
                 "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),
                 "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(mcfg).items()},
                 "teacher_cache_s": teach["seconds"], "teacher_cache_hit": teach["cache_hit"],
                 "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"],
                 "train_mem_delta_mb": st["train_mem_delta_mb"], "train_steps": st["steps"],
+                "train_mem_tensors_peak_mb": tmem.peak_mb, "train_mem_work_mb": tmem.work_mb,
                 "loss_first": st["losses"][0], "loss_last": st["losses"][-1],
                 **metrics, **ag_z, "predictions_file": pfile, "profile": profile, **prov})
             say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "

@@ -34,7 +34,7 @@ import torch
 from . import logs
 from .models import attention_implementation
 from .patterns import Pattern, build_prefix, query_text
-from .probes import probe
+from .probes import TensorMemory, probe
 from .stats import balanced_accuracy, expected_calibration_error
 
 
@@ -789,6 +789,36 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
             "query_tokens": lengths - np.array([0 if r.standalone else P for r in rows])}
 
 
+def largest_batch_memory(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 8,
+                         reuse_prefix: bool = True, max_tokens: int = 0):
+    """Tensor memory (:func:`probes.tensor_memory`) of scoring the largest batch (most padded tokens) that
+    :func:`score_prompts` forms for these queries, the prefix cache built inside the measurement: the
+    model's weights, the prefix KV cache, the batch's activations and logits at their joint peak. The
+    peak of a whole evaluation is this batch's (every other batch is smaller), measured the same way on
+    every device, in a process of any age."""
+    from .probes import tensor_memory
+
+    prefix_ids, rows, _, _ = build_rows(lm.tokenizer, prefix_text, queries, verbalizers)
+    P = len(prefix_ids)
+    rows = [r for r in rows if len(r.ids) + (0 if r.standalone else P) <= lm.max_context]
+    reuse_rows, full_rows, _ = _plan_reuse(lm.model, prefix_ids, rows) if reuse_prefix else \
+        ([], [_standalone(r, prefix_ids) for r in rows], "")
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    best = None  # (padded tokens incl. the prefix, group, batch, uses the prefix)
+    for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
+        for b in (_batches(group, batch_size, max_tokens) if group else []):
+            tokens = len(b) * (max(len(group[i].ids) for i in b) + (P if use_prefix else 0))
+            if best is None or tokens > best[0]:
+                best = (tokens, group, b, use_prefix)
+    with tensor_memory(lm.model) as m:
+        if best is not None:
+            _, group, b, use_prefix = best
+            kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
+            m.next_call()
+            _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, order=[b])
+    return m
+
+
 def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion."""
     if n == 0:
@@ -801,15 +831,19 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 8,
-             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0):
+             reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0,
+             memory: bool = True):
     """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``.
-    ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows."""
+    ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows.
+    ``memory``: also measure the tensor memory of the largest batch (:func:`largest_batch_memory`; untimed)."""
     prefix = build_prefix(pattern, demos)
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
     with probe(lm.device) as pr:
         s = score_prompts(lm, prefix, queries, pattern.verbalizers, batch_size=batch_size,
                           reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress,
                           max_tokens=max_tokens)
+    mem = largest_batch_memory(lm, prefix, queries, pattern.verbalizers, batch_size, reuse_prefix, max_tokens) \
+        if memory else TensorMemory()
     ok = ~s["skipped"]
     gold = eval_df["label"].to_numpy()
     lp = s["logprobs"]
@@ -839,6 +873,8 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
         "scoring": "prefix_reuse" if reuse_prefix else "full_prompt",
         "wall_s": pr.wall_s, "s_per_query": pr.wall_s / max(len(queries), 1),
         "peak_mem_mb": pr.peak_mem_mb, "peak_mem_delta_mb": pr.mem_delta_mb, "mem_kind": pr.mem_kind,
+        "mem_tensors_peak_mb": mem.peak_mb, "mem_weights_mb": mem.weights_mb, "mem_work_mb": mem.work_mb,
+        "mem_method": mem.method,
     }
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
                           "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
@@ -850,6 +886,19 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
 
 
 
+def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, n: int, batch_size: int = 8,
+                     max_tokens: int = 0) -> dict:
+    """What ICL costs without a prefix cache: the first ``n`` queries of ``ev`` scored on full prompts (the
+    demonstrations run again with every query), wall time per query. Prompts that do not fit are
+    skipped. ``{}`` for ``n = 0``. With the run's own ``s_per_query`` (prefix reused) and a student's, it
+    gives the break-even number of queries of context distillation (``results.break_even``)."""
+    if n <= 0 or not len(demos):
+        return {}
+    m, _ = evaluate(lm, ev.head(n), pattern, demos, batch_size=batch_size, reuse_prefix=False, on_too_long="skip",
+                    progress=False, max_tokens=max_tokens, memory=False)
+    return {"s_per_query_full_prompt": m["s_per_query"], "n_full_prompt_sample": m["n_eval"]}
+
+
 def precision_tag(lm) -> str:
     """``dtype@device kind`` (e.g. ``float32@cpu``): part of every resume key, so that runs at another precision
     or on another kind of device never count as done, nor get mixed with these."""
@@ -858,7 +907,7 @@ def precision_tag(lm) -> str:
 
 def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on_too_long: str = "error",
               force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True,
-              max_tokens: int = 0):
+              max_tokens: int = 0, full_prompt_sample: int = 16):
     """The k × seed ICL sweep over every evaluation set in ``out_dir/manifest.json``.
 
     Each finished (eval set, k, seed) appends one row to ``out_dir/icl.csv`` atomically and writes its
@@ -893,6 +942,7 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
         log.info(f"{es}  k={k}  seed={seed}  n={len(ev)}")
         metrics, preds = evaluate(lm, ev, pattern, demos, batch_size=batch_size, on_too_long=on_too_long,
                                   progress=progress, max_tokens=max_tokens)
+        cost = full_prompt_cost(lm, ev, pattern, demos, full_prompt_sample, batch_size, max_tokens) if k else {}
         atomic_write_parquet(preds, out_dir / "predictions" / f"icl__{ids_digest([key])}.parquet")
         row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
                "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
@@ -902,7 +952,7 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
                "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": batch_size,
                "max_batch_tokens": max_tokens, "random_init": lm.source.startswith("random-init"),
                "n_processes": _world()[0], "profile": profile,
-               "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **prov}
+               "predictions_file": f"predictions/icl__{ids_digest([key])}.parquet", **metrics, **cost, **prov}
         table.append([row])
         if metrics["n_eval"] == 0:
             log.warning(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context "

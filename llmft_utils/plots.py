@@ -74,14 +74,24 @@ def in_vs_out_of_domain(summary: pd.DataFrame, in_domain: str = "mnli/validation
     return fig
 
 
+def _memory_column(runs: pd.DataFrame, *choices) -> tuple:
+    """The first ``(column, label)`` of ``choices`` that ``runs`` has with a value: measured tensor memory
+    where the rows carry it (older rows: the RSS-based columns they have)."""
+    for col, label in choices:
+        if col in runs and runs[col].notna().any():
+            return col, label
+    return choices[-1]
+
+
 def cost_vs_k(runs: pd.DataFrame):
     """Per-query latency, peak memory and prompt tokens of ICL against k, and of the CD student."""
     icl = runs[runs["method"].isin(["zero-shot", "icl"])]
     cd = runs[runs["method"] == "cd"]
-    mem = "peak_mem_delta_mb" if "peak_mem_delta_mb" in runs else "peak_mem_mb"
-    metrics = [("s_per_query", 1000, "ms per query"),
-               (mem, 1, "working memory above resident (MB)" if mem == "peak_mem_delta_mb" else "peak memory (MB)"),
-               ("prompt_tokens", 1, "prompt tokens per query")]
+    mem, mem_label = _memory_column(runs, ("mem_tensors_peak_mb", "tensor memory at the largest batch (MB):\n"
+                                                                    "weights + KV cache + activations"),
+                                    ("peak_mem_delta_mb", "working memory above resident (MB)"),
+                                    ("peak_mem_mb", "peak memory (MB)"))
+    metrics = [("s_per_query", 1000, "ms per query"), (mem, 1, mem_label), ("prompt_tokens", 1, "prompt tokens per query")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, (col, scale, lab) in zip(axes, metrics):
         for es, g in icl.groupby("eval_set"):
@@ -92,8 +102,39 @@ def cost_vs_k(runs: pd.DataFrame):
                 s2 = c.groupby("k")[col].mean() * scale
                 ax.plot(s2.index, s2.values, marker="s", ls="--", color=line.get_color(), label=f"CD student {es}")
         ax.set(xlabel="demonstrations k", ylabel=lab)
+        ax.set_xticks(sorted(set(icl["k"]) | set(cd["k"])))  # whole k only
     axes[0].legend(fontsize=7)
     fig.suptitle("Inference cost: ICL pays for the prompt, the CD student answers at zero-shot cost")
+    fig.tight_layout()
+    return fig
+
+
+def cost_break_even(table: pd.DataFrame, n_max: float = 1e6):
+    """Cumulative wall time against queries served (log-log), one panel per evaluation set: ICL with the
+    prefix cached (solid) and without (dotted), CD = its one-off teacher + training cost plus the
+    student's per-query cost (dashed), one colour per k; dots mark the break-even points
+    (:func:`results.break_even`)."""
+    sets = sorted(table["eval_set"].unique()) if len(table) else []
+    fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(4.6 * max(1, len(sets)), 3.6), squeeze=False)
+    n = np.logspace(0, np.log10(n_max), 200)
+    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2", "#937860"]
+    for ax, es in zip(axes[0], sets):
+        for i, r in enumerate(table[table["eval_set"] == es].sort_values("k").itertuples()):
+            col = palette[i % len(palette)]
+            ax.plot(n, r.s_per_query_icl * n, color=col, label=f"ICL k={r.k} (prefix cached)")
+            if r.s_per_query_full_prompt == r.s_per_query_full_prompt:
+                ax.plot(n, r.s_per_query_full_prompt * n, color=col, ls=":", label=f"ICL k={r.k} (full prompts)")
+            ax.plot(n, r.cd_once_s + r.s_per_query_student * n, color=col, ls="--", label=f"CD k={r.k}")
+            for be, c_other in ((r.break_even_cached, r.s_per_query_icl), (r.break_even_full, r.s_per_query_full_prompt)):
+                if be == be and np.isfinite(be) and be <= n_max:
+                    ax.plot([be], [c_other * be], "o", color=col, ms=5)
+        ax.set(xscale="log", yscale="log", xlabel="queries served", ylabel="cumulative wall time (s)",
+               title=f"{es} ({table.loc[table['eval_set'] == es, 'train_task'].iloc[0]} demos / students)")
+        ax.legend(fontsize=6)
+    if not sets:
+        axes[0][0].text(0.5, 0.5, "no CD runs to compare", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle("When does distilling pay? Break-even points (dots): CD's one-off cost against ICL's per-query cost",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -122,7 +163,9 @@ def hans_heatmap(subcases: pd.DataFrame, train_task: str = "mnli"):
 def training_cost(runs: pd.DataFrame):
     """Teacher caching + training time and peak training memory of CD vs PBFT students."""
     t = runs[runs["method"].isin(["cd", "pbft"])].drop_duplicates(["method", "train_task", "k", "seed"])
-    mem = "train_mem_delta_mb" if "train_mem_delta_mb" in t else "train_peak_mem_mb"
+    mem, mem_label = _memory_column(t, ("train_mem_tensors_peak_mb", "training step tensor memory (MB)"),
+                                    ("train_mem_delta_mb", "training memory above resident (MB)"),
+                                    ("train_peak_mem_mb", "peak training memory (MB)"))
     g = t.groupby(["train_task", "method_label"])[["teacher_cache_s", "train_s", mem, "n_train"]].mean()
     g = g.reset_index()
     labels = [f"{r.train_task}\n{r.method_label}" for r in g.itertuples()]
@@ -134,7 +177,7 @@ def training_cost(runs: pd.DataFrame):
     axes[0].set(ylabel="seconds per student (mean over seeds)", title="Training cost")
     axes[0].legend(fontsize=8)
     axes[1].bar(x, g[mem], color=[_color(m) for m in g["method_label"]])
-    axes[1].set(ylabel="training memory above resident (MB)" if mem == "train_mem_delta_mb" else "peak training memory (MB)",
+    axes[1].set(ylabel=mem_label,
                 title="Training memory (weights, gradients, optimizer state, activations)")
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8)

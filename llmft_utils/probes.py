@@ -6,6 +6,12 @@ high-water mark (``/proc/self/clear_refs`` ← 5), so the peak is the block's ow
 possible the row says ``cpu_peak_rss_process`` (peak over the whole process so far). ``mem_delta_mb`` is
 the peak minus what was resident when the block started: the block's own working memory (KV cache,
 activations, optimizer state), comparable between ICL and a student evaluated in a busier process.
+
+RSS on a CPU does not attribute memory to work done in a long-lived process: freed blocks stay with the
+allocator, so a later run that fits in them shows ~0 MB. :func:`tensor_memory` measures instead what
+the tensors of one piece of work occupy at their peak (the weights, plus every storage its torch ops
+create while it is alive), the same quantity on every device and in any process; the kit applies it to
+each run's largest batch and to one training step.
 """
 from __future__ import annotations
 
@@ -102,3 +108,83 @@ def hardware() -> str:
     except OSError:
         pass
     return f"cpu:{cpu} x{torch.get_num_threads()} threads"
+
+
+@dataclass
+class TensorMemory:
+    peak_mb: float = float("nan")  # weights (+ optimizer states) + the block's own tensors at their peak
+    weights_mb: float = float("nan")  # parameters and buffers of the given modules
+    work_mb: float = float("nan")  # peak minus weights: activations, KV cache, temporaries, gradients, optimizer
+    by_kind_mb: dict | None = None  # weights, optimizer states (held before the block), the block's tensors
+    method: str = ""
+    next_call: object = None  # kept for callers written for torch's MemTracker: a no-op
+
+
+def _storage_bytes(tensors) -> dict:
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+class _LiveBytes:
+    """Counts the bytes of the storages created by torch ops while active, and their peak: each output
+    storage is counted once, and released when the storage is freed (a weak reference's callback)."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live, self.peak = 0, 0
+        self.seen: dict = {}
+
+        def release(key):
+            tracker.live -= tracker.seen.pop(key, (0, None))[0]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        key = id(st), st.data_ptr()
+                        if st.data_ptr() and key not in tracker.seen and st.nbytes():
+                            try:
+                                ref = weakref.ref(st, lambda _r, key=key: release(key))
+                            except TypeError:  # a storage without weak references: counted, never released
+                                ref = None
+                            tracker.seen[key] = (st.nbytes(), ref)
+                            tracker.live += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.live)
+                return out
+
+        self.mode = Mode()
+
+
+@contextmanager
+def tensor_memory(*modules, optimizer=None):
+    """``with tensor_memory(model) as m: work()`` then ``m.peak_mb``, ``m.weights_mb``, ``m.work_mb``: the peak
+    bytes of live tensors during the block: the given modules' parameters and buffers and ``optimizer``'s
+    states held when the block starts, plus the storages the block's torch ops create (activations, KV
+    cache, logits, gradients, new optimizer states), counted while alive (a ``TorchDispatchMode`` and weak
+    references on the storages). Device-independent: on a CPU the analogue of CUDA's
+    ``max_memory_allocated`` for the block, allocator caching and fragmentation not counted; a few ms of
+    overhead per forward."""
+    r = TensorMemory(next_call=lambda: None)
+    weights = _storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
+    states = {}
+    if optimizer is not None:
+        states = _storage_bytes([v for st in optimizer.state.values() for v in st.values()])
+    lb = _LiveBytes()
+    with lb.mode:
+        yield r
+    w, o, new = sum(weights.values()) / 2**20, sum(states.values()) / 2**20, lb.peak / 2**20
+    r.weights_mb, r.peak_mb = w, w + o + new
+    r.work_mb = r.peak_mb - w
+    r.by_kind_mb = {"weights": round(w, 3), "optimizer_states_before": round(o, 3), "block_tensors_peak": round(new, 3)}
+    r.method = "torch_tensor_bytes"

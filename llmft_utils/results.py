@@ -323,10 +323,47 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     skipped as too long) are left out."""
     runs, _ = evaluated(runs)
     t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
-                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"])
+                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"]
+                  + [c for c in ("mem_tensors_peak_mb",) if c in runs and runs[c].notna().any()])
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
     t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
     return t.reset_index(drop=True)
+
+
+def break_even(runs: pd.DataFrame) -> pd.DataFrame:
+    """The serving cost of ICL against CD's one-off cost, per model, pattern, evaluation set, training task, k
+    and configuration (means over seeds):
+
+        ICL, prefix cached:   c_icl · N          ICL, no prefix cache:   c_full · N
+        CD:                   C_once + c_student · N,   C_once = teacher caching + training (one student)
+
+    with c = wall seconds per query of the rows (``s_per_query``; ``s_per_query_full_prompt`` from the
+    full-prompt sample of each ICL run). Break-even N* = C_once / (c_icl − c_student) queries (and the same
+    with c_full); ``inf`` where the student is not cheaper per query. Rows: ``n_seeds`` (ICL rows),
+    ``n_students``, the per-query costs, ``cd_once_s``, ``break_even_cached``, ``break_even_full``."""
+    icl = runs[runs["method"] == "icl"]
+    cd = runs[runs["method"] == "cd"]
+    keys = ["model", "pattern", "eval_set", "train_task", "k"]
+    out = []
+    for key, g in icl.groupby(keys):
+        c = cd
+        for col, v in zip(keys, key):
+            c = c[c[col] == v]
+        if not len(c):
+            continue
+        for cfg, cc in c.groupby("config"):
+            students = cc.drop_duplicates(["train_task", "k", "seed"])
+            once = float((students["teacher_cache_s"].fillna(0) + students["train_s"]).mean())
+            c_icl = float(g["s_per_query"].mean())
+            c_full = float(g["s_per_query_full_prompt"].mean()) if "s_per_query_full_prompt" in g else float("nan")
+            c_st = float(cc["s_per_query"].mean())
+            n_star = lambda other: once / (other - c_st) if other == other and other > c_st else (  # noqa: E731
+                float("inf") if other == other else float("nan"))
+            out.append({**dict(zip(keys, key)), "config": cfg, "n_seeds": int(g["seed"].nunique()),
+                        "n_students": len(students), "s_per_query_icl": c_icl, "s_per_query_full_prompt": c_full,
+                        "s_per_query_student": c_st, "cd_once_s": once,
+                        "break_even_cached": n_star(c_icl), "break_even_full": n_star(c_full)})
+    return pd.DataFrame(out)
 
 
 def hans_subcases(runs: pd.DataFrame, results_root) -> pd.DataFrame:

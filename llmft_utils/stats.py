@@ -61,3 +61,30 @@ def expected_calibration_error(gold, logp_labels, bins: int = 10) -> float:
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(ece)
+
+
+def bias_matched_predictions(margin, rate: float) -> np.ndarray:
+    """Labels 1 for the ``round(rate · n)`` examples with the largest ``margin`` (log p(label 1) − log p(label 0)),
+    0 for the rest: a model's own ranking re-thresholded to a given label-1 rate. Ties are broken by
+    position (stable sort), so the rate is met exactly."""
+    margin = np.asarray(margin, dtype=float)
+    n1 = int(round(float(rate) * len(margin)))
+    out = np.zeros(len(margin), dtype=int)
+    out[np.argsort(-margin, kind="stable")[:n1]] = 1
+    return out
+
+
+def bias_matched_agreement(teacher_preds, zeroshot_preds) -> float:
+    """Agreement with the teacher of the zero-shot model re-thresholded to the teacher's label-1 rate on the
+    same queries (:func:`bias_matched_predictions`): the control that has the teacher's label bias and the
+    untrained model's per-example ranking. A student that "copies its teacher" must beat it, and the
+    constant majority-of-teacher control, before per-example transfer is claimed. Both frames: ``idx``,
+    ``pred``, ``logp_label0``, ``logp_label1``, ``skipped``; compared on queries neither skipped."""
+    t = teacher_preds.set_index("idx")
+    z = zeroshot_preds.set_index("idx").reindex(t.index)
+    ok = ~(t["skipped"].to_numpy(bool) | z["skipped"].fillna(True).to_numpy(bool))
+    if not ok.any():
+        return float("nan")
+    tp = t["pred"].to_numpy()[ok]
+    margin = (z["logp_label1"] - z["logp_label0"]).to_numpy()[ok]
+    return float((bias_matched_predictions(margin, (tp == 1).mean()) == tp).mean())

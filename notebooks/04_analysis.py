@@ -79,6 +79,22 @@ figs["in_vs_out_of_domain"] = plots.in_vs_out_of_domain(summary)
 figs["cost_vs_k"] = plots.cost_vs_k(runs)
 
 # %% [markdown]
+# ## When does distilling pay?
+#
+# CD costs a teacher pass and a training run once, then answers at zero-shot cost; ICL pays for its
+# prompt with every query — little with the demonstrations' KV cache reused, much more without
+# (`s_per_query_full_prompt`, timed on a sample of each ICL run). Break-even = one-off cost / per-query
+# saving, in queries (`break_even.csv`; means over seeds; wall time on this run's hardware).
+
+# %%
+breakeven = results.break_even(runs)
+results.atomic_write_csv(breakeven, out / "break_even.csv")
+if len(breakeven):
+    print(breakeven[["eval_set", "k", "s_per_query_icl", "s_per_query_full_prompt", "s_per_query_student",
+                     "cd_once_s", "break_even_cached", "break_even_full"]].round(4).to_string(index=False))
+figs["break_even"] = plots.cost_break_even(breakeven)
+
+# %% [markdown]
 # ## HANS by heuristic and subcase
 
 # %%

@@ -112,7 +112,9 @@ def test_committed_figures_are_reproduced_byte_for_byte(tmp_path):
     summary = results.summary_table(runs)
     figs = {"accuracy_vs_k": plots.accuracy_vs_k(summary), "in_vs_out_of_domain": plots.in_vs_out_of_domain(summary),
             "cost_vs_k": plots.cost_vs_k(runs), "training_cost": plots.training_cost(runs),
-            "hans_subcases": plots.hans_heatmap(pd.read_csv(REFERENCE / "hans_subcases.csv"))}
+            "hans_subcases": plots.hans_heatmap(pd.read_csv(REFERENCE / "hans_subcases.csv")),
+            "break_even": plots.cost_break_even(results.break_even(runs))}
+    pd.testing.assert_frame_equal(results.break_even(runs), pd.read_csv(REFERENCE / "break_even.csv"), check_dtype=False)
     for name, fig in figs.items():
         for path in plots.save(fig, tmp_path, name):
             assert path.read_bytes() == (REFERENCE / "figures" / path.name).read_bytes(), path.name
@@ -147,3 +149,24 @@ def test_loss_curves_one_line_per_student_per_method():
     assert {t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()} == {"mnli", "rte"}
     empty = plots.loss_curves(log.iloc[0:0])
     assert not empty.axes[0].lines
+
+
+def test_break_even_of_distillation_against_cached_and_uncached_icl():
+    """ICL k=4 costs 0.09 s/query cached and 0.5 s/query on full prompts; the CD students cost 0.05 s/query
+    after 10 s of teacher caching + 61 s of training (mean over 3 students): break-even at 71 / 0.04 = 1,775
+    queries against cached ICL and 71 / 0.45 ≈ 158 against uncached ICL. A student no cheaper than ICL never
+    breaks even."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = results.unify(_icl_rows().assign(s_per_query_full_prompt=0.5), _cd_rows())
+    t = results.break_even(runs)
+    assert set(t["eval_set"]) == {"mnli/validation_matched", "hans/validation"} and (t["k"] == 4).all()
+    r = t[t["eval_set"] == "mnli/validation_matched"].iloc[0]
+    assert r["cd_once_s"] == pytest.approx(71.0) and r["n_students"] == 3 and r["n_seeds"] == 3
+    assert r["break_even_cached"] == pytest.approx(71.0 / (0.09 - 0.05))
+    assert r["break_even_full"] == pytest.approx(71.0 / (0.5 - 0.05))
+    slow = results.break_even(results.unify(_icl_rows(), _cd_rows().assign(s_per_query=0.2)))
+    assert np.isinf(slow["break_even_cached"]).all() and slow["break_even_full"].isna().all()  # no full-prompt sample
+    fig = plots.cost_break_even(t)
+    assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import toy_data
-from llmft_utils import data, distill, icl, models, patterns
+from llmft_utils import data, distill, icl, models, patterns, stats
 
 GPT3 = patterns.get_pattern("gpt-3")
 
@@ -328,11 +328,14 @@ def test_two_process_losses_match_single_process(tmp_path):
 
 def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl.run_sweep(lm, out, "gpt-3", [0, 2], [0], progress=False)
+    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
-    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False)
-    assert sorted(rows["method"]) == ["cd", "pbft"] and rows["n_eval"].eq(8).all()
-    cd = rows.set_index("method").loc["cd"]
+    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1, progress=False)
+    assert sorted(rows["method"]) == ["cd", "cd", "pbft"] and rows["n_eval"].eq(8).all()
+    cd = rows[(rows["method"] == "cd") & (rows["k"] == 2)].iloc[0]
+    # one transfer set per seed, whatever k (no "CD vs k" confound), disjoint from both k's demonstrations
+    assert rows.loc[rows["method"] == "cd", "train_ids_digest"].nunique() == 1
+    assert rows.loc[rows["method"] == "pbft", "train_ids_digest"].iloc[0] != cd["train_ids_digest"]
     assert 0 <= cd["agree_teacher_student"] <= 1 and cd["kl_teacher_student"] >= 0
     assert all((out / f).is_file() for f in rows["predictions_file"])
     # controls and paired tests: the constant control is the teacher's majority-label share; McNemar's
@@ -340,6 +343,8 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     icl_rows = pd.read_csv(out / "icl.csv")
     teacher = pd.read_parquet(out / icl_rows[icl_rows["k"] == 2]["predictions_file"].iloc[0])
     assert cd["agree_teacher_constant"] == teacher["pred"].value_counts().max() / len(teacher)
+    zero = pd.read_parquet(out / icl_rows[icl_rows["k"] == 0]["predictions_file"].iloc[0])
+    assert cd["agree_teacher_bias_matched"] == stats.bias_matched_agreement(teacher, zero)
     for _, r in rows.iterrows():
         n = r["n_eval"]
         assert r["student_only_right_vs_zeroshot"] - r["zeroshot_only_right"] == round(n * (r["score_acc"] - r["zeroshot_acc"]))
@@ -349,7 +354,7 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     log = pd.read_csv(out / "train_log.csv")
     assert log.groupby("student").size().to_dict() == {k.rsplit("|", 2)[0]: n for k, n in
                                                        zip(rows["run_key"], rows["train_steps"])}
-    cd_log = log[log["student"].str.startswith("cd|")]
+    cd_log = log[log["student"] == cd["run_key"].rsplit("|", 2)[0]]
     assert cd_log["loss"].iloc[0] == pytest.approx(cd["loss_first"]) and cd_log["loss"].iloc[-1] == pytest.approx(cd["loss_last"])
     assert np.isfinite(cd_log[["loss", "lr", "grad_norm"]].to_numpy()).all() and (cd_log["grad_norm"] > 0).all()
     assert cd_log["lr"].max() == pytest.approx(1e-3)  # the linear schedule peaks at cfg.lr

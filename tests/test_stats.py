@@ -29,3 +29,23 @@ def test_constant_control_balanced_accuracy_and_ece():
     assert stats.expected_calibration_error(gold, lp) == pytest.approx(want)
     assert stats.expected_calibration_error(gold, lp + 3.0) == pytest.approx(want)  # renormalised
     assert math.isnan(stats.balanced_accuracy([], []))
+
+
+def test_bias_matched_control_has_the_teachers_rate_and_the_models_ranking():
+    import pandas as pd
+
+    from llmft_utils.stats import bias_matched_agreement, bias_matched_predictions
+
+    margin = np.array([0.5, -1.0, 2.0, 0.1, -0.3, 1.0])
+    assert bias_matched_predictions(margin, 0.5).tolist() == [1, 0, 1, 0, 0, 1]  # the 3 largest margins
+    assert bias_matched_predictions(margin, 0.0).sum() == 0 and bias_matched_predictions(margin, 1.0).sum() == 6
+    # by hand: teacher says 1 on idx 0, 1, 2 (rate 1/2); zero-shot ranks idx 2 > 5 > 0 > 3 > 4 > 1
+    teacher = pd.DataFrame({"idx": range(6), "pred": [1, 1, 1, 0, 0, 0], "skipped": False,
+                            "logp_label0": 0.0, "logp_label1": 0.0})
+    zero = pd.DataFrame({"idx": range(6), "pred": (margin > 0).astype(int), "skipped": False,
+                         "logp_label0": 0.0, "logp_label1": margin})
+    # control predicts 1 on idx 2, 5, 0: agrees on idx 0, 2 (1s) and 3, 4 (0s) = 4 of 6
+    assert bias_matched_agreement(teacher, zero) == pytest.approx(4 / 6)
+    # skipped queries are left out; rows are matched by idx, not position
+    assert bias_matched_agreement(teacher.assign(skipped=[False] * 5 + [True]), zero.iloc[::-1]) == pytest.approx(
+        float((bias_matched_predictions(margin[:5], 3 / 5) == np.array([1, 1, 1, 0, 0])).mean()))

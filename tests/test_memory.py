@@ -1,0 +1,53 @@
+"""Memory is measured, not inferred: the tensor bytes of each run's largest batch (``probes.tensor_memory``)
+grow with the number of demonstrations, are the same for a student as for the zero-shot model it came
+from, and are larger for a training step than for inference; the process's RSS, which the kit recorded
+before, cannot attribute memory to a run in a process that has already run larger ones."""
+import pytest
+
+import toy_data
+from llmft_utils import data, distill, icl, models, patterns
+
+GPT3 = patterns.get_pattern("gpt-3")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = models.tiny_tokenizer(add_bos=True)
+    lm = models.wrap(models.tiny_model("llama", tok, max_positions=4096), tok, name="tiny-llama")
+    ev, pool = toy_data.frames(24, 48, 0, premise=(3, 16))
+    return lm, ev, pool
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_icl_memory_grows_with_k_and_a_student_matches_zero_shot(arch, tiny_lms):
+    lm = tiny_lms[arch]
+    ev, pool = toy_data.frames(24, 48, 0, premise=(3, 16))
+    work = {}
+    for k in (0, 4, 16):
+        m, _ = icl.evaluate(lm, ev, GPT3, data.sample_demonstrations(pool, k, 0), progress=False)
+        assert m["mem_method"] == "torch_tensor_bytes"
+        assert m["mem_weights_mb"] == pytest.approx(sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20, rel=0.05)
+        work[k] = m["mem_work_mb"]
+    assert 0 < work[0] < work[4] < work[16], work  # the prefix KV cache and the longer attention
+    zero, _ = icl.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
+    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3)
+    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)
+    student, _ = distill.train_student(lm.model, lm.tokenizer, rows, cfg, vids)
+    s, _ = icl.evaluate(models.wrap(student, lm.tokenizer, name="student"), ev, GPT3, pool.iloc[0:0], progress=False)
+    assert s["mem_tensors_peak_mb"] == pytest.approx(zero["mem_tensors_peak_mb"], rel=0.05)
+    # training (weights + gradients + AdamW states + activations) exceeds inference on the same model
+    step = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
+    assert step.peak_mb > 3 * step.weights_mb and step.peak_mb > zero["mem_tensors_peak_mb"]
+    assert step.by_kind_mb["optimizer_states_before"] >= 1.9 * step.weights_mb  # AdamW: two moments per weight
+
+
+def test_checkpointing_lowers_the_measured_training_memory(setup):
+    lm, ev, pool = setup
+    cfg = distill.DistillConfig(epochs=1, batch_size=16, lr=1e-3)
+    t = distill.teacher_targets(lm, GPT3, data.sample_demonstrations(pool, 4, 0), ev, cfg)
+    rows = distill.student_examples(lm.tokenizer, GPT3, ev, t, lm.max_context)
+    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    plain = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
+    ckpt = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids, checkpointing=True)
+    assert ckpt.work_mb < plain.work_mb and ckpt.weights_mb == plain.weights_mb
