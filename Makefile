@@ -32,7 +32,7 @@ test: venv  ## all tests: unit tests, the notebooks under nbval (smoke profile),
 	$(MAKE) test-unit test-notebooks test-browser
 
 test-unit: venv
-	$(PY) -m pytest -q tests --ignore=tests/test_lab_browser.py
+	$(PY) -m pytest -q -rs tests --ignore=tests/test_lab_browser.py
 
 test-notebooks: venv
 	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks; rc=$$?; rm -rf $$tmp; exit $$rc

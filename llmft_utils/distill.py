@@ -504,7 +504,7 @@ def training_step_memory(base_model, tokenizer, examples: list[dict], cfg: Disti
     batch = {k: v.to(device) for k, v in collate([examples[i] for i in order], pad_id).items()}
     model = _new_student(base_model, cfg)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     model.train()
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     with training_attention(model, cfg.train_attention, device.type):
@@ -515,6 +515,25 @@ def training_step_memory(base_model, tokenizer, examples: list[dict], cfg: Disti
                 opt.zero_grad(set_to_none=True)
     del model, opt
     return m
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing of every decoder layer on or off (non-reentrant), through transformers'
+    ``activation_checkpointing_*`` (5.x) or the older ``gradient_checkpointing_*`` names."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def checkpointing_on(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(model, "is_activation_checkpointing")
+                else model.is_gradient_checkpointing)
 
 
 def _new_student(base_model, cfg: DistillConfig):
@@ -629,7 +648,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     set_seed(cfg.seed)
     student = _new_student(base_model, cfg)
     if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(student, True)
         student.config.use_cache = False
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -698,7 +717,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     if cfg.lora_r:
         student = student.merge_and_unload()
     if checkpointing:
-        student.gradient_checkpointing_disable()
+        set_checkpointing(student, False)
         student.config.use_cache = getattr(base_model.config, "use_cache", True)
     student.eval()
     return student, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "train_s": pr.wall_s,

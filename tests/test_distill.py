@@ -248,7 +248,7 @@ def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_stu
     assert sc["losses"] == pytest.approx(sp["losses"], rel=1e-5, abs=1e-7) and sc["checkpointing"]
     for (n, a), (_, b) in zip(plain.named_parameters(), ck.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
-    assert not ck.is_gradient_checkpointing  # handed back like the base model: ready to evaluate
+    assert not distill.checkpointing_on(ck)  # handed back like the base model: ready to evaluate
 
 
 def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):

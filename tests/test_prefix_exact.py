@@ -177,7 +177,8 @@ def test_self_check_catches_the_sliding_window_error(lms, monkeypatch):
 @pytest.mark.parametrize("arch", ["opt", "gpt2"], ids=["split", "broadcast"])
 def test_self_check_costs_one_forward(lms, arch):
     """An honest run passes the self-check, which re-scores the most padded row on its full prompt:
-    one batch-1 forward per run on top of the prefix and the batches of queries."""
+    one batch-1 forward per run on top of the prefix and the batches of queries (the memory
+    measurement, one more prefix and batch, is switched off here)."""
     lm = lms[arch]
     ev, pool = _frames(9)
     demos = data.sample_demonstrations(pool, 2, seed=0)
@@ -185,7 +186,7 @@ def test_self_check_costs_one_forward(lms, arch):
     hook = lm.model.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                               with_kwargs=True)
     try:
-        m, _ = icl.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False)
+        m, _ = icl.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False, memory=False)
     finally:
         hook.remove()
     assert [s[0] for s in shapes] == [1, 4, 4, 1, 1]  # prefix, 3 batches of queries, the check
