@@ -789,6 +789,20 @@ def paired_vs(student_preds, other_preds, name: str) -> dict:
             f"mcnemar_p_vs_{name}": r["p"]}
 
 
+def controls_vs(student_preds, teacher_preds, zeroshot_preds) -> dict:
+    """:func:`stats.control_tests` on the examples that the student, its teacher and the zero-shot model all
+    scored (matched by ``idx``): the constant and bias-matched controls' agreement with the teacher, the
+    McNemar p-values of the student against each, and ``beats_controls``."""
+    from .stats import control_tests
+
+    s = student_preds.set_index("idx")
+    t = teacher_preds.set_index("idx").reindex(s.index)
+    z = zeroshot_preds.set_index("idx").reindex(s.index)
+    ok = ~(s["skipped"].to_numpy(bool) | t["skipped"].fillna(True).to_numpy(bool) | z["skipped"].fillna(True).to_numpy(bool))
+    return control_tests(s["pred"].to_numpy()[ok], t["pred"].to_numpy()[ok].astype(int),
+                         (z["logp_label1"] - z["logp_label0"]).to_numpy()[ok])
+
+
 # ----------------------------------------------------------------------------- the notebook-03 sweep
 
 def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
@@ -900,7 +914,6 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
             plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
     from .icl import _world
-    from .stats import bias_matched_agreement, constant_agreement
     from .students import should_save
 
     check_tracker(log_with)  # before any work
@@ -960,8 +973,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"),
-                        "agree_teacher_constant": constant_agreement(tpreds.loc[~tpreds["skipped"], "pred"]),
-                        "agree_teacher_bias_matched": bias_matched_agreement(tpreds, zpreds),
+                        **controls_vs(preds, tpreds, zpreds),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],

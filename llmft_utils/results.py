@@ -330,6 +330,26 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return t.reset_index(drop=True)
 
 
+TRANSFER_CHECK_COLUMNS = ["agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",
+                          "agree_teacher_bias_matched", "mcnemar_p_vs_constant_control",
+                          "mcnemar_p_vs_bias_matched_control", "kappa_teacher_student", "kl_teacher_student",
+                          "beats_controls"]
+
+
+def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per CD student and evaluation set: its agreement with its teacher beside the zero-shot model's
+    and the two controls' (constant majority-of-teacher, bias-matched zero-shot), the exact McNemar
+    p-values of student vs control, κ, KL and ``beats_controls`` (more agreement than every control,
+    each at p < 0.05; see ``stats.control_tests``). Columns a results folder predates are NaN
+    (``beats_controls`` then is NaN: not decided, never a pass)."""
+    cd = runs[runs["method"] == "cd"].copy()
+    for c in TRANSFER_CHECK_COLUMNS:
+        if c not in cd:
+            cd[c] = np.nan
+    keys = ["model", "pattern", "eval_set", "train_task", "k", "seed", "config"]
+    return cd[keys + TRANSFER_CHECK_COLUMNS].sort_values(keys).reset_index(drop=True)
+
+
 def break_even(runs: pd.DataFrame) -> pd.DataFrame:
     """The serving cost of ICL against CD's one-off cost, per model, pattern, evaluation set, training task, k
     and configuration (means over seeds):

@@ -88,3 +88,29 @@ def bias_matched_agreement(teacher_preds, zeroshot_preds) -> float:
     tp = t["pred"].to_numpy()[ok]
     margin = (z["logp_label1"] - z["logp_label0"]).to_numpy()[ok]
     return float((bias_matched_predictions(margin, (tp == 1).mean()) == tp).mean())
+
+
+def control_tests(student_pred, teacher_pred, zeroshot_margin, alpha: float = 0.05) -> dict:
+    """Does a student copy its teacher *per example* better than the controls that copy only its label bias?
+
+    Controls, on the same examples: ``constant`` (always the teacher's majority label) and ``bias_matched``
+    (the zero-shot model's margins re-thresholded to the teacher's label-1 rate,
+    :func:`bias_matched_predictions`). For each: its agreement with the teacher
+    (``agree_teacher_<control>``) and an exact McNemar test of "agrees with the teacher", student against
+    control (``mcnemar_p_vs_<control>_control``). ``beats_controls``: the student agrees more often than
+    every control and each difference has p < ``alpha``."""
+    s, t = np.asarray(student_pred), np.asarray(teacher_pred)
+    if not len(t):
+        return {"agree_teacher_constant": float("nan"), "agree_teacher_bias_matched": float("nan"),
+                "mcnemar_p_vs_constant_control": float("nan"), "mcnemar_p_vs_bias_matched_control": float("nan"),
+                "beats_controls": False}
+    controls = {"constant": np.full(len(t), np.bincount(t).argmax()),
+                "bias_matched": bias_matched_predictions(zeroshot_margin, (t == 1).mean())}
+    out, wins = {}, []
+    for name, c in controls.items():
+        r = mcnemar_exact(s == t, c == t)
+        out[f"agree_teacher_{name}"] = float((c == t).mean())
+        out[f"mcnemar_p_vs_{name}_control"] = r["p"]
+        wins.append(float((s == t).mean()) > out[f"agree_teacher_{name}"] and r["p"] < alpha)
+    out["beats_controls"] = bool(all(wins))
+    return out

@@ -60,6 +60,25 @@ cols = ["eval_set", "train_task", "method_label", "n_seeds", "score_acc_mean", "
 print(summary[cols].round(3).to_string(index=False))
 
 # %% [markdown]
+# ## Does the student copy its teacher, per example?
+#
+# Agreement with the teacher (the ICL run with the same demonstrations) of the CD student, the zero-shot
+# model, and two controls that copy only the teacher's label bias: a constant (always the teacher's
+# majority label) and the zero-shot model re-thresholded to the teacher's label rate (bias-matched).
+# Transfer is claimed only where the student beats both, each by an exact McNemar test at p < 0.05
+# (`beats_controls`; `transfer_checks.csv`).
+
+# %%
+checks = results.transfer_checks(runs)
+results.atomic_write_csv(checks, out / "transfer_checks.csv")
+decided = checks["beats_controls"].dropna()
+print(f"CD beats both controls in {int(decided.astype(bool).sum())} of {len(decided)} student × evaluation-set checks"
+      + (f" ({len(checks) - len(decided)} predate the controls: not decided)" if len(decided) < len(checks) else ""))
+show = ["eval_set", "train_task", "k", "seed", "agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",
+        "agree_teacher_bias_matched", "mcnemar_p_vs_bias_matched_control", "beats_controls"]
+print(checks[show].round(3).to_string(index=False))
+
+# %% [markdown]
 # ## Accuracy against the number of demonstrations
 
 # %%

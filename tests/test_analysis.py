@@ -170,3 +170,15 @@ def test_break_even_of_distillation_against_cached_and_uncached_icl():
     assert np.isinf(slow["break_even_cached"]).all() and slow["break_even_full"].isna().all()  # no full-prompt sample
     fig = plots.cost_break_even(t)
     assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)
+
+
+def test_transfer_checks_table_never_passes_undecided_rows():
+    runs = results.unify(_icl_rows(), _cd_rows())
+    old = results.transfer_checks(runs)  # rows from before the controls existed
+    assert len(old) == 6 and old["beats_controls"].isna().all() and old["agree_teacher_bias_matched"].isna().all()
+    cd = _cd_rows().assign(agree_teacher_student=0.9, agree_teacher_constant=0.7, agree_teacher_bias_matched=0.75,
+                           mcnemar_p_vs_constant_control=0.001, mcnemar_p_vs_bias_matched_control=0.01,
+                           beats_controls=True)
+    new = results.transfer_checks(results.unify(_icl_rows(), cd))
+    assert new["beats_controls"].astype(bool).all() and (new["method"] if "method" in new else new["k"]).notna().all()
+    assert list(new.columns[-len(results.TRANSFER_CHECK_COLUMNS):]) == results.TRANSFER_CHECK_COLUMNS

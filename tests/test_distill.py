@@ -345,6 +345,9 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     assert cd["agree_teacher_constant"] == teacher["pred"].value_counts().max() / len(teacher)
     zero = pd.read_parquet(out / icl_rows[icl_rows["k"] == 0]["predictions_file"].iloc[0])
     assert cd["agree_teacher_bias_matched"] == stats.bias_matched_agreement(teacher, zero)
+    wins = [cd["agree_teacher_student"] > cd[f"agree_teacher_{c}"] and cd[f"mcnemar_p_vs_{c}_control"] < 0.05
+            for c in ("constant", "bias_matched")]
+    assert cd["beats_controls"] == all(wins)
     for _, r in rows.iterrows():
         n = r["n_eval"]
         assert r["student_only_right_vs_zeroshot"] - r["zeroshot_only_right"] == round(n * (r["score_acc"] - r["zeroshot_acc"]))

@@ -49,3 +49,24 @@ def test_bias_matched_control_has_the_teachers_rate_and_the_models_ranking():
     # skipped queries are left out; rows are matched by idx, not position
     assert bias_matched_agreement(teacher.assign(skipped=[False] * 5 + [True]), zero.iloc[::-1]) == pytest.approx(
         float((bias_matched_predictions(margin[:5], 3 / 5) == np.array([1, 1, 1, 0, 0])).mean()))
+
+
+def test_control_tests_decide_per_example_transfer():
+    """A student that copies its teacher example by example beats both controls; one that only copies the
+    teacher's label rate (it *is* the bias-matched control) does not, however high its agreement."""
+    from llmft_utils.stats import bias_matched_predictions, control_tests
+
+    rng = np.random.default_rng(0)
+    n = 200
+    teacher = (rng.random(n) < 0.7).astype(int)  # a "No"-biased teacher: 70% label 1
+    margin = rng.normal(size=n)  # a zero-shot model whose ranking is unrelated to the teacher
+    copy = teacher.copy()
+    copy[:10] = 1 - copy[:10]  # 95% agreement
+    r = control_tests(copy, teacher, margin)
+    assert r["beats_controls"] and r["mcnemar_p_vs_constant_control"] < 1e-6
+    assert r["agree_teacher_constant"] == pytest.approx((teacher == 1).mean())
+    bias = bias_matched_predictions(margin, (teacher == 1).mean())
+    r2 = control_tests(bias, teacher, margin)
+    assert not r2["beats_controls"] and r2["mcnemar_p_vs_bias_matched_control"] == 1.0
+    assert r2["agree_teacher_bias_matched"] == pytest.approx(float((bias == teacher).mean()))
+    assert not control_tests(np.array([], int), np.array([], int), np.array([]))["beats_controls"]
