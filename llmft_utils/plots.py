@@ -22,29 +22,40 @@ def _err(g, col):
 
 
 def accuracy_vs_k(summary: pd.DataFrame):
-    """Score accuracy against k for ICL and CD per evaluation set (mean ± 95% CI over seeds; k = 0 is the
-    zero-shot model; triangles: PBFT at its n; dotted: majority class). Line style = training task."""
+    """Score accuracy against k for ICL and CD per evaluation set; k = 0 is the zero-shot model; triangles:
+    PBFT at its n; dotted: majority class. Line style = training task. Bars: 95% t-interval over seeds,
+    and for the zero-shot model (one run) the Wilson interval over examples. Methods at the same k are
+    drawn side by side (a small horizontal offset), and the k axis has whole-number ticks."""
     sets = list(dict.fromkeys(summary["eval_set"]))
     styles = {}
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.4 * len(sets), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.4 * len(sets), 3.7), squeeze=False)
+    span = max(1.0, float(summary["k"].max()) if len(summary) else 1.0)
+    offset = {"ICL": -0.012 * span, "CD": 0.012 * span, "PBFT": 0.024 * span}
     for ax, es in zip(axes[0], sets):
         g = summary[summary["eval_set"] == es]
         zs = g[g["method_label"] == "zero-shot"]
         for fam, marker in (("ICL", "o"), ("CD", "s")):
             for tt, gg in g[g["method_label"].str.startswith(fam)].groupby("train_task"):
                 ls = styles.setdefault(tt, ["-", "--", "-.", ":"][len(styles) % 4])
-                gg = pd.concat([zs, gg]).sort_values("k")
-                ax.errorbar(gg["k"], gg["score_acc_mean"], yerr=_err(gg, "score_acc"), marker=marker, capsize=3,
-                            color=COLORS[fam], ls=ls, label=f"{fam} ({tt})")
+                gg = gg.sort_values("k")
+                x = np.concatenate([zs["k"].to_numpy(float), gg["k"].to_numpy(float) + offset[fam]])
+                y = np.concatenate([zs["score_acc_mean"].to_numpy(), gg["score_acc_mean"].to_numpy()])
+                ax.plot(x, y, color=COLORS[fam], ls=ls, lw=1.2)
+                ax.errorbar(gg["k"] + offset[fam], gg["score_acc_mean"], yerr=_err(gg, "score_acc"), marker=marker,
+                            capsize=3, color=COLORS[fam], ls="none", label=f"{fam} ({tt})")
         for tt, pb in g[g["method_label"].str.startswith("PBFT")].groupby("train_task"):
-            ax.errorbar(pb["k"], pb["score_acc_mean"], yerr=_err(pb, "score_acc"), marker="^", capsize=3, ls="none",
-                        color=COLORS["PBFT"], label=f"PBFT ({tt})")
+            ax.errorbar(pb["k"] + offset["PBFT"], pb["score_acc_mean"], yerr=_err(pb, "score_acc"), marker="^",
+                        capsize=3, ls="none", color=COLORS["PBFT"], label=f"PBFT ({tt})")
         if len(zs):
-            ax.plot(zs["k"], zs["score_acc_mean"], marker="D", color=COLORS["zero-shot"], ls="none", label="zero-shot")
+            ax.errorbar(zs["k"], zs["score_acc_mean"], yerr=_err(zs, "score_acc"), marker="D", capsize=3,
+                        color=COLORS["zero-shot"], ls="none", label="zero-shot (Wilson interval)")
         ax.axhline(g["majority_acc_mean"].max(), color="k", ls=":", lw=1, label="majority class")
+        ax.set_xticks(sorted({int(k) for k in g["k"]}))
         ax.set(title=es, xlabel="demonstrations k (PBFT: labelled n)", ylabel="score accuracy")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(fontsize=6)
+    fig.text(0.5, 0.005, "bars: 95% t-interval over seeds (zero-shot: Wilson interval over the examples)",
+             ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
 

@@ -319,12 +319,24 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model, pattern, evaluation set, training task, method and configuration (:func:`run_configs`: two
     recipes or precisions in one table are two rows, never one mean): mean and 95% t-interval over seeds of score
     accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
-    majority-class baseline. Computed from the raw rows only; rows that evaluated nothing (every prompt
+    majority-class baseline. A group of one run (zero-shot) gets the Wilson interval of its accuracy over
+    the evaluation examples instead (``score_acc_interval`` says which). Computed from the raw rows only; rows that evaluated nothing (every prompt
     skipped as too long) are left out."""
     runs, _ = evaluated(runs)
     t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
                   ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"]
                   + [c for c in ("mem_tensors_peak_mb",) if c in runs and runs[c].notna().any()])
+    t["score_acc_interval"] = "t over seeds"
+    if {"score_acc_lo", "score_acc_hi"} <= set(runs):  # one run (zero-shot): its Wilson interval over examples
+        key = ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"]
+        one = runs.groupby(key, dropna=False).filter(lambda g: g["seed"].nunique() == 1 and len(g) == 1)
+        wil = one.set_index(key)[["score_acc_lo", "score_acc_hi"]]
+        idx = t.set_index(key).index
+        hit = idx.isin(wil.index) & (t["n_seeds"] == 1).to_numpy()
+        if hit.any():
+            t.loc[hit, "score_acc_ci_lo"] = wil.loc[idx[hit], "score_acc_lo"].to_numpy()
+            t.loc[hit, "score_acc_ci_hi"] = wil.loc[idx[hit], "score_acc_hi"].to_numpy()
+            t.loc[hit, "score_acc_interval"] = "Wilson (one run)"
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
     t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
     return t.reset_index(drop=True)

@@ -182,3 +182,17 @@ def test_transfer_checks_table_never_passes_undecided_rows():
     new = results.transfer_checks(results.unify(_icl_rows(), cd))
     assert new["beats_controls"].astype(bool).all() and (new["method"] if "method" in new else new["k"]).notna().all()
     assert list(new.columns[-len(results.TRANSFER_CHECK_COLUMNS):]) == results.TRANSFER_CHECK_COLUMNS
+
+
+def test_zero_shot_rows_get_a_wilson_interval():
+    from llmft_utils.icl import wilson_ci
+
+    icl = _icl_rows().assign(score_acc_lo=np.nan, score_acc_hi=np.nan, n_eval=1000)
+    z = icl["k"] == 0
+    icl.loc[z, "score_acc_lo"] = [wilson_ci(round(a * 1000), 1000)[0] for a in icl.loc[z, "score_acc"]]
+    icl.loc[z, "score_acc_hi"] = [wilson_ci(round(a * 1000), 1000)[1] for a in icl.loc[z, "score_acc"]]
+    s = results.summary_table(results.unify(icl, _cd_rows()))
+    zs = s[s["method_label"] == "zero-shot"]
+    assert len(zs) == 2 and (zs["score_acc_interval"] == "Wilson (one run)").all()
+    assert (zs["score_acc_ci_lo"] < zs["score_acc_mean"]).all() and (zs["score_acc_mean"] < zs["score_acc_ci_hi"]).all()
+    assert (s.loc[s["method_label"] != "zero-shot", "score_acc_interval"] == "t over seeds").all()
