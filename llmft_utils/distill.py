@@ -532,8 +532,10 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def checkpointing_on(model) -> bool:
-    return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(model, "is_activation_checkpointing")
-                else model.is_gradient_checkpointing)
+    """Whether activation checkpointing is on (either of transformers' property names)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def _new_student(base_model, cfg: DistillConfig):

@@ -814,7 +814,6 @@ def largest_batch_memory(lm, prefix_text: str, queries: list[str], verbalizers: 
         if best is not None:
             _, group, b, use_prefix = best
             kv = _prefix_kv(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
-            m.next_call()
             _forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, order=[b])
     return m
 

@@ -117,7 +117,6 @@ class TensorMemory:
     work_mb: float = float("nan")  # peak minus weights: activations, KV cache, temporaries, gradients, optimizer
     by_kind_mb: dict | None = None  # weights, optimizer states (held before the block), the block's tensors
     method: str = ""
-    next_call: object = None  # kept for callers written for torch's MemTracker: a no-op
 
 
 def _storage_bytes(tensors) -> dict:
@@ -175,7 +174,7 @@ def tensor_memory(*modules, optimizer=None):
     references on the storages). Device-independent: on a CPU the analogue of CUDA's
     ``max_memory_allocated`` for the block, allocator caching and fragmentation not counted; a few ms of
     overhead per forward."""
-    r = TensorMemory(next_call=lambda: None)
+    r = TensorMemory()
     weights = _storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
     states = {}
     if optimizer is not None:
