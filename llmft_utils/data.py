@@ -339,10 +339,15 @@ def _swap_in_folder(new: Path, dest: Path) -> None:
 
 
 def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, eval_sizes: dict | None = None,
-                       data_dir: str | os.PathLike | None = None, seed: int = 0):
+                       data_dir: str | os.PathLike | None = None, seed: int = 0, dev_n: int = 0):
     """Load, validate and subsample the evaluation sets and their demonstration pools; write them to
     ``out_dir/prepared/`` with ``out_dir/manifest.json``. ``eval_sizes`` maps task -> n (0 = all rows).
     Returns ``(manifest, stats)`` where ``stats`` has one row per written split.
+
+    ``dev_n`` > 0 holds out a **development split** from each demonstration pool: ``dev_n`` rows, stratified
+    by label (seed ``seed``), written as ``<task>__<split>_dev.jsonl`` (manifest ``dev_sets``) and *removed*
+    from the pool that is written, so no demonstration or transfer query can be a development example.
+    Recipe choices are made on it (:mod:`llmft_utils.selection`); the evaluation sets are for reporting.
 
     All-or-nothing: every split is loaded and validated before anything is written, the files go to a
     temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
@@ -377,9 +382,23 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         task, _, split = pool.partition("/")
         df = load_split(task, split, data_dir)
         rel = f"prepared/{task}__{split}.jsonl"
+        src = df.attrs["source"]
+        if dev_n:
+            if dev_n >= len(df) // 2:
+                raise DataError(f"dev_n={dev_n} would take half or more of the {len(df)} rows of {pool}; use fewer")
+            dev = stratified_subsample(df, n=dev_n, by="label", seed=seed)
+            df = df.drop(dev.index)
+            drel = f"prepared/{task}__{split}_dev.jsonl"
+            frames[drel] = dev
+            manifest.setdefault("dev_sets", {})[f"{task}/{split}_dev"] = {
+                "file": drel, "task": task, "split": f"{split}_dev", "held_out_of": pool, "source": src,
+                "ids_digest": ids_digest(dev["idx"]), **label_stats(dev)}
+            stats.append({"split": f"{task}/{split}_dev", "role": "dev (held out of the pool)", "n": len(dev),
+                          "full_size": len(dev), "subsampled": True,
+                          **{k: label_stats(dev)[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
         frames[rel] = df
-        info = {"file": rel, "task": task, "split": split, "source": df.attrs["source"], "used_by": sorted(pools[pool]),
-                **label_stats(df)}
+        info = {"file": rel, "task": task, "split": split, "source": src, "used_by": sorted(pools[pool]),
+                "dev_held_out": int(dev_n), **label_stats(df)}
         if task == "mnli" and len(df) < 100_000:
             info["note"] = "MNLI train subset (the local mirror holds 9,999 train examples), binarised"
         manifest["demo_pools"][pool] = info
@@ -395,7 +414,8 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values()]:
+    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values(),
+                 *manifest.get("dev_sets", {}).values()]:
         info["sha256"] = digests[info["file"]]
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest, pd.DataFrame(stats)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import logs
 
 TARGET_KINDS = ("verbalizer", "topk", "full")
+CONTROL_METHODS = {"shuffled": "cd_shuffled", "self": "cd_self"}  # control students: name -> method
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LR_SCHEDULES = ("constant", "linear")
 MIXED_PRECISION = ("no", "bf16")
@@ -768,7 +769,8 @@ def sweep_from_params(lm, out_dir, p: dict, progress: bool = False, **narrow):
                         config_from_params(p), p["pbft_epochs"], eval_batch_size=p["batch_size"], force=p["force"],
                         model_name=p["model"], profile=p["profile"], progress=progress,
                         ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
-                        eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"], log_with=p["log_with"])
+                        eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"], log_with=p["log_with"],
+                        controls=p.get("controls", ()), control_tasks=p.get("control_tasks"))
 
 
 def _barrier() -> None:
@@ -791,18 +793,29 @@ def paired_vs(student_preds, other_preds, name: str) -> dict:
             f"mcnemar_p_vs_{name}": r["p"]}
 
 
-def controls_vs(student_preds, teacher_preds, zeroshot_preds) -> dict:
-    """:func:`stats.control_tests` on the examples that the student, its teacher and the zero-shot model all
-    scored (matched by ``idx``): the constant and bias-matched controls' agreement with the teacher, the
-    McNemar p-values of the student against each, and ``beats_controls``."""
-    from .stats import control_tests
+def controls_vs(student_preds, teacher_preds, zeroshot_preds, student_controls=None) -> dict:
+    """:func:`stats.control_tests` on the examples that the student, its teacher, the zero-shot model (and
+    every control student in ``student_controls``: name -> prediction table) all scored, matched by ``idx``:
+    each control's agreement with the teacher, the McNemar p-values of the student against each,
+    ``beats_controls`` and ``controls_checked``; for the control students also their mean
+    KL(teacher ‖ control) over the verbalizers (``kl_teacher_<name>``; the student's is ``kl_teacher_student``)."""
+    from .stats import STUDENT_CONTROLS, control_tests
 
+    student_controls = {n: c for n, c in (student_controls or {}).items() if c is not None}
     s = student_preds.set_index("idx")
     t = teacher_preds.set_index("idx").reindex(s.index)
     z = zeroshot_preds.set_index("idx").reindex(s.index)
+    cs = {n: c.set_index("idx").reindex(s.index) for n, c in student_controls.items()}
     ok = ~(s["skipped"].to_numpy(bool) | t["skipped"].fillna(True).to_numpy(bool) | z["skipped"].fillna(True).to_numpy(bool))
-    return control_tests(s["pred"].to_numpy()[ok], t["pred"].to_numpy()[ok].astype(int),
-                         (z["logp_label1"] - z["logp_label0"]).to_numpy()[ok])
+    for c in cs.values():
+        ok &= ~c["skipped"].fillna(True).to_numpy(bool)
+    out = control_tests(s["pred"].to_numpy()[ok], t["pred"].to_numpy()[ok].astype(int),
+                        (z["logp_label1"] - z["logp_label0"]).to_numpy()[ok],
+                        student_controls={n: c["pred"].to_numpy()[ok].astype(int) for n, c in cs.items()})
+    for n in STUDENT_CONTROLS:
+        out[f"kl_teacher_{n}"] = (agreement(t[ok].reset_index(), cs[n][ok].reset_index())["kl"] if n in cs
+                                  else float("nan"))
+    return out
 
 
 # ----------------------------------------------------------------------------- the notebook-03 sweep
@@ -860,6 +873,8 @@ def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision:
     set) that are not in ``icl.csv``, as readable strings: checked before the first student trains."""
     need = {(es, 0, 0) for p in plan for es in p.eval_sets}
     need |= {(es, p.k, p.seed) for p in plan if p.method == "cd" for es in p.eval_sets}
+    need |= {(es, max(q.k for q in plan if q.method == "cd"), p.seed) for p in plan
+             if p.method in CONTROL_METHODS.values() for es in p.eval_sets}
     return [f"{es} k={k} seed={seed}" for es, k, seed in sorted(need)
             if icl_rows.empty or _icl_row(icl_rows, model, es, pattern, k, seed, precision) is None]
 
@@ -868,7 +883,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
                  pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none",
-                 log_with: str = ""):
+                 log_with: str = "", controls=(), control_tasks=None):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
@@ -877,7 +892,13 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     Rows go to ``out_dir/cd.csv`` (atomic, resumable). Students chosen by ``save_students``
     (:func:`llmft_utils.students.should_save`) are saved under ``out_dir/students/`` as Hugging Face model
     folders with a model card; their rows name the folder in ``student_dir``. ``log_with``: an experiment
-    tracker (see :func:`train_student`) logging under ``out_dir/trackers/``."""
+    tracker (see :func:`train_student`) logging under ``out_dir/trackers/``.
+
+    ``controls`` (``shuffled``, ``self``) adds control students for the tasks in ``control_tasks`` (default:
+    all), trained before the CD students with the CD recipe on the same transfer set of each (task, seed):
+    ``cd_shuffled`` at the largest k (that k's teacher targets permuted across the transfer queries) and
+    ``cd_self`` (k = 0: the zero-shot model's own targets). Their rows compare them with the largest k's
+    teacher (``controls_k``); each CD row is tested against them (:func:`controls_vs`)."""
     import gc
 
     from . import data
@@ -900,15 +921,22 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     pools = {p: data.read_split(out_dir, info) for p, info in manifest["demo_pools"].items()}
     ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
     plan = []
+    bad = sorted(set(controls) - set(CONTROL_METHODS))
+    if bad:
+        raise ValueError(f"controls: unknown {bad}; use any of {list(CONTROL_METHODS)}")
+    kc = max(ks) if ks else 0
     for task in train_tasks:
         ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
         if not ind:
             raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
-        runs = [("cd", k, s) for k in ks for s in seeds] + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else [])
+        ctl = [c for c in controls if control_tasks is None or task in control_tasks] if kc else []
+        runs = ([("cd_self", 0, s) for s in seeds if "self" in ctl]
+                + [("cd_shuffled", kc, s) for s in seeds if "shuffled" in ctl]
+                + [("cd", k, s) for k in ks for s in seeds] + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else []))
         for method, k, seed in runs:
-            mcfg = cfg if method == "cd" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
-                                                               "lr": pbft_lr or cfg.lr})
-            n_train = n_transfer if method == "cd" else k
+            mcfg = cfg if method != "pbft" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
+                                                                 "lr": pbft_lr or cfg.lr})
+            n_train = n_transfer if method != "pbft" else k
             key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
                         f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}|{precision}")
             eval_sets = [ind[0]] + [es for es in ood if es != ind[0]
@@ -932,6 +960,22 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                 "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
                                 "every cd_k in ks and the same seeds, first")
     planned = []
+    keys_of = {(p.method, p.task, p.k, p.seed): dict(zip(p.eval_sets, p.keys)) for p in plan}
+    run_rows = {}  # run_key -> row, of this sweep and of earlier ones (resume): control students' predictions
+    if not table.read().empty:
+        run_rows = {r["run_key"]: r for r in table.read().to_dict("records")}
+
+    def control_preds(task, k, seed, es):  # the control students' predictions for CD (task, k, seed) on es
+        got = {}
+        for name, method in CONTROL_METHODS.items():
+            key = keys_of.get((method, task, 0 if name == "self" else k, seed), {}).get(es)
+            row = run_rows.get(key) if key else None
+            if row is not None and (name == "self" or k == kc):
+                import pandas as pd
+
+                got[name] = pd.read_parquet(out_dir / row["predictions_file"])
+        return got
+
     for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
         info = manifest["eval_sets"][es_in]
         pool = pools[info["demo_pool"]]
@@ -942,7 +986,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             continue
         say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}")
         teach = {"seconds": 0.0, "cache_hit": None}
-        if method == "cd":  # one transfer set per (task, seed), the same for every k: disjoint from all their demos
+        if method != "pbft":  # one transfer set per (task, seed), the same for every k: disjoint from all their demos
             seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
             train = transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in eval_sets)])
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
@@ -950,6 +994,10 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
                                     batch_size=eval_batch_size, progress=progress, force=force,
                                     max_tokens=eval_max_tokens)
+            if method == "cd_shuffled":  # the same targets, each given to another transfer query
+                perm = torch.from_numpy(np.random.default_rng(20_000 + seed).permutation(len(train)))
+                teach = {**teach, "logp": teach["logp"][perm],
+                         "topk_ids": None if teach.get("topk_ids") is None else teach["topk_ids"][perm]}
             rows = student_examples(lm.tokenizer, pattern, train, teach, lm.max_context)
         else:
             rows = student_examples(lm.tokenizer, pattern, demos, None, lm.max_context)
@@ -970,12 +1018,13 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 atomic_write_parquet(preds, out_dir / pfile)
             zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
             ag_z = paired_vs(preds, zpreds, "zeroshot")
-            if method == "cd":
-                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed, precision)
+            if method != "pbft":  # CD and its control students: compared with the (largest k's) teacher
+                tk = k if method == "cd" else kc
+                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, tk, seed, precision)
                 same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
-                ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"),
-                        **controls_vs(preds, tpreds, zpreds),
+                ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"), "controls_k": tk,
+                        **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es)) if method == "cd" else {}),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],
@@ -999,7 +1048,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
                   f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
                                                        f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "
-                                                       f"{ag_z['agree_teacher_constant']:.3f}"
+                                                       f"{ag_z.get('agree_teacher_constant', float('nan')):.3f}"
                                                        if "agree_teacher_student" in ag_z else ""))
         student_dir = f"students/{method}-{task}-k{k}-s{seed}-{ids_digest([key_base])}" if save else ""
         if save and main:
@@ -1026,6 +1075,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             ResultTable(out_dir / "train_log.csv").append(training_log(key_base, st, mcfg.grad_accum),
                                                           replace="student")
             table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
+        run_rows.update({r["run_key"]: r for r in new_rows})
         _barrier()
         del student, slm
         gc.collect()

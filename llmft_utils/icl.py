@@ -906,7 +906,7 @@ def precision_tag(lm) -> str:
 
 def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on_too_long: str = "error",
               force: bool = False, model_name: str | None = None, profile: str = "", progress: bool = True,
-              max_tokens: int = 0, full_prompt_sample: int = 16):
+              max_tokens: int = 0, full_prompt_sample: int = 8):
     """The k × seed ICL sweep over every evaluation set in ``out_dir/manifest.json``.
 
     Each finished (eval set, k, seed) appends one row to ``out_dir/icl.csv`` atomically and writes its

@@ -23,7 +23,8 @@ def _err(g, col):
 
 def accuracy_vs_k(summary: pd.DataFrame):
     """Score accuracy against k for ICL and CD per evaluation set; k = 0 is the zero-shot model; triangles:
-    PBFT at its n; dotted: majority class. Line style = training task. Bars: 95% t-interval over seeds,
+    PBFT at its n; × and +: the shuffled-target and self-distillation control students (drawn at the largest
+    CD k); dotted: majority class. Line style = training task. Bars: 95% t-interval over seeds,
     and for the zero-shot model (one run) the Wilson interval over examples. Methods at the same k are
     drawn side by side (a small horizontal offset), and the k axis has whole-number ticks."""
     sets = list(dict.fromkeys(summary["eval_set"]))
@@ -35,7 +36,7 @@ def accuracy_vs_k(summary: pd.DataFrame):
         g = summary[summary["eval_set"] == es]
         zs = g[g["method_label"] == "zero-shot"]
         for fam, marker in (("ICL", "o"), ("CD", "s")):
-            for tt, gg in g[g["method_label"].str.startswith(fam)].groupby("train_task"):
+            for tt, gg in g[g["method_label"].str.startswith(fam + " k=")].groupby("train_task"):
                 ls = styles.setdefault(tt, ["-", "--", "-.", ":"][len(styles) % 4])
                 gg = gg.sort_values("k")
                 x = np.concatenate([zs["k"].to_numpy(float), gg["k"].to_numpy(float) + offset[fam]])
@@ -46,6 +47,11 @@ def accuracy_vs_k(summary: pd.DataFrame):
         for tt, pb in g[g["method_label"].str.startswith("PBFT")].groupby("train_task"):
             ax.errorbar(pb["k"] + offset["PBFT"], pb["score_acc_mean"], yerr=_err(pb, "score_acc"), marker="^",
                         capsize=3, ls="none", color=COLORS["PBFT"], label=f"PBFT ({tt})")
+        for name, marker in (("CD shuffled", "x"), ("CD self", "+")):  # control students, at the k they control
+            for tt, cc in g[g["method_label"].str.startswith(name)].groupby("train_task"):
+                kx = cc["k"].where(cc["k"] > 0, g.loc[g["method_label"].str.startswith("CD k="), "k"].max())
+                ax.errorbar(kx + 2 * offset["PBFT"], cc["score_acc_mean"], yerr=_err(cc, "score_acc"), marker=marker,
+                            capsize=3, ls="none", color="#8172b2", label=f"{name} control ({tt})")
         if len(zs):
             ax.errorbar(zs["k"], zs["score_acc_mean"], yerr=_err(zs, "score_acc"), marker="D", capsize=3,
                         color=COLORS["zero-shot"], ls="none", label="zero-shot (Wilson interval)")

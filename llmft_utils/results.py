@@ -248,7 +248,8 @@ def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
 def method_label(method: str, k: int) -> str:
     if method == "zero-shot" or (method == "icl" and k == 0):
         return "zero-shot"
-    return {"icl": f"ICL k={k}", "cd": f"CD k={k}", "pbft": f"PBFT n={k}"}[method]
+    return {"icl": f"ICL k={k}", "cd": f"CD k={k}", "pbft": f"PBFT n={k}", "cd_shuffled": f"CD shuffled k={k}",
+            "cd_self": "CD self k=0"}[method]
 
 
 def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -298,7 +299,7 @@ def run_configs(runs: pd.DataFrame) -> pd.Series:
     return pd.Series([one(v) for v in frame[cols].itertuples(index=False)], index=runs.index, dtype=object)
 
 
-METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "PBFT n=16"]
+METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "CD shuffled k=16", "CD self k=0", "PBFT n=16"]
 
 
 def _order(labels) -> list:
@@ -323,9 +324,11 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     the evaluation examples instead (``score_acc_interval`` says which). Computed from the raw rows only; rows that evaluated nothing (every prompt
     skipped as too long) are left out."""
     runs, _ = evaluated(runs)
+    runs = runs.assign(minority_acc=1.0 - runs["majority_acc"])  # the always-minority baseline (binary labels)
     t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
-                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "s_per_query", "peak_mem_mb"]
-                  + [c for c in ("mem_tensors_peak_mb",) if c in runs and runs[c].notna().any()])
+                  ["score_acc", "acc_label0", "acc_label1", "majority_acc", "minority_acc", "s_per_query", "peak_mem_mb"]
+                  + [c for c in ("balanced_acc", "ece", "non_verbalizer_frac", "mem_tensors_peak_mb")
+                     if c in runs and runs[c].notna().any()])
     t["score_acc_interval"] = "t over seeds"
     if {"score_acc_lo", "score_acc_hi"} <= set(runs):  # one run (zero-shot): its Wilson interval over examples
         key = ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"]

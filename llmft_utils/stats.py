@@ -90,27 +90,39 @@ def bias_matched_agreement(teacher_preds, zeroshot_preds) -> float:
     return float((bias_matched_predictions(margin, (tp == 1).mean()) == tp).mean())
 
 
-def control_tests(student_pred, teacher_pred, zeroshot_margin, alpha: float = 0.05) -> dict:
-    """Does a student copy its teacher *per example* better than the controls that copy only its label bias?
+STUDENT_CONTROLS = ("shuffled", "self")  # control students trained beside CD (distill.run_cd_sweep)
 
-    Controls, on the same examples: ``constant`` (always the teacher's majority label) and ``bias_matched``
+
+def control_tests(student_pred, teacher_pred, zeroshot_margin, alpha: float = 0.05, student_controls=None) -> dict:
+    """Does a student copy its teacher *per example* better than the controls that copy only its label bias
+    or only the training procedure?
+
+    Controls, on the same examples: ``constant`` (always the teacher's majority label), ``bias_matched``
     (the zero-shot model's margins re-thresholded to the teacher's label-1 rate,
-    :func:`bias_matched_predictions`). For each: its agreement with the teacher
+    :func:`bias_matched_predictions`) and, when given in ``student_controls`` (name -> predictions),
+    control *students* trained by the same recipe on the same transfer queries: ``shuffled`` (the
+    teacher's targets permuted across the queries: the label marginal is kept, the per-example
+    correspondence destroyed) and ``self`` (k = 0: the zero-shot model's own targets, i.e. what the
+    optimiser does without demonstrations). For each: its agreement with the teacher
     (``agree_teacher_<control>``) and an exact McNemar test of "agrees with the teacher", student against
     control (``mcnemar_p_vs_<control>_control``). ``beats_controls``: the student agrees more often than
-    every control and each difference has p < ``alpha``."""
+    every control present and each difference has p < ``alpha``; ``controls_checked`` names them."""
     s, t = np.asarray(student_pred), np.asarray(teacher_pred)
+    student_controls = {k: v for k, v in (student_controls or {}).items() if v is not None}
+    names = ["constant", "bias_matched", *STUDENT_CONTROLS]
+    out = {f"agree_teacher_{n}": float("nan") for n in names}
+    out.update({f"mcnemar_p_vs_{n}_control": float("nan") for n in names})
     if not len(t):
-        return {"agree_teacher_constant": float("nan"), "agree_teacher_bias_matched": float("nan"),
-                "mcnemar_p_vs_constant_control": float("nan"), "mcnemar_p_vs_bias_matched_control": float("nan"),
-                "beats_controls": False}
+        return {**out, "beats_controls": False, "controls_checked": ""}
     controls = {"constant": np.full(len(t), np.bincount(t).argmax()),
-                "bias_matched": bias_matched_predictions(zeroshot_margin, (t == 1).mean())}
-    out, wins = {}, []
+                "bias_matched": bias_matched_predictions(zeroshot_margin, (t == 1).mean()),
+                **{n: np.asarray(student_controls[n]) for n in STUDENT_CONTROLS if n in student_controls}}
+    wins = []
     for name, c in controls.items():
         r = mcnemar_exact(s == t, c == t)
         out[f"agree_teacher_{name}"] = float((c == t).mean())
         out[f"mcnemar_p_vs_{name}_control"] = r["p"]
         wins.append(float((s == t).mean()) > out[f"agree_teacher_{name}"] and r["p"] < alpha)
     out["beats_controls"] = bool(all(wins))
+    out["controls_checked"] = ";".join(controls)
     return out

@@ -41,6 +41,8 @@ cd_ks: list = [4]  # teacher demonstrations k for CD
 seeds: list = [0]  # data seeds, as in notebook 02
 n_transfer: int = 16  # unlabelled transfer queries per CD student
 pbft_n: int = 4  # labelled examples per PBFT student: the ICL demonstrations of k equal to pbft_n; 0 skips PBFT
+controls: list = ["shuffled", "self"]  # control students at the largest cd_k: shuffled teacher targets, self-distillation (k=0)
+control_tasks: list = ["mnli"]  # tasks that get the control students
 target: str = "verbalizer"  # distillation support: verbalizer, topk or full
 topk: int = 20  # support size when target is topk
 loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
@@ -76,6 +78,7 @@ print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
 table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
                              ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens,
+                             controls=controls, control_tasks=control_tasks,
                              save_students=save_students, log_with=log_with)
 
 # %% [markdown]

@@ -365,6 +365,50 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     assert len(pd.read_csv(out / "train_log.csv")) == len(log) and len(again) == 2  # a rerun replaces, never adds
 
 
+def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(tmp_path, monkeypatch):
+    """controls=["shuffled", "self"]: per seed a cd_self student (k = 0 teacher: the zero-shot model's own
+    targets) and a cd_shuffled one (the largest k's targets permuted across the same transfer queries), both
+    trained before CD with its recipe; the CD row at that k is tested against them (agreement with the teacher
+    from their prediction files, exact McNemar, beats_controls over all four controls); a rerun resumes."""
+    lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
+    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
+    seen = []
+    real = distill.student_examples
+    monkeypatch.setattr(distill, "student_examples", lambda tok, pat, ex, teach, mc: seen.append(teach) or real(tok, pat, ex, teach, mc))
+    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
+                                controls=["shuffled", "self"])
+    assert list(rows["method"]) == ["cd_self", "cd_shuffled", "cd", "cd"]
+    assert rows["train_ids_digest"].nunique() == 1  # one transfer set for the controls and every k
+    self_t, shuf_t, cd2_t, cd4_t = seen
+    assert not torch.equal(shuf_t["logp"], cd4_t["logp"])  # permuted ...
+    assert torch.equal(shuf_t["logp"].sort(0).values, cd4_t["logp"].sort(0).values)  # ... the same targets
+    assert not torch.allclose(self_t["logp"], cd4_t["logp"])  # k = 0: the zero-shot model's own distribution
+    assert rows.loc[rows["method"] == "cd_self", "k"].item() == 0
+    ctl = rows.set_index("method")
+    assert ctl.loc["cd_self", "controls_k"] == 4 and ctl.loc["cd_shuffled", "controls_k"] == 4
+    cd4 = rows[(rows["method"] == "cd") & (rows["k"] == 4)].iloc[0]
+    cd2 = rows[(rows["method"] == "cd") & (rows["k"] == 2)].iloc[0]
+    assert cd4["controls_checked"] == "constant;bias_matched;shuffled;self"
+    assert cd2["controls_checked"] == "constant;bias_matched;self"  # shuffled is trained at the largest k only
+    icl_rows = pd.read_csv(out / "icl.csv")
+    teacher = pd.read_parquet(out / icl_rows[icl_rows["k"] == 4]["predictions_file"].iloc[0]).set_index("idx")
+    for name, method in (("shuffled", "cd_shuffled"), ("self", "cd_self")):
+        c = pd.read_parquet(out / ctl.loc[method, "predictions_file"]).set_index("idx").loc[teacher.index]
+        assert cd4[f"agree_teacher_{name}"] == (c["pred"] == teacher["pred"]).mean()
+        assert cd4[f"agree_teacher_{name}"] == ctl.loc[method, "agree_teacher_student"]  # its own row says the same
+        assert 0 < cd4[f"mcnemar_p_vs_{name}_control"] <= 1 and cd4[f"kl_teacher_{name}"] >= 0
+    wins = [cd4["agree_teacher_student"] > cd4[f"agree_teacher_{c}"] and cd4[f"mcnemar_p_vs_{c}_control"] < 0.05
+            for c in ("constant", "bias_matched", "shuffled", "self")]
+    assert cd4["beats_controls"] == all(wins)
+    seen.clear()
+    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
+                                 controls=["shuffled", "self"])
+    assert not seen and len(again) == 4  # resumed: nothing retrained
+    with pytest.raises(ValueError, match="controls"):
+        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, progress=False, controls=["gold"])
+
+
 def test_training_log_rows():
     stats = {"losses": [1.0, 0.9, 0.8, 0.7], "lrs": [1e-3, 5e-4], "grad_norms": [2.0, 1.5]}
     log = pd.DataFrame(distill.training_log("s", stats, grad_accum=2))
