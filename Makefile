@@ -8,7 +8,7 @@ export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 JUPYTERLAB := 4.6.6
 
-.PHONY: bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
+.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ test-browser: venv
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) \
 	  || echo "test-browser: could not install Debian's chromium/chromium-driver (needs root and apt): the browser test is skipped"
 	$(PY) -m pytest -q -rs tests/test_lab_browser.py
+
+select-recipe: venv  ## choose the CD recipe on the development split (about 16 min; writes results/recipe_selection/)
+	$(PY) tools/select_recipe.py --profile $(PROFILE) --out results/recipe_selection
 
 bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64

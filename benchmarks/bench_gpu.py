@@ -155,7 +155,23 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
         record(f"CD training batch {bs} ({mp}{', ckpt' if ckpt else ''})", len(rows), st["train_s"],
                st["train_peak_mem_mb"], 3 * forward_flops(dims, np.full(len(rows), s_len), 0),
                unit="examples")
+        if a.kernels and variant == a.train[0]:  # where a training step spends its time (4 steps)
+            res.setdefault("kernels", {})["train"] = train_kernel_table(lm, rows[: 4 * bs], c, vids, ckpt, a)
     return _done(res, lm)
+
+
+def train_kernel_table(lm, rows, cfg, vids, ckpt: bool, a) -> str:
+    """The ops/kernels that take the most time in 4 training steps (torch profiler; printed and returned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        distill.train_student(lm.model, lm.tokenizer, rows, cfg, vids, checkpointing=ckpt)
+        _sync(lm.device)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                      row_limit=a.kernels, max_name_column_width=60)
+    print(f"  kernels, training batch {cfg.batch_size}, {len(rows)} examples:\n{table}", flush=True)
+    return table
 
 
 def _done(res: dict, lm) -> dict:

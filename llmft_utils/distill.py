@@ -932,7 +932,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         ctl = [c for c in controls if control_tasks is None or task in control_tasks] if kc else []
         runs = ([("cd_self", 0, s) for s in seeds if "self" in ctl]
                 + [("cd_shuffled", kc, s) for s in seeds if "shuffled" in ctl]
-                + [("cd", k, s) for k in ks for s in seeds] + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else []))
+                + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else []) + [("cd", k, s) for k in ks for s in seeds])
         for method, k, seed in runs:
             mcfg = cfg if method != "pbft" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
                                                                  "lr": pbft_lr or cfg.lr})
@@ -961,9 +961,16 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                                 "every cd_k in ks and the same seeds, first")
     planned = []
     keys_of = {(p.method, p.task, p.k, p.seed): dict(zip(p.eval_sets, p.keys)) for p in plan}
+    step_memory = {}  # (transfer set, recipe) -> training_step_memory
     run_rows = {}  # run_key -> row, of this sweep and of earlier ones (resume): control students' predictions
     if not table.read().empty:
         run_rows = {r["run_key"]: r for r in table.read().to_dict("records")}
+
+    def pbft_preds(task, seed, es):  # the PBFT student of (task, seed) on es (planned before CD), or None
+        import pandas as pd
+
+        row = run_rows.get(keys_of.get(("pbft", task, pbft_n, seed), {}).get(es))
+        return None if row is None else pd.read_parquet(out_dir / row["predictions_file"])
 
     def control_preds(task, k, seed, es):  # the control students' predictions for CD (task, k, seed) on es
         got = {}
@@ -1004,7 +1011,10 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             train = demos
         student, st = train_student(lm.model, lm.tokenizer, rows, mcfg, vids, progress=progress, log_with=log_with,
                                     run_name=key_base, logging_dir=out_dir / "trackers")
-        tmem = training_step_memory(lm.model, lm.tokenizer, rows, mcfg, vids)
+        mkey = (ids_digest(list(map(str, train["idx"]))), json.dumps(asdict(mcfg), sort_keys=True))
+        if mkey not in step_memory:  # the same inputs and recipe (CD and its control students): the same step
+            step_memory[mkey] = training_step_memory(lm.model, lm.tokenizer, rows, mcfg, vids)
+        tmem = step_memory[mkey]
         # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
         slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{method}-student",
                    device=lm.device)
@@ -1025,6 +1035,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"), "controls_k": tk,
                         **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es)) if method == "cd" else {}),
+                        **(paired_vs(preds, pb, "pbft") if method == "cd" and (pb := pbft_preds(task, seed, es)) is not None
+                           else {}),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],

@@ -370,12 +370,22 @@ def _math_lse(q, k, v, bias, scale):
     return torch.cat(outs, -2), torch.cat(lses, -1)
 
 
-SPLIT_KERNEL = "auto"  # auto: the fused CPU kernel on CPU, _math_lse elsewhere | math: _math_lse everywhere (tests)
+def _efficient_lse(q, k, v, scale):
+    """Fused ``(output, logsumexp)`` on CUDA without a mask (torch's memory-efficient kernel, which SDPA uses
+    for float32; its log-sum-exp comes padded to a multiple of 32 rows and is cut back here)."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+    return out, lse[..., :q.shape[-2]]
+
+
+SPLIT_KERNEL = "auto"  # auto: fused kernels where there is one (CPU flash; CUDA efficient for the prefix part),
+# _math_lse elsewhere | math: _math_lse everywhere (tests, and the reference of the GPU check)
 
 
 def _attend(q, k, v, bias, scale):
     if SPLIT_KERNEL == "auto" and q.device.type == "cpu" and _CPU_FLASH:
         return _flash_lse(q, k, v, bias, scale)
+    if SPLIT_KERNEL == "auto" and q.device.type == "cuda" and bias is None and _CUDA_EFFICIENT:
+        return _efficient_lse(q, k, v, scale)
     return _math_lse(q, k, v, bias, scale)
 
 
@@ -394,7 +404,8 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     ``llmft_prefix_kv[layer]`` holds that layer's prefix keys/values, shape (1, kv_heads, P, head_dim),
     exactly as a cache stores them (after rotary embedding). Query heads map to key/value heads as in
     transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim).
-    The partial attentions run in torch's fused CPU kernel on CPU and in :func:`_math_lse` elsewhere.
+    The partial attentions run in torch's fused CPU kernel on CPU; on CUDA the prefix part (no mask) runs
+    in the fused memory-efficient kernel and the query part in :func:`_math_lse`; :func:`_math_lse` elsewhere.
     Each call appends its layer to ``llmft_split_calls``: the proof, checked by :func:`_forward_rows`,
     that the model dispatched here rather than to a kernel that ignores the prefix."""
     pk, pv = llmft_prefix_kv[module.layer_idx]
@@ -433,6 +444,7 @@ def _register_split_attention() -> bool:
 
 _SPLIT_AVAILABLE = _register_split_attention()
 _CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+_CUDA_EFFICIENT = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
 
 
 def uses_split_attention(model, device: str) -> bool:

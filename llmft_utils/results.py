@@ -316,11 +316,37 @@ def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs[~none], runs[none]
 
 
+PAIRED_WITH = ("teacher", "pbft", "zeroshot")  # exact McNemar tests each student row carries (distill.paired_vs)
+
+
+def paired_counts(runs: pd.DataFrame, key: list, alpha: float = 0.05) -> pd.DataFrame:
+    """Per group, how many seeds' students are significantly above / below the teacher, the PBFT student of the
+    same seed and the zero-shot model in an exact McNemar test on the same examples (p < ``alpha``; columns
+    ``n_seeds_above_<other>`` / ``n_seeds_below_<other>``, and ``n_seeds_tested_<other>``). Groups without the
+    test (ICL rows; a results folder that predates it) are left out."""
+    out = None
+    for other in PAIRED_WITH:
+        p, a, b = f"mcnemar_p_vs_{other}", f"student_only_right_vs_{other}", f"{other}_only_right"
+        if not {p, a, b} <= set(runs):
+            continue
+        r = runs[runs[p].notna()]
+        if r.empty:
+            continue
+        sig = r[p] < alpha
+        g = r.assign(_above=sig & (r[a] > r[b]), _below=sig & (r[a] < r[b]), _n=1).groupby(key, dropna=False)
+        part = g[["_above", "_below", "_n"]].sum().astype(int).rename(columns={
+            "_above": f"n_seeds_above_{other}", "_below": f"n_seeds_below_{other}", "_n": f"n_seeds_tested_{other}"})
+        out = part if out is None else out.join(part, how="outer")
+    return pd.DataFrame() if out is None else out.reset_index()
+
+
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model, pattern, evaluation set, training task, method and configuration (:func:`run_configs`: two
     recipes or precisions in one table are two rows, never one mean): mean and 95% t-interval over seeds of score
     accuracy, and of accuracy on entailment (label 0) and non-entailment (label 1) examples, with the
-    majority-class baseline. A group of one run (zero-shot) gets the Wilson interval of its accuracy over
+    majority-class baseline, the always-minority baseline, balanced accuracy, ECE and the answer format
+    (``non_verbalizer_frac``: top-1 token outside the verbalizers), and for students the paired tests against
+    teacher, PBFT and zero-shot model as counts of seeds (:func:`paired_counts`). A group of one run (zero-shot) gets the Wilson interval of its accuracy over
     the evaluation examples instead (``score_acc_interval`` says which). Computed from the raw rows only; rows that evaluated nothing (every prompt
     skipped as too long) are left out."""
     runs, _ = evaluated(runs)
@@ -340,22 +366,28 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             t.loc[hit, "score_acc_ci_lo"] = wil.loc[idx[hit], "score_acc_lo"].to_numpy()
             t.loc[hit, "score_acc_ci_hi"] = wil.loc[idx[hit], "score_acc_hi"].to_numpy()
             t.loc[hit, "score_acc_interval"] = "Wilson (one run)"
+    paired = paired_counts(runs, key=["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"])
+    if len(paired):
+        t = t.merge(paired, on=["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"], how="left")
     t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
     t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
     return t.reset_index(drop=True)
 
 
 TRANSFER_CHECK_COLUMNS = ["agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",
-                          "agree_teacher_bias_matched", "mcnemar_p_vs_constant_control",
-                          "mcnemar_p_vs_bias_matched_control", "kappa_teacher_student", "kl_teacher_student",
+                          "agree_teacher_bias_matched", "agree_teacher_shuffled", "agree_teacher_self",
+                          "mcnemar_p_vs_constant_control", "mcnemar_p_vs_bias_matched_control",
+                          "mcnemar_p_vs_shuffled_control", "mcnemar_p_vs_self_control", "kappa_teacher_student",
+                          "kl_teacher_student", "kl_teacher_shuffled", "kl_teacher_self", "controls_checked",
                           "beats_controls"]
 
 
 def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per CD student and evaluation set: its agreement with its teacher beside the zero-shot model's
-    and the two controls' (constant majority-of-teacher, bias-matched zero-shot), the exact McNemar
-    p-values of student vs control, κ, KL and ``beats_controls`` (more agreement than every control,
-    each at p < 0.05; see ``stats.control_tests``). Columns a results folder predates are NaN
+    and the controls' (constant majority-of-teacher, bias-matched zero-shot, and where trained the
+    shuffled-target and self-distillation control students), the exact McNemar p-values of student vs
+    control, κ, KL (the student's and the control students') and ``beats_controls`` (more agreement than every
+    control in ``controls_checked``, each at p < 0.05; see ``stats.control_tests``). Columns a results folder predates are NaN
     (``beats_controls`` then is NaN: not decided, never a pass)."""
     cd = runs[runs["method"] == "cd"].copy()
     for c in TRANSFER_CHECK_COLUMNS:

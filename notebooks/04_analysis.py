@@ -60,13 +60,29 @@ cols = ["eval_set", "train_task", "method_label", "n_seeds", "score_acc_mean", "
 print(summary[cols].round(3).to_string(index=False))
 
 # %% [markdown]
+# ## Balanced accuracy, calibration and answer format
+#
+# `balanced_acc`: mean of the two per-label accuracies (0.5 for any constant answer; the always-majority and
+# always-minority baselines are `majority_acc` and `minority_acc`); `ece`: expected calibration error of the
+# verbalizer distribution (10 bins); `non_verbalizer_frac`: share of queries whose full-vocabulary top-1
+# token is not an answer word (the *format*: a student that forgets to answer " Yes"/" No" shows it here).
+
+# %%
+cols = ["eval_set", "train_task", "method_label", "balanced_acc_mean", "majority_acc_mean", "minority_acc_mean",
+        "ece_mean", "non_verbalizer_frac_mean"]
+print(summary[[c for c in cols if c in summary]].round(3).to_string(index=False))
+
+# %% [markdown]
 # ## Does the student copy its teacher, per example?
 #
 # Agreement with the teacher (the ICL run with the same demonstrations) of the CD student, the zero-shot
-# model, and two controls that copy only the teacher's label bias: a constant (always the teacher's
-# majority label) and the zero-shot model re-thresholded to the teacher's label rate (bias-matched).
-# Transfer is claimed only where the student beats both, each by an exact McNemar test at p < 0.05
-# (`beats_controls`; `transfer_checks.csv`).
+# model, and the controls: two that copy only the teacher's label bias, a constant (always the teacher's
+# majority label) and the zero-shot model re-thresholded to the teacher's label rate (bias-matched); and,
+# where the profile trains them (`controls`, `control_tasks`), two control *students* with the CD recipe on
+# the same transfer queries: `shuffled` (the teacher's targets permuted across the queries: the label rate
+# is kept, which target belongs to which query is not) and `self` (k = 0: the zero-shot model's own
+# targets). Transfer is claimed only where the student beats every control present, each by an exact
+# McNemar test at p < 0.05 (`beats_controls`, `controls_checked`; `transfer_checks.csv`).
 
 # %%
 checks = results.transfer_checks(runs)
@@ -75,8 +91,21 @@ decided = checks["beats_controls"].dropna()
 print(f"CD beats both controls in {int(decided.astype(bool).sum())} of {len(decided)} student × evaluation-set checks"
       + (f" ({len(checks) - len(decided)} predate the controls: not decided)" if len(decided) < len(checks) else ""))
 show = ["eval_set", "train_task", "k", "seed", "agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",
-        "agree_teacher_bias_matched", "mcnemar_p_vs_bias_matched_control", "beats_controls"]
+        "agree_teacher_bias_matched", "agree_teacher_shuffled", "agree_teacher_self", "beats_controls"]
 print(checks[show].round(3).to_string(index=False))
+
+# %% [markdown]
+# ## Paired tests on the same examples
+#
+# Per student group: in how many seeds the student is significantly above or below (exact McNemar,
+# p < 0.05) its teacher, the PBFT student of the same seed and the zero-shot model (`n_seeds_tested_*`:
+# seeds with the test; the rest of the tested seeds are not significant either way).
+
+# %%
+paired = [c for c in summary if c.startswith("n_seeds_")]
+if paired:
+    st = summary[summary["method_label"].str.startswith(("CD", "PBFT"))]
+    print(st[["eval_set", "train_task", "method_label"] + paired].to_string(index=False))
 
 # %% [markdown]
 # ## Accuracy against the number of demonstrations

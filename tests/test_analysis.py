@@ -196,3 +196,56 @@ def test_zero_shot_rows_get_a_wilson_interval():
     assert len(zs) == 2 and (zs["score_acc_interval"] == "Wilson (one run)").all()
     assert (zs["score_acc_ci_lo"] < zs["score_acc_mean"]).all() and (zs["score_acc_mean"] < zs["score_acc_ci_hi"]).all()
     assert (s.loc[s["method_label"] != "zero-shot", "score_acc_interval"] == "t over seeds").all()
+
+
+def test_summary_counts_seeds_significantly_above_and_below_teacher_and_pbft():
+    """Per group, the seeds whose exact McNemar test against the teacher (PBFT, zero-shot) has p < 0.05, by
+    direction; a seed with p >= 0.05 counts as tested only."""
+    rows = pd.DataFrame({"model": "m", "pattern": "p", "eval_set": "e", "train_task": "t", "method_label": "CD k=16",
+                         "k": 16, "config": "c", "seed": [0, 1, 2],
+                         "mcnemar_p_vs_teacher": [0.01, 0.001, 0.2], "student_only_right_vs_teacher": [3, 30, 5],
+                         "teacher_only_right": [20, 2, 9], "mcnemar_p_vs_pbft": [0.04, np.nan, 0.5],
+                         "student_only_right_vs_pbft": [9, np.nan, 1], "pbft_only_right": [1, np.nan, 2]})
+    c = results.paired_counts(rows, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"]).iloc[0]
+    assert (c["n_seeds_below_teacher"], c["n_seeds_above_teacher"], c["n_seeds_tested_teacher"]) == (1, 1, 3)
+    assert (c["n_seeds_above_pbft"], c["n_seeds_below_pbft"], c["n_seeds_tested_pbft"]) == (1, 0, 2)
+
+
+@pytest.mark.skipif(not (REFERENCE / "predictions").is_dir(), reason="no committed reference predictions")
+def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls():
+    """Every CD row of the committed reference is recomputed from the committed per-example predictions: its
+    agreement and κ with the teacher, the zero-shot model's, the controls' agreement (constant, bias-matched,
+    and the control students') and beats_controls; every row's accuracy from its own file."""
+    from llmft_utils import distill
+
+    icl = pd.read_csv(REFERENCE / "icl.csv")
+    cd = pd.read_csv(REFERENCE / "cd.csv")
+    read = lambda f: pd.read_parquet(REFERENCE / f)  # noqa: E731
+    for _, r in pd.concat([icl, cd]).iterrows():
+        p = read(r["predictions_file"])
+        p = p[~p["skipped"]]
+        assert (p["pred"] == p["label"]).mean() == pytest.approx(r["score_acc"], abs=1e-12), r["run_key"]
+    by_key = cd.set_index("run_key")
+    checked = 0
+    for _, r in cd[cd["method"] == "cd"].iterrows():
+        es = r["task"] + "/" + r["split"]
+        t = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == r["k"]) & (icl["seed"] == r["seed"])]
+        z = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == 0)]
+        tp, zp, sp = read(t["predictions_file"].item()), read(z["predictions_file"].item()), read(r["predictions_file"])
+        a = distill.agreement(tp, sp)
+        assert a["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
+        assert a["kappa"] == pytest.approx(r["kappa_teacher_student"], abs=1e-12)
+        assert distill.agreement(tp, zp)["agreement"] == pytest.approx(r["agree_teacher_zeroshot"], abs=1e-12)
+        ctl = {}
+        for name, method in distill.CONTROL_METHODS.items():
+            c = cd[(cd["method"] == method) & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
+                   & (cd["task"] + "/" + cd["split"] == es) & (cd["controls_k"] == r["k"])]
+            if len(c):
+                ctl[name] = read(c["predictions_file"].item())
+        again = distill.controls_vs(sp, tp, zp, ctl)
+        for c in ("constant", "bias_matched", *ctl):
+            assert again[f"agree_teacher_{c}"] == pytest.approx(r[f"agree_teacher_{c}"], abs=1e-12)
+            assert again[f"mcnemar_p_vs_{c}_control"] == pytest.approx(r[f"mcnemar_p_vs_{c}_control"], rel=1e-9)
+        assert again["beats_controls"] == bool(r["beats_controls"]) and again["controls_checked"] == r["controls_checked"]
+        checked += 1
+    assert checked and len(by_key) == len(cd)

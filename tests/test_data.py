@@ -140,3 +140,28 @@ def test_prepare_study_data_writes_manifest(data_dir, tmp_path):
     assert len(stats) == 5 and np.isclose(stats["majority_acc"].max(), stats["majority_acc"].max())
     with pytest.raises(data.DataError, match="01_data_prep"):
         data.load_manifest(tmp_path / "elsewhere")
+
+
+def test_dev_split_is_held_out_of_the_pools(data_dir, tmp_path):
+    """dev_n rows per pool, stratified by label, written apart and removed from the pool that is written: no
+    demonstration or transfer query can be a development example; same rows for the same seed."""
+    manifest, stats = data.prepare_study_data(tmp_path, eval_sizes={"mnli": 40, "hans": 30, "rte": 20},
+                                              data_dir=data_dir, dev_n=50)
+    full = {p: data.load_split(*p.split("/"), data_dir=data_dir) for p in ("mnli/train", "rte/train")}
+    assert set(manifest["dev_sets"]) == {"mnli/train_dev", "rte/train_dev"}
+    for name, info in manifest["dev_sets"].items():
+        dev = data.read_split(tmp_path, info)
+        pool_info = manifest["demo_pools"][info["held_out_of"]]
+        pool = data.read_split(tmp_path, pool_info)
+        assert len(dev) == 50 and abs(dev["label"].mean() - full[info["held_out_of"]]["label"].mean()) < 0.03
+        assert not set(dev["idx"]) & set(pool["idx"]) and len(pool) + 50 == len(full[info["held_out_of"]])
+        assert pool_info["dev_held_out"] == 50
+    again, _ = data.prepare_study_data(tmp_path / "b", eval_sizes={"mnli": 40, "hans": 30, "rte": 20},
+                                       data_dir=data_dir, dev_n=50)
+    assert again["dev_sets"]["rte/train_dev"]["ids_digest"] == manifest["dev_sets"]["rte/train_dev"]["ids_digest"]
+    assert "dev (held out of the pool)" in set(stats["role"])
+    none, _ = data.prepare_study_data(tmp_path / "c", eval_sizes={"mnli": 40, "hans": 30, "rte": 20}, data_dir=data_dir)
+    assert "dev_sets" not in none and len(data.read_split(tmp_path / "c", none["demo_pools"]["rte/train"])) == len(full["rte/train"])
+    with pytest.raises(data.DataError, match="dev_n"):
+        data.prepare_study_data(tmp_path / "d", eval_sizes={"rte": 20}, eval_sets=("rte/validation",),
+                                data_dir=data_dir, dev_n=5000)

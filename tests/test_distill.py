@@ -354,6 +354,9 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
         assert 0 < r["mcnemar_p_vs_zeroshot"] <= 1
         assert r["balanced_acc"] == pytest.approx((r["acc_label0"] + r["acc_label1"]) / 2) and 0 <= r["ece"] <= 1
     assert cd["student_only_right_vs_teacher"] - cd["teacher_only_right"] == round(8 * (cd["score_acc"] - cd["teacher_acc"]))
+    pb = rows[rows["method"] == "pbft"].iloc[0]  # PBFT trains first: every CD row carries the paired test against it
+    assert cd["student_only_right_vs_pbft"] - cd["pbft_only_right"] == round(8 * (cd["score_acc"] - pb["score_acc"]))
+    assert 0 < cd["mcnemar_p_vs_pbft"] <= 1 and np.isnan(pb.get("mcnemar_p_vs_pbft", np.nan))
     log = pd.read_csv(out / "train_log.csv")
     assert log.groupby("student").size().to_dict() == {k.rsplit("|", 2)[0]: n for k, n in
                                                        zip(rows["run_key"], rows["train_steps"])}
@@ -498,7 +501,9 @@ def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_pa
     for (_, ra), (_, rb) in zip(a.sort_values(key).iterrows(), b.sort_values(key).iterrows()):
         pa, pb = (pd.read_parquet(f / r["predictions_file"]) for f, r in ((one, ra), (two, rb)))
         assert (pa["pred"] == pb["pred"]).mean() >= 0.9 and ra["n_eval"] == rb["n_eval"]
-        np.testing.assert_allclose(pb[["logp_label0", "logp_label1"]], pa[["logp_label0", "logp_label1"]], atol=2e-3)
+        # bf16 autocast, gradients summed in another order, 8 steps at lr 1e-3 on a random model: measured
+        # 2.3e-3 at most with the top-k target (1e-3 with the verbalizer target)
+        np.testing.assert_allclose(pb[["logp_label0", "logp_label1"]], pa[["logp_label0", "logp_label1"]], atol=5e-3)
 
 
 def test_experiment_tracker_gets_every_step_and_missing_trackers_fail_early():

@@ -120,3 +120,37 @@ def test_progress_prints_periodic_lines_under_the_pipeline(monkeypatch, capsys):
     b = progress.bar(3, "x")
     assert type(b).__module__.startswith("tqdm")
     b.close()
+
+
+def test_selection_rule_keeps_the_format_then_takes_agreement():
+    """selection.choose: candidates whose student loses the answer format (gap > 0.05 on any task) are out
+    however well they agree; among the rest the highest mean agreement wins; none left: the smallest gap,
+    flagged."""
+    import pandas as pd
+
+    from llmft_utils import selection
+
+    rec = {f"recipe_{k}": 0 for k in selection.RECIPE_KEYS}
+    rows = []
+    for cand, gaps, agree in (("a", (0.30, 0.0), 0.95), ("b", (0.01, 0.04), 0.80), ("c", (0.0, 0.02), 0.85)):
+        for task, gap in zip(("mnli", "rte"), gaps):
+            for seed in (0, 1):
+                rows.append({"candidate": cand, "task": task, "seed": seed, "format_gap": gap,
+                             "agree_teacher_student": agree, "score_acc": 0.5, "kappa_teacher_student": 0.1, **rec})
+    t = pd.DataFrame(rows)
+    c = selection.choose(t, ["a", "b", "c"])
+    assert c["chosen"] == "c" and c["format_criterion_met"]
+    c = selection.choose(t[t["candidate"] == "a"], ["a"])
+    assert c["chosen"] == "a" and not c["format_criterion_met"] and "failed" in c["rule"]
+
+
+@pytest.mark.skipif(not (repo_root() / "results" / "recipe_selection" / "choice.json").is_file(),
+                    reason="no committed recipe selection")
+def test_default_profile_carries_the_recipe_chosen_on_the_dev_split():
+    from llmft_utils import selection
+
+    choice = json.loads((repo_root() / "results" / "recipe_selection" / "choice.json").read_text())
+    p = pipeline.PROFILES[choice["profile"]]
+    assert choice["dev_n"] == p["dev_n"]
+    for k in selection.RECIPE_KEYS:
+        assert p[k] == choice["recipe"][k], k
