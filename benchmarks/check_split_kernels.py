@@ -4,7 +4,7 @@
    a batch of 256 queries × 50 tokens folded into 38,400 query rows; a 769-token prefix): ``icl._attend``
    with the fused kernel (CUDA: memory-efficient attention; CPU: flash) against ``icl._math_lse`` (float32
    matmuls): max |Δ| of output and log-sum-exp, and the time of each (warm-up, synchronised, median of 10).
-2. A random-init SmolLM2-shaped model scores ``--n`` MNLI queries at k = 16 with ``SPLIT_KERNEL="auto"`` and
+2. A random-init SmolLM2-shaped model scores ``--n`` MNLI queries at k = 16 with ``SPLIT_KERNEL="fused"`` and
    with ``"math"``: share of equal predictions, max |Δ log-prob|, both runs' prefix-reuse self-check.
 
     python benchmarks/check_split_kernels.py --json out.json            # on the GPU
@@ -41,6 +41,7 @@ def tensors(a) -> dict:
     k = torch.randn(1, 3, a.prefix, 64, generator=g).to(a.device)
     v = torch.randn(1, 3, a.prefix, 64, generator=g).to(a.device)
     scale = 64 ** -0.5
+    icl.SPLIT_KERNEL = "fused"
     fused = lambda: icl._attend(q, k, v, None, scale)  # noqa: E731
     math_ = lambda: icl._math_lse(q, k, v, None, scale)  # noqa: E731
     (o1, l1), (o2, l2) = fused(), math_()
@@ -63,7 +64,7 @@ def model_check(a) -> dict:
     for dtype in a.dtypes.split(","):
         lm = models.load_model(models.RANDOM_PREFIX + "smollm2-135m", device=a.device, dtype=dtype)
         got = {}
-        for kernel in ("auto", "math"):
+        for kernel in ("fused", "math"):
             icl.SPLIT_KERNEL = kernel
             icl._rows_cache.clear()
             icl.evaluate(lm, ev.head(16), pat, demos, progress=False, memory=False)  # warm-up
@@ -73,7 +74,7 @@ def model_check(a) -> dict:
             _sync(a.device)
             got[kernel] = (m, p, time.perf_counter() - t0)
         icl.SPLIT_KERNEL = "auto"
-        (ma, pa, ta), (mm, pm, tm) = got["auto"], got["math"]
+        (ma, pa, ta), (mm, pm, tm) = got["fused"], got["math"]
         d = np.abs(pa[["logp_label0", "logp_label1"]].to_numpy() - pm[["logp_label0", "logp_label1"]].to_numpy())
         out[dtype] = {"n": len(ev), "same_pred": float((pa["pred"] == pm["pred"]).mean()),
                       "max_abs_diff_logp": float(np.nanmax(d)), "auto_s": ta, "math_s": tm,

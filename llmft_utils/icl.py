@@ -377,14 +377,15 @@ def _efficient_lse(q, k, v, scale):
     return out, lse[..., :q.shape[-2]]
 
 
-SPLIT_KERNEL = "auto"  # auto: fused kernels where there is one (CPU flash; CUDA efficient for the prefix part),
-# _math_lse elsewhere | math: _math_lse everywhere (tests, and the reference of the GPU check)
+SPLIT_KERNEL = "auto"  # auto: the fused CPU kernel on CPU, _math_lse elsewhere | fused: also CUDA's memory-efficient
+# kernel for the prefix part (not yet run on a GPU: benchmarks/check_split_kernels.py checks it against _math_lse;
+# it becomes "auto" once measured) | math: _math_lse everywhere (tests, and the reference of that check)
 
 
 def _attend(q, k, v, bias, scale):
-    if SPLIT_KERNEL == "auto" and q.device.type == "cpu" and _CPU_FLASH:
+    if SPLIT_KERNEL in ("auto", "fused") and q.device.type == "cpu" and _CPU_FLASH:
         return _flash_lse(q, k, v, bias, scale)
-    if SPLIT_KERNEL == "auto" and q.device.type == "cuda" and bias is None and _CUDA_EFFICIENT:
+    if SPLIT_KERNEL == "fused" and q.device.type == "cuda" and bias is None and _CUDA_EFFICIENT:
         return _efficient_lse(q, k, v, scale)
     return _math_lse(q, k, v, bias, scale)
 
@@ -404,8 +405,8 @@ def split_prefix_attention(module, query, key, value, attention_mask, scaling=No
     ``llmft_prefix_kv[layer]`` holds that layer's prefix keys/values, shape (1, kv_heads, P, head_dim),
     exactly as a cache stores them (after rotary embedding). Query heads map to key/value heads as in
     transformers' ``repeat_kv`` (head h uses kv head h // n_rep). Returns (batch, L, heads, head_dim).
-    The partial attentions run in torch's fused CPU kernel on CPU; on CUDA the prefix part (no mask) runs
-    in the fused memory-efficient kernel and the query part in :func:`_math_lse`; :func:`_math_lse` elsewhere.
+    The partial attentions run in torch's fused CPU kernel on CPU and in :func:`_math_lse` elsewhere
+    (``SPLIT_KERNEL="fused"``: the prefix part in CUDA's memory-efficient kernel, not yet measured on a GPU).
     Each call appends its layer to ``llmft_split_calls``: the proof, checked by :func:`_forward_rows`,
     that the model dispatched here rather than to a kernel that ignores the prefix."""
     pk, pv = llmft_prefix_kv[module.layer_idx]
@@ -890,11 +891,43 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
                           "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
                           "top1_is_verbalizer": top1_in_verb, "skipped": ~ok})
+    cal_metrics, cal_preds = calibrated_scores(lm, pattern, prefix, lp, ok, gold, batch_size, max_tokens)
+    metrics.update(cal_metrics)
+    for c, v in cal_preds.items():
+        preds[c] = v
     for c in ("heuristic", "subcase"):
         if c in eval_df:
             preds[c] = eval_df[c].to_numpy()
     return metrics, preds
 
+
+
+def calibrated_scores(lm, pattern: Pattern, prefix: str, lp, ok, gold, batch_size: int = 8, max_tokens: int = 0):
+    """Contextual and batch calibration (:mod:`llmft_utils.calibration`) of one run's verbalizer log-probs
+    ``lp``: the content-free inputs are scored with the run's own prefix (untimed; a handful of prompts),
+    the batch prior is the mean over the scored queries. Returns the metrics (``score_acc_<kind>``,
+    ``balanced_acc_<kind>``, ``pred_label1_frac_<kind>``, ``prior_label1_<kind>``: the prior's label-1
+    probability) and per-example predictions (``pred_<kind>``; -1 where skipped)."""
+    from .calibration import CONTENT_FREE, calibrate, prior
+    from .stats import balanced_accuracy
+
+    cf = [query_text(pattern, c, c, bool(prefix)) for c in CONTENT_FREE]
+    cf_lp = score_prompts(lm, prefix, cf, pattern.verbalizers, batch_size=batch_size, on_too_long="skip",
+                          max_tokens=max_tokens)["logprobs"]
+    cf_lp = cf_lp[~np.isnan(cf_lp).any(1)]
+    priors = {"contextual": prior(cf_lp) if len(cf_lp) else np.full(lp.shape[1], np.nan),
+              "batch": prior(lp[ok]) if ok.any() else np.full(lp.shape[1], np.nan)}
+    metrics, preds = {}, {}
+    for kind, q in priors.items():
+        usable = ok & bool(np.isfinite(q).all())
+        pc = np.where(usable, np.nan_to_num(calibrate(lp, q), nan=-np.inf).argmax(1), -1)
+        n = int(usable.sum())
+        metrics[f"score_acc_{kind}"] = float((pc[usable] == gold[usable]).mean()) if n else float("nan")
+        metrics[f"balanced_acc_{kind}"] = balanced_accuracy(gold[usable], pc[usable]) if n else float("nan")
+        metrics[f"pred_label1_frac_{kind}"] = float((pc[usable] == 1).mean()) if n else float("nan")
+        metrics[f"prior_label1_{kind}"] = float(np.exp(q[1])) if np.isfinite(q).all() else float("nan")
+        preds[f"pred_{kind}"] = pc
+    return metrics, preds
 
 
 def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, n: int, batch_size: int = 8,

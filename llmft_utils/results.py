@@ -353,7 +353,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.assign(minority_acc=1.0 - runs["majority_acc"])  # the always-minority baseline (binary labels)
     t = summarize(runs, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"],
                   ["score_acc", "acc_label0", "acc_label1", "majority_acc", "minority_acc", "s_per_query", "peak_mem_mb"]
-                  + [c for c in ("balanced_acc", "ece", "non_verbalizer_frac", "mem_tensors_peak_mb")
+                  + [c for c in ("balanced_acc", "ece", "non_verbalizer_frac", "mem_tensors_peak_mb",
+                                 "score_acc_contextual", "score_acc_batch")
                      if c in runs and runs[c].notna().any()])
     t["score_acc_interval"] = "t over seeds"
     if {"score_acc_lo", "score_acc_hi"} <= set(runs):  # one run (zero-shot): its Wilson interval over examples

@@ -73,6 +73,22 @@ cols = ["eval_set", "train_task", "method_label", "balanced_acc_mean", "majority
 print(summary[[c for c in cols if c in summary]].round(3).to_string(index=False))
 
 # %% [markdown]
+# ## Raw vs calibrated
+#
+# Two label-bias corrections applied after scoring, to every scorer (`llmft_utils.calibration`):
+# *contextual* (Zhao et al. 2021: divide by the answer distribution on content-free inputs such as "N/A"
+# with the same demonstrations) and *batch* (Zhou et al. 2023: divide by the mean answer distribution over
+# the evaluation set). What a method keeps after them is not label bias. (Runs that predate the columns
+# show NaN.)
+
+# %%
+cols = ["eval_set", "train_task", "method_label", "score_acc_mean", "score_acc_contextual_mean", "score_acc_batch_mean"]
+if {"score_acc_contextual_mean", "score_acc_batch_mean"} <= set(summary):
+    print(summary[cols].round(3).to_string(index=False))
+else:
+    print("no calibrated columns in these rows (they predate them)")
+
+# %% [markdown]
 # ## Does the student copy its teacher, per example?
 #
 # Agreement with the teacher (the ICL run with the same demonstrations) of the CD student, the zero-shot

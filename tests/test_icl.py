@@ -259,3 +259,36 @@ def test_scoring_and_teacher_targets_sharded_over_two_processes_equal_one_proces
     assert torch.equal(two["teacher_logp"], one["teacher_logp"])
     assert torch.equal(two["teacher_ids"], one["teacher_ids"]) and two["tokens"] == one["tokens"]
     assert torch.equal(two["lone"], one["lone"])  # fewer batches than processes
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_contextual_and_batch_calibration_by_hand(tiny_lms, arch):
+    """Calibrate Before Use, recomputed with plain forwards: each content-free input ("N/A", "", "[MASK]" in
+    both slots) after the demonstrations, the softmax over the two verbalizer tokens at the answer position,
+    averaged; the calibrated prediction is argmax p(y|x) / q(y). Batch calibration divides by the mean of
+    p(·|x) over the evaluation queries instead. Both match ``icl.evaluate``'s columns."""
+    from llmft_utils import calibration
+
+    lm = tiny_lms[arch]
+    ev, pool = _frames(12)
+    demos = data.sample_demonstrations(pool, 4, 0)
+    m, preds = icl.evaluate(lm, ev, GPT3, demos, progress=False, memory=False)
+    prefix = patterns.build_prefix(GPT3, demos)
+    vids = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in GPT3.verbalizers]
+
+    def label_probs(text):
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, -1, vids].double()
+        return torch.softmax(logits, -1).numpy()
+
+    q = np.mean([label_probs(prefix + patterns.query_text(GPT3, c, c, True)) for c in calibration.CONTENT_FREE], 0)
+    p = np.stack([label_probs(prefix + patterns.query_text(GPT3, a, b, True)) for a, b in zip(ev.premise, ev.hypothesis)])
+    np.testing.assert_array_equal(preds["pred_contextual"], (p / q).argmax(1))
+    assert m["prior_label1_contextual"] == pytest.approx(q[1], abs=1e-5)
+    assert m["score_acc_contextual"] == ((p / q).argmax(1) == ev["label"].to_numpy()).mean()
+    qb = p.mean(0)
+    np.testing.assert_array_equal(preds["pred_batch"], (p / qb).argmax(1))
+    assert m["prior_label1_batch"] == pytest.approx(qb[1], abs=1e-5)
+    # batch calibration moves the threshold to where the mean answer is uniform: both labels get predicted
+    assert 0 < m["pred_label1_frac_batch"] < 1
