@@ -168,7 +168,7 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
 
 
 PROFILE_NOTES = {"smoke": "tiny evaluation sets, about 2 minutes on 2 CPU cores (= the notebooks' own cells)",
-                 "default": "the main study, about an hour on 2 CPU cores",
+                 "default": "the main study, about 32 minutes on 2 CPU cores",
                  "full": "every evaluation set in full, larger transfer sets (CPU: many hours)",
                  "gpu": "one GPU: full sets, k up to 32, ten seeds (about 35 minutes on an H200)"}
 

@@ -398,6 +398,73 @@ def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
     return cd[keys + TRANSFER_CHECK_COLUMNS].sort_values(keys).reset_index(drop=True)
 
 
+def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
+    """Transfer *in distribution*, per CD student and evaluation set, against the control students trained
+    beside it: per example, KL(teacher ‖ student) and KL(teacher ‖ control) over the verbalizers (from the
+    prediction files), their means, and a two-sided Wilcoxon signed-rank test of the paired differences
+    (``kl_p_vs_<control>``); ``closer_than_<control>``: the student's mean KL is lower at p < 0.05. Rows whose
+    prediction files are missing are left out (a checkout with the tables only)."""
+    from scipy.stats import wilcoxon
+
+    def lp(frame):
+        x = frame[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
+        return x - np.logaddexp(x[:, :1], x[:, 1:])
+
+    def read(f):
+        path = Path(results_root) / f
+        return pd.read_parquet(path).set_index("idx") if isinstance(f, str) and path.is_file() else None
+
+    out = []
+    cd = runs[runs["method"] == "cd"]
+    for _, r in cd.iterrows():
+        t = runs[(runs["method"] == "icl") & (runs["model"] == r["model"]) & (runs["pattern"] == r["pattern"])
+                 & (runs["eval_set"] == r["eval_set"]) & (runs["k"] == r["k"]) & (runs["seed"] == r["seed"])
+                 & (runs["dtype"] == r["dtype"])]
+        tp, sp = (read(t["predictions_file"].iloc[-1]) if len(t) else None), read(r["predictions_file"])
+        if tp is None or sp is None:
+            continue
+        row = {c: r[c] for c in ("model", "pattern", "eval_set", "train_task", "k", "seed", "config")}
+        for name, method in (("shuffled", "cd_shuffled"), ("self", "cd_self")):
+            c = runs[(runs["method"] == method) & (runs["model"] == r["model"]) & (runs["train_task"] == r["train_task"])
+                     & (runs["eval_set"] == r["eval_set"]) & (runs["seed"] == r["seed"])
+                     & (runs.get("controls_k", pd.Series(np.nan, index=runs.index)) == r["k"])]
+            cp = read(c["predictions_file"].iloc[-1]) if len(c) else None
+            if cp is None:
+                continue
+            idx = sp.index[~(sp["skipped"] | tp.loc[sp.index, "skipped"] | cp.loc[sp.index, "skipped"])]
+            lt, ls, lc = lp(tp.loc[idx]), lp(sp.loc[idx]), lp(cp.loc[idx])
+            kl_s = (np.exp(lt) * (lt - ls)).sum(1)
+            kl_c = (np.exp(lt) * (lt - lc)).sum(1)
+            pval = float(wilcoxon(kl_s, kl_c).pvalue) if np.any(kl_s != kl_c) else 1.0
+            row.update({"kl_student": float(kl_s.mean()), f"kl_{name}": float(kl_c.mean()),
+                        f"kl_p_vs_{name}": pval, f"closer_than_{name}": bool(kl_s.mean() < kl_c.mean() and pval < 0.05)})
+        if len(row) > 7:
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def teacher_seconds(runs: pd.DataFrame, students: pd.DataFrame) -> pd.Series:
+    """Per student row, the seconds its teacher targets took to compute: its own ``teacher_cache_s`` when it
+    computed them, else (``teacher_cache_hit``) that of the row that did — a student of the same training
+    task, k, seed, transfer set and configuration that used the same teacher (the shuffled-target control
+    trains first and computes the CD teacher) — else NaN (cached by an earlier run: cost unknown here)."""
+    if "teacher_cache_hit" not in students:
+        return students["teacher_cache_s"]
+    key = ["train_task", "k", "seed", "train_ids_digest"]
+    if not set(key) <= set(runs):
+        return students["teacher_cache_s"].where(~students["teacher_cache_hit"].fillna(False).astype(bool))
+    made = runs[runs["method"].isin(["cd", "cd_shuffled"]) & (runs["teacher_cache_hit"] == False)]  # noqa: E712
+    made = made.groupby(key)["teacher_cache_s"].max()
+    out = []
+    for _, r in students.iterrows():
+        hit = r.get("teacher_cache_hit")
+        if hit is None or hit != hit or not bool(hit):
+            out.append(r["teacher_cache_s"])
+        else:
+            out.append(made.get(tuple(r[c] for c in key), float("nan")))
+    return pd.Series(out, index=students.index, dtype=float)
+
+
 def break_even(runs: pd.DataFrame) -> pd.DataFrame:
     """The serving cost of ICL against CD's one-off cost, per model, pattern, evaluation set, training task, k
     and configuration (means over seeds):
@@ -408,9 +475,13 @@ def break_even(runs: pd.DataFrame) -> pd.DataFrame:
     with c = wall seconds per query of the rows (``s_per_query``; ``s_per_query_full_prompt`` from the
     full-prompt sample of each ICL run). Break-even N* = C_once / (c_icl − c_student) queries (and the same
     with c_full); ``inf`` where the student is not cheaper per query. Rows: ``n_seeds`` (ICL rows),
-    ``n_students``, the per-query costs, ``cd_once_s``, ``break_even_cached``, ``break_even_full``."""
+    ``n_students``, the per-query costs, ``cd_once_s``, ``break_even_cached``, ``break_even_full``.
+    A student whose teacher came from the cache is charged what computing that teacher cost
+    (:func:`teacher_seconds`); where no row of the table computed it, its one-off cost is unknown (NaN)."""
     icl = runs[runs["method"] == "icl"]
-    cd = runs[runs["method"] == "cd"]
+    cd = runs[runs["method"] == "cd"].copy()
+    if len(cd):
+        cd["teacher_cache_s"] = teacher_seconds(runs, cd)
     keys = ["model", "pattern", "eval_set", "train_task", "k"]
     out = []
     for key, g in icl.groupby(keys):
@@ -421,7 +492,7 @@ def break_even(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         for cfg, cc in c.groupby("config"):
             students = cc.drop_duplicates(["train_task", "k", "seed"])
-            once = float((students["teacher_cache_s"].fillna(0) + students["train_s"]).mean())
+            once = float((students["teacher_cache_s"] + students["train_s"]).mean())
             c_icl = float(g["s_per_query"].mean())
             c_full = float(g["s_per_query_full_prompt"].mean()) if "s_per_query_full_prompt" in g else float("nan")
             c_st = float(cc["s_per_query"].mean())

@@ -111,6 +111,24 @@ show = ["eval_set", "train_task", "k", "seed", "agree_teacher_student", "agree_t
 print(checks[show].round(3).to_string(index=False))
 
 # %% [markdown]
+# ## ... and in distribution?
+#
+# Per example, KL(teacher ‖ student) against KL(teacher ‖ control student) over the verbalizers, with a
+# two-sided Wilcoxon signed-rank test of the paired differences (`closer_than_<control>`: lower mean KL at
+# p < 0.05; `distribution_checks.csv`). A student can be closer to its teacher's *probabilities* than a
+# control without agreeing with more of its *labels*.
+
+# %%
+dist = results.distribution_checks(runs, out)
+if len(dist):
+    results.atomic_write_csv(dist, out / "distribution_checks.csv")
+    print(dist.drop(columns=["model", "pattern", "config"]).round(4).to_string(index=False))
+elif (out / "distribution_checks.csv").is_file():  # tables without prediction files: the stored result
+    print(pd.read_csv(out / "distribution_checks.csv").round(4).to_string(index=False))
+else:
+    print("no CD student with control students (or no prediction files) in these rows")
+
+# %% [markdown]
 # ## Paired tests on the same examples
 #
 # Per student group: in how many seeds the student is significantly above or below (exact McNemar,

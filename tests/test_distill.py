@@ -404,6 +404,14 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     wins = [cd4["agree_teacher_student"] > cd4[f"agree_teacher_{c}"] and cd4[f"mcnemar_p_vs_{c}_control"] < 0.05
             for c in ("constant", "bias_matched", "shuffled", "self")]
     assert cd4["beats_controls"] == all(wins)
+    from llmft_utils import results
+
+    dist = results.distribution_checks(results.unify(icl_rows, rows), out)  # in distribution, per example
+    d4 = dist[dist["k"] == 4].iloc[0]
+    assert d4["kl_student"] == pytest.approx(cd4["kl_teacher_student"]) and len(dist) == 1  # k=2 has no control
+    for name in ("shuffled", "self"):
+        assert d4[f"kl_{name}"] == pytest.approx(cd4[f"kl_teacher_{name}"]) and 0 <= d4[f"kl_p_vs_{name}"] <= 1
+        assert d4[f"closer_than_{name}"] == (d4["kl_student"] < d4[f"kl_{name}"] and d4[f"kl_p_vs_{name}"] < 0.05)
     seen.clear()
     again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
                                  controls=["shuffled", "self"])
