@@ -443,6 +443,55 @@ def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+CALIBRATED_PAIRS = (("icl", "zero-shot"), ("cd", "zero-shot"), ("cd", "cd_shuffled"), ("cd", "cd_self"), ("cd", "pbft"))
+
+
+def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "contextual")) -> pd.DataFrame:
+    """Paired tests *after* label-bias calibration: per evaluation set, training task, k and seed, an exact
+    McNemar test of "right after calibration" (``pred_<kind>`` of the prediction files) for each pair in
+    :data:`CALIBRATED_PAIRS` (ICL vs zero-shot; CD vs zero-shot, the control students and PBFT of the same
+    seed). One row per (pair, kind, seed): both accuracies, the discordant counts, ``p`` and ``direction``
+    (``above``/``below`` at p < 0.05, else ``n.s.``). Rows without calibrated predictions are left out."""
+    from .stats import mcnemar_exact
+
+    def read(f):
+        path = Path(results_root) / f if isinstance(f, str) else None
+        return pd.read_parquet(path).set_index("idx") if path is not None and path.is_file() else None
+
+    def one(method, r):
+        sel = runs[(runs["method"] == method) & (runs["model"] == r["model"]) & (runs["pattern"] == r["pattern"])
+                   & (runs["eval_set"] == r["eval_set"]) & (runs["dtype"] == r["dtype"])]
+        if method == "zero-shot":
+            return sel
+        sel = sel[sel["seed"] == r["seed"]]
+        if method in ("cd_shuffled", "cd_self"):
+            return sel[(sel["train_task"] == r["train_task"]) & (sel.get("controls_k", np.nan) == r["k"])]
+        if method in ("cd", "pbft"):
+            sel = sel[sel["train_task"] == r["train_task"]]
+        return sel[sel["k"] == r["k"]] if method != "pbft" else sel
+
+    out = []
+    for a_method, b_method in CALIBRATED_PAIRS:
+        for _, r in runs[runs["method"] == a_method].iterrows():
+            b = one(b_method, r)
+            pa, pb = read(r["predictions_file"]), (read(b["predictions_file"].iloc[-1]) if len(b) else None)
+            if pa is None or pb is None:
+                continue
+            for kind in kinds:
+                col = f"pred_{kind}"
+                if col not in pa or col not in pb:
+                    continue
+                idx = pa.index[(pa[col] >= 0) & (pb.loc[pa.index, col] >= 0)]
+                ra, rb = (pa.loc[idx, col] == pa.loc[idx, "label"]), (pb.loc[idx, col] == pb.loc[idx, "label"])
+                t = mcnemar_exact(ra.to_numpy(), rb.to_numpy())
+                out.append({"eval_set": r["eval_set"], "train_task": r["train_task"], "k": r["k"], "seed": r["seed"],
+                            "a": a_method, "b": b_method, "calibration": kind, "n": len(idx),
+                            "acc_a": float(ra.mean()), "acc_b": float(rb.mean()), "only_a": t["only_a"],
+                            "only_b": t["only_b"], "p": t["p"],
+                            "direction": ("above" if t["only_a"] > t["only_b"] else "below") if t["p"] < 0.05 else "n.s."})
+    return pd.DataFrame(out)
+
+
 def teacher_seconds(runs: pd.DataFrame, students: pd.DataFrame) -> pd.Series:
     """Per student row, the seconds its teacher targets took to compute: its own ``teacher_cache_s`` when it
     computed them, else (``teacher_cache_hit``) that of the row that did — a student of the same training

@@ -129,6 +129,24 @@ else:
     print("no CD student with control students (or no prediction files) in these rows")
 
 # %% [markdown]
+# ## Paired tests after calibration
+#
+# Exact McNemar tests of "right after calibration" on the same examples, per seed: ICL against the
+# zero-shot model, and CD against the zero-shot model, its control students and PBFT
+# (`calibrated_checks.csv`). Counts of seeds significantly above / below at p < 0.05.
+
+# %%
+cal = results.calibrated_checks(runs, out)
+if len(cal):
+    results.atomic_write_csv(cal, out / "calibrated_checks.csv")
+    counts = (cal.groupby(["eval_set", "a", "b", "calibration"])["direction"].value_counts().unstack(fill_value=0))
+    print(counts.to_string())
+elif (out / "calibrated_checks.csv").is_file():
+    print(pd.read_csv(out / "calibrated_checks.csv").to_string(index=False))
+else:
+    print("no calibrated predictions in these rows (they predate them, or no prediction files)")
+
+# %% [markdown]
 # ## Paired tests on the same examples
 #
 # Per student group: in how many seeds the student is significantly above or below (exact McNemar,

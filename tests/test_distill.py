@@ -412,6 +412,12 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     for name in ("shuffled", "self"):
         assert d4[f"kl_{name}"] == pytest.approx(cd4[f"kl_teacher_{name}"]) and 0 <= d4[f"kl_p_vs_{name}"] <= 1
         assert d4[f"closer_than_{name}"] == (d4["kl_student"] < d4[f"kl_{name}"] and d4[f"kl_p_vs_{name}"] < 0.05)
+    cal = results.calibrated_checks(results.unify(icl_rows, rows), out)  # paired tests after calibration
+    c4 = cal[(cal["a"] == "cd") & (cal["b"] == "cd_shuffled") & (cal["calibration"] == "batch")].iloc[0]
+    assert c4["acc_a"] == pytest.approx(cd4["score_acc_batch"]) and c4["k"] == 4
+    assert c4["acc_b"] == pytest.approx(ctl.loc["cd_shuffled", "score_acc_batch"])
+    assert round(c4["n"] * (c4["acc_a"] - c4["acc_b"])) == c4["only_a"] - c4["only_b"]
+    assert set(cal["b"]) == {"zero-shot", "cd_shuffled", "cd_self"}  # no PBFT in this sweep
     seen.clear()
     again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
                                  controls=["shuffled", "self"])
