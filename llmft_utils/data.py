@@ -253,25 +253,30 @@ def pair_key(premise: str, hypothesis: str) -> str:
 
 
 def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.DataFrame | None = None) -> pd.DataFrame:
-    """k balanced demonstrations (k/2 per label), shuffled, deterministic in ``seed``.
+    """k balanced demonstrations, shuffled, deterministic in ``seed``: k/2 per label for even k; for odd k
+    (k = 1, 3, ...) ⌊k/2⌋ per label plus one more of a label drawn uniformly with the same seed (the rule
+    for odd k; k = 1 is one demonstration of a seeded label). Even k draws exactly as before odd k existed.
 
     Rows of ``pool`` whose (premise, hypothesis) pair occurs in ``exclude`` (the evaluation queries)
     are never chosen, so no query can see itself as a demonstration.
     """
     if k == 0:
         return pool.iloc[0:0]
-    if k < 0 or k % 2:
-        raise ValueError(f"k must be a non-negative even number for balanced demonstrations, got {k}")
+    if k < 0:
+        raise ValueError(f"k must be a non-negative number of demonstrations, got {k}")
     if exclude is not None and len(exclude):
         banned = set(map(pair_key, exclude["premise"], exclude["hypothesis"]))
         pool = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
     rng = np.random.default_rng(seed)
+    want = {0: k // 2, 1: k // 2}
+    if k % 2:
+        want[int(rng.integers(2))] += 1
     picks = []
     for lab in (0, 1):
         ix = pool.index[pool["label"] == lab].to_numpy()
-        if len(ix) < k // 2:
-            raise DataError(f"the demonstration pool has only {len(ix)} examples of label {lab}, need {k // 2}")
-        picks.append(rng.choice(ix, size=k // 2, replace=False))
+        if len(ix) < want[lab]:
+            raise DataError(f"the demonstration pool has only {len(ix)} examples of label {lab}, need {want[lab]}")
+        picks.append(rng.choice(ix, size=want[lab], replace=False))
     order = rng.permutation(np.concatenate(picks))
     return pool.loc[order]
 

@@ -835,6 +835,14 @@ def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
     return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
 
 
+def _ids_text(value) -> str:
+    """``demo_ids`` as written (``"3;17"``) from a CSV cell: a single id comes back as a number (a float when
+    the column also holds the zero-shot rows' NaN), which is turned back into its text."""
+    if isinstance(value, float):
+        return "" if value != value else (str(int(value)) if value.is_integer() else str(value))
+    return str(value)
+
+
 def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
     """The ICL row of (model, eval set, pattern, k, seed) at ``precision`` (``dtype@device``), or None."""
     kind = icl_rows["device"].astype(str).str.split(":").str[0]
@@ -1031,7 +1039,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             if method != "pbft":  # CD and its control students: compared with the (largest k's) teacher
                 tk = k if method == "cd" else kc
                 trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, tk, seed, precision)
-                same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
+                same_demos = _ids_text(trow["demo_ids"]) == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"), "controls_k": tk,
                         **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es)) if method == "cd" else {}),

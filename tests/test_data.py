@@ -67,9 +67,23 @@ def test_demonstrations_balanced_deterministic_query_free():
     assert any(lab != sorted(lab) for lab in labels)  # shuffled, not grouped by label
 
 
+def test_odd_k_rule_one_extra_demonstration_of_a_seeded_label():
+    """k = 1, 3: ⌊k/2⌋ per label plus one of a label drawn with the seed (both labels occur over seeds);
+    deterministic; k = 2 is one per label."""
+    pool = _pool()
+    extra = []
+    for s in range(12):
+        d1, d3 = data.sample_demonstrations(pool, 1, seed=s), data.sample_demonstrations(pool, 3, seed=s)
+        assert len(d1) == 1 and sorted(d3["label"].value_counts().to_list()) == [1, 2]
+        assert list(d3["idx"]) == list(data.sample_demonstrations(pool, 3, seed=s)["idx"])
+        extra.append(int(d1["label"].iloc[0]))
+    assert set(extra) == {0, 1}
+    assert data.sample_demonstrations(pool, 2, seed=0)["label"].value_counts().to_dict() == {0: 1, 1: 1}
+
+
 def test_demonstrations_bad_k_and_small_pool():
-    with pytest.raises(ValueError, match="even"):
-        data.sample_demonstrations(_pool(), 3, seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        data.sample_demonstrations(_pool(), -2, seed=0)
     with pytest.raises(data.DataError, match="only"):
         data.sample_demonstrations(_pool(4), 8, seed=0)
 
@@ -165,3 +179,17 @@ def test_dev_split_is_held_out_of_the_pools(data_dir, tmp_path):
     with pytest.raises(data.DataError, match="dev_n"):
         data.prepare_study_data(tmp_path / "d", eval_sizes={"rte": 20}, eval_sets=("rte/validation",),
                                 data_dir=data_dir, dev_n=5000)
+
+
+def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):
+    """k = 1 end to end on a toy model: an ICL row with one demonstration, and a CD student taught by it."""
+    import toy_data
+    from llmft_utils import distill, icl
+
+    lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
+    rows = icl.run_sweep(lm, out, "gpt-3", [0, 1], [3], progress=False)
+    one = rows[rows["k"] == 1].iloc[0]
+    assert len(str(one["demo_ids"]).split(";")) == 1 and one["n_eval"] == 8
+    cd = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4),
+                              1, progress=False)
+    assert len(cd) == 1 and cd["k"].item() == 1 and cd["teacher_same_demos"].item()

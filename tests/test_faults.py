@@ -49,13 +49,13 @@ def test_bad_values_all_reported_before_any_model_load(tmp_path, monkeypatch, ca
     out = tmp_path / "res"
     t0 = time.perf_counter()
     rc = pipeline.main(["--profile", "smoke", "--set", f"results_dir={out}", "--set", "pattern=gpt3",
-                        "--set", "ood_train_tasks=['MNLI','RTE']", "--set", "ks=[0, 3]", "--set", "lr=-1",
+                        "--set", "ood_train_tasks=['MNLI','RTE']", "--set", "ks=[0, -3]", "--set", "lr=-1",
                         "--set", "model=no-such-org/no-such-model", "--set", "on_too_long=truncate"])
     took = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert rc == 2 and took < 5, (rc, took)
     for text in ("nothing was run", "8 invalid parameters", "needs ICL runs for k=[4]", "did you mean 'gpt-3'", "'MNLI' is not one of",
-                 "did you mean 'mnli'", "ks[1]: 3 must be even", "lr: -1 must be > 0", "no-such-org/no-such-model",
+                 "did you mean 'mnli'", "ks[1]: -3 must be >= 0", "lr: -1 must be > 0", "no-such-org/no-such-model",
                  "on_too_long: 'truncate'"):
         assert text in err, (text, err)
     assert _files(out) == []
@@ -119,12 +119,12 @@ def test_sweep_checked_whole_before_the_first_run(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(pipeline, "run_profile", lambda *a, **k: ran.append(a) or 0)
     sweep = tmp_path / "s.json"
     sweep.write_text(json.dumps({"profile": "smoke", "runs": [{"pattern": "minimal"}, {"patern": "gpt-3"},
-                                                               {"ks": [0, 5]}]}))
+                                                               {"ks": [0, -5]}]}))
     rc = pipeline.main(["--sweep", str(sweep), "--set", f"results_dir={tmp_path / 'res'}"])
     err = capsys.readouterr().err
     assert rc == 2 and ran == []
     assert "run01: 1 invalid parameter" in err and "patern: unknown parameter (did you mean 'pattern'?)" in err
-    assert "run02" in err and "ks[1]: 5 must be even" in err
+    assert "run02" in err and "ks[1]: -5 must be >= 0" in err
 
 
 def test_cd_plan_needs_its_icl_runs():
