@@ -77,13 +77,13 @@ def model_check(a) -> dict:
         (ma, pa, ta), (mm, pm, tm) = got["fused"], got["math"]
         d = np.abs(pa[["logp_label0", "logp_label1"]].to_numpy() - pm[["logp_label0", "logp_label1"]].to_numpy())
         out[dtype] = {"n": len(ev), "same_pred": float((pa["pred"] == pm["pred"]).mean()),
-                      "max_abs_diff_logp": float(np.nanmax(d)), "auto_s": ta, "math_s": tm,
-                      "auto_q_per_s": len(ev) / ta, "math_q_per_s": len(ev) / tm,
-                      "auto_note": ma["prefix_reuse_note"], "math_note": mm["prefix_reuse_note"],
-                      "auto_fallback": ma["n_prefix_fallback"], "math_fallback": mm["n_prefix_fallback"]}
+                      "max_abs_diff_logp": float(np.nanmax(d)), "fused_s": ta, "math_s": tm,
+                      "fused_q_per_s": len(ev) / ta, "math_q_per_s": len(ev) / tm,
+                      "fused_note": ma["prefix_reuse_note"], "math_note": mm["prefix_reuse_note"],
+                      "fused_fallback": ma["n_prefix_fallback"], "math_fallback": mm["n_prefix_fallback"]}
         r = out[dtype]
         print(f"model {dtype}: same predictions {r['same_pred']:.4f}  max |Δlogp| {r['max_abs_diff_logp']:.2e}  "
-              f"auto {r['auto_q_per_s']:.0f} q/s vs math {r['math_q_per_s']:.0f} q/s  notes: {r['auto_note']!r} / "
+              f"fused {r['fused_q_per_s']:.0f} q/s vs math {r['math_q_per_s']:.0f} q/s  notes: {r['fused_note']!r} / "
               f"{r['math_note']!r}", flush=True)
         del lm
     return out

@@ -395,12 +395,13 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
             df = df.drop(dev.index)
             drel = f"prepared/{task}__{split}_dev.jsonl"
             frames[drel] = dev
+            dstats = label_stats(dev)
             manifest.setdefault("dev_sets", {})[f"{task}/{split}_dev"] = {
                 "file": drel, "task": task, "split": f"{split}_dev", "held_out_of": pool, "source": src,
-                "ids_digest": ids_digest(dev["idx"]), **label_stats(dev)}
+                "ids_digest": ids_digest(dev["idx"]), **dstats}
             stats.append({"split": f"{task}/{split}_dev", "role": "dev (held out of the pool)", "n": len(dev),
                           "full_size": len(dev), "subsampled": True,
-                          **{k: label_stats(dev)[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
+                          **{k: dstats[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
         frames[rel] = df
         info = {"file": rel, "task": task, "split": split, "source": src, "used_by": sorted(pools[pool]),
                 "dev_held_out": int(dev_n), **label_stats(df)}

@@ -744,21 +744,16 @@ def training_log(student_key: str, stats: dict, grad_accum: int = 1) -> list[dic
 
 # ----------------------------------------------------------------------------- agreement metrics
 
-def _verbalizer_logp(preds) -> np.ndarray:
-    lp = preds[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
-    return lp - np.logaddexp(lp[:, :1], lp[:, 1:])
-
-
 def agreement(teacher_preds, other_preds) -> dict:
     """Agreement, Cohen's κ and mean KL(teacher ‖ other) over the verbalizer distribution, on the
     examples both scored (prediction tables from :func:`llmft_utils.icl.evaluate`, aligned by ``idx``)."""
     t = teacher_preds.set_index("idx")
     o = other_preds.set_index("idx").loc[t.index]
     ok = ~(t["skipped"].to_numpy() | o["skipped"].to_numpy())
-    from .stats import agreement_stats
+    from .stats import agreement_stats, verbalizer_logp
 
-    return {**agreement_stats(t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok], _verbalizer_logp(t[ok]),
-                              _verbalizer_logp(o[ok])), "n": int(ok.sum())}
+    return {**agreement_stats(t["pred"].to_numpy()[ok], o["pred"].to_numpy()[ok], verbalizer_logp(t[ok]),
+                              verbalizer_logp(o[ok])), "n": int(ok.sum())}
 
 
 def sweep_from_params(lm, out_dir, p: dict, progress: bool = False, **narrow):
@@ -833,14 +828,6 @@ def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
         raise DataError(f"only {len(cand)} pool examples are disjoint from the demonstrations and queries; need {n}")
     rng = np.random.default_rng(10_000 + seed)
     return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
-
-
-def _ids_text(value) -> str:
-    """``demo_ids`` as written (``"3;17"``) from a CSV cell: a single id comes back as a number (a float when
-    the column also holds the zero-shot rows' NaN), which is turned back into its text."""
-    if isinstance(value, float):
-        return "" if value != value else (str(int(value)) if value.is_integer() else str(value))
-    return str(value)
 
 
 def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
@@ -920,7 +907,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     pattern = get_pattern(pattern_name)
     model_name = model_name or lm.name
     table = ResultTable(out_dir / "cd.csv")
-    done = set() if force else table.done()
+    old_rows = table.read()
+    done = set() if force or "run_key" not in old_rows else set(old_rows["run_key"])
     icl_rows = ResultTable(out_dir / "icl.csv").read()
     vids = _verbalizer_ids(lm.tokenizer, pattern)
     prov = provenance()
@@ -970,26 +958,19 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     planned = []
     keys_of = {(p.method, p.task, p.k, p.seed): dict(zip(p.eval_sets, p.keys)) for p in plan}
     step_memory = {}  # (transfer set, recipe) -> training_step_memory
-    run_rows = {}  # run_key -> row, of this sweep and of earlier ones (resume): control students' predictions
-    if not table.read().empty:
-        run_rows = {r["run_key"]: r for r in table.read().to_dict("records")}
+    # run_key -> row, of this sweep and of earlier ones (resume): the predictions of PBFT and control students
+    run_rows = {r["run_key"]: r for r in old_rows.to_dict("records")} if "run_key" in old_rows else {}
 
-    def pbft_preds(task, seed, es):  # the PBFT student of (task, seed) on es (planned before CD), or None
+    def student_preds(method, task, k, seed, es):  # a planned student's predictions on es, once its rows exist
         import pandas as pd
 
-        row = run_rows.get(keys_of.get(("pbft", task, pbft_n, seed), {}).get(es))
+        row = run_rows.get(keys_of.get((method, task, k, seed), {}).get(es))
         return None if row is None else pd.read_parquet(out_dir / row["predictions_file"])
 
     def control_preds(task, k, seed, es):  # the control students' predictions for CD (task, k, seed) on es
-        got = {}
-        for name, method in CONTROL_METHODS.items():
-            key = keys_of.get((method, task, 0 if name == "self" else k, seed), {}).get(es)
-            row = run_rows.get(key) if key else None
-            if row is not None and (name == "self" or k == kc):
-                import pandas as pd
-
-                got[name] = pd.read_parquet(out_dir / row["predictions_file"])
-        return got
+        got = {"self": student_preds("cd_self", task, 0, seed, es),
+               "shuffled": student_preds("cd_shuffled", task, k, seed, es) if k == kc else None}
+        return {name: p for name, p in got.items() if p is not None}
 
     for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
         info = manifest["eval_sets"][es_in]
@@ -1039,12 +1020,12 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             if method != "pbft":  # CD and its control students: compared with the (largest k's) teacher
                 tk = k if method == "cd" else kc
                 trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, tk, seed, precision)
-                same_demos = _ids_text(trow["demo_ids"]) == ";".join(map(str, demos["idx"]))
+                same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"), "controls_k": tk,
                         **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es)) if method == "cd" else {}),
-                        **(paired_vs(preds, pb, "pbft") if method == "cd" and (pb := pbft_preds(task, seed, es)) is not None
-                           else {}),
+                        **(paired_vs(preds, pb, "pbft") if method == "cd"
+                           and (pb := student_preds("pbft", task, pbft_n, seed, es)) is not None else {}),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
                         "kl_teacher_student": a_s["kl"], "agree_teacher_zeroshot": a_z["agreement"],

@@ -844,10 +844,11 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 8,
              reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0,
-             memory: bool = True):
+             memory: bool = True, calibration: bool = True):
     """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``.
     ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows.
-    ``memory``: also measure the tensor memory of the largest batch (:func:`largest_batch_memory`; untimed)."""
+    ``memory``: also measure the tensor memory of the largest batch (:func:`largest_batch_memory`; untimed).
+    ``calibration``: also the contextual and batch calibrated predictions (:func:`calibrated_scores`; untimed)."""
     prefix = build_prefix(pattern, demos)
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
     with probe(lm.device) as pr:
@@ -891,7 +892,8 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
                           "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
                           "top1_is_verbalizer": top1_in_verb, "skipped": ~ok})
-    cal_metrics, cal_preds = calibrated_scores(lm, pattern, prefix, lp, ok, gold, batch_size, max_tokens)
+    cal_metrics, cal_preds = calibrated_scores(lm, pattern, prefix, lp, ok, gold, batch_size, max_tokens) \
+        if calibration else ({}, {})
     metrics.update(cal_metrics)
     for c, v in cal_preds.items():
         preds[c] = v
@@ -939,7 +941,7 @@ def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame
     if n <= 0 or not len(demos):
         return {}
     m, _ = evaluate(lm, ev.head(n), pattern, demos, batch_size=batch_size, reuse_prefix=False, on_too_long="skip",
-                    progress=False, max_tokens=max_tokens, memory=False)
+                    progress=False, max_tokens=max_tokens, memory=False, calibration=False)
     return {"s_per_query_full_prompt": m["s_per_query"], "n_full_prompt_sample": m["n_eval"]}
 
 

@@ -189,7 +189,8 @@ class ResultTable:
     def read(self) -> pd.DataFrame:
         if not self.path.is_file():
             return pd.DataFrame()
-        return pd.read_csv(self.path)
+        # demonstration ids are text ("3;17"): one id alone would come back as a number
+        return pd.read_csv(self.path, dtype={"demo_ids": str})
 
     def done(self) -> set:
         df = self.read()
@@ -398,6 +399,35 @@ def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
     return cd[keys + TRANSFER_CHECK_COLUMNS].sort_values(keys).reset_index(drop=True)
 
 
+def _predictions(results_root, f):
+    """A run's prediction table indexed by ``idx``, or None when the file is missing (tables-only checkout)."""
+    path = Path(results_root) / f if isinstance(f, str) else None
+    return pd.read_parquet(path).set_index("idx") if path is not None and path.is_file() else None
+
+
+def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
+    """The rows of ``method`` that a paired test of row ``r`` compares with, on the same model, pattern,
+    evaluation set and dtype: the zero-shot run; the ICL teacher of the same k and seed; the PBFT student of
+    the same training task and seed; the control students of the same training task and seed trained for
+    ``r``'s k (``controls_k``)."""
+    sel = runs[(runs["method"] == method) & (runs["model"] == r["model"]) & (runs["pattern"] == r["pattern"])
+               & (runs["eval_set"] == r["eval_set"]) & (runs["dtype"] == r["dtype"])]
+    if method == "zero-shot":
+        return sel
+    sel = sel[sel["seed"] == r["seed"]]
+    if method == "icl":
+        return sel[sel["k"] == r["k"]]
+    sel = sel[sel["train_task"] == r["train_task"]]
+    if method in ("cd_shuffled", "cd_self"):
+        return sel[sel.get("controls_k", np.nan) == r["k"]]
+    return sel if method == "pbft" else sel[sel["k"] == r["k"]]
+
+
+def _partner_predictions(runs, method, r, results_root):
+    rows = _partner(runs, method, r)
+    return _predictions(results_root, rows["predictions_file"].iloc[-1]) if len(rows) else None
+
+
 def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
     """Transfer *in distribution*, per CD student and evaluation set, against the control students trained
     beside it: per example, KL(teacher ‖ student) and KL(teacher ‖ control) over the verbalizers (from the
@@ -406,35 +436,22 @@ def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
     prediction files are missing are left out (a checkout with the tables only)."""
     from scipy.stats import wilcoxon
 
-    def lp(frame):
-        x = frame[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
-        return x - np.logaddexp(x[:, :1], x[:, 1:])
-
-    def read(f):
-        path = Path(results_root) / f
-        return pd.read_parquet(path).set_index("idx") if isinstance(f, str) and path.is_file() else None
+    from .stats import kl_per_example, verbalizer_logp
 
     out = []
-    cd = runs[runs["method"] == "cd"]
-    for _, r in cd.iterrows():
-        t = runs[(runs["method"] == "icl") & (runs["model"] == r["model"]) & (runs["pattern"] == r["pattern"])
-                 & (runs["eval_set"] == r["eval_set"]) & (runs["k"] == r["k"]) & (runs["seed"] == r["seed"])
-                 & (runs["dtype"] == r["dtype"])]
-        tp, sp = (read(t["predictions_file"].iloc[-1]) if len(t) else None), read(r["predictions_file"])
+    for _, r in runs[runs["method"] == "cd"].iterrows():
+        tp, sp = _partner_predictions(runs, "icl", r, results_root), _predictions(results_root, r["predictions_file"])
         if tp is None or sp is None:
             continue
         row = {c: r[c] for c in ("model", "pattern", "eval_set", "train_task", "k", "seed", "config")}
         for name, method in (("shuffled", "cd_shuffled"), ("self", "cd_self")):
-            c = runs[(runs["method"] == method) & (runs["model"] == r["model"]) & (runs["train_task"] == r["train_task"])
-                     & (runs["eval_set"] == r["eval_set"]) & (runs["seed"] == r["seed"])
-                     & (runs.get("controls_k", pd.Series(np.nan, index=runs.index)) == r["k"])]
-            cp = read(c["predictions_file"].iloc[-1]) if len(c) else None
+            cp = _partner_predictions(runs, method, r, results_root)
             if cp is None:
                 continue
             idx = sp.index[~(sp["skipped"] | tp.loc[sp.index, "skipped"] | cp.loc[sp.index, "skipped"])]
-            lt, ls, lc = lp(tp.loc[idx]), lp(sp.loc[idx]), lp(cp.loc[idx])
-            kl_s = (np.exp(lt) * (lt - ls)).sum(1)
-            kl_c = (np.exp(lt) * (lt - lc)).sum(1)
+            lt = verbalizer_logp(tp.loc[idx])
+            kl_s = kl_per_example(lt, verbalizer_logp(sp.loc[idx]))
+            kl_c = kl_per_example(lt, verbalizer_logp(cp.loc[idx]))
             pval = float(wilcoxon(kl_s, kl_c).pvalue) if np.any(kl_s != kl_c) else 1.0
             row.update({"kl_student": float(kl_s.mean()), f"kl_{name}": float(kl_c.mean()),
                         f"kl_p_vs_{name}": pval, f"closer_than_{name}": bool(kl_s.mean() < kl_c.mean() and pval < 0.05)})
@@ -454,27 +471,10 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
     (``above``/``below`` at p < 0.05, else ``n.s.``). Rows without calibrated predictions are left out."""
     from .stats import mcnemar_exact
 
-    def read(f):
-        path = Path(results_root) / f if isinstance(f, str) else None
-        return pd.read_parquet(path).set_index("idx") if path is not None and path.is_file() else None
-
-    def one(method, r):
-        sel = runs[(runs["method"] == method) & (runs["model"] == r["model"]) & (runs["pattern"] == r["pattern"])
-                   & (runs["eval_set"] == r["eval_set"]) & (runs["dtype"] == r["dtype"])]
-        if method == "zero-shot":
-            return sel
-        sel = sel[sel["seed"] == r["seed"]]
-        if method in ("cd_shuffled", "cd_self"):
-            return sel[(sel["train_task"] == r["train_task"]) & (sel.get("controls_k", np.nan) == r["k"])]
-        if method in ("cd", "pbft"):
-            sel = sel[sel["train_task"] == r["train_task"]]
-        return sel[sel["k"] == r["k"]] if method != "pbft" else sel
-
     out = []
     for a_method, b_method in CALIBRATED_PAIRS:
         for _, r in runs[runs["method"] == a_method].iterrows():
-            b = one(b_method, r)
-            pa, pb = read(r["predictions_file"]), (read(b["predictions_file"].iloc[-1]) if len(b) else None)
+            pa, pb = _predictions(results_root, r["predictions_file"]), _partner_predictions(runs, b_method, r, results_root)
             if pa is None or pb is None:
                 continue
             for kind in kinds:

@@ -21,6 +21,18 @@ def mcnemar_exact(a_correct, b_correct) -> dict:
     return {"only_a": b10, "only_b": b01, "p": p}
 
 
+def verbalizer_logp(preds) -> np.ndarray:
+    """Per example of a prediction table (``logp_label0``, ``logp_label1``), the log-probabilities renormalised
+    over the two labels."""
+    lp = preds[["logp_label0", "logp_label1"]].to_numpy(dtype=float)
+    return lp - np.logaddexp(lp[:, :1], lp[:, 1:])
+
+
+def kl_per_example(a_logp, b_logp) -> np.ndarray:
+    """KL(a ‖ b) per row of two arrays of label log-probabilities (already normalised)."""
+    return (np.exp(a_logp) * (a_logp - b_logp)).sum(1)
+
+
 def agreement_stats(a_pred, b_pred, a_logp, b_logp) -> dict:
     """Agreement of two classifiers' labels, Cohen's κ, and mean KL(a ‖ b) of their label distributions
     (rows of log-probabilities over the labels, already normalised), on the same examples."""
@@ -28,7 +40,7 @@ def agreement_stats(a_pred, b_pred, a_logp, b_logp) -> dict:
     po = float((a == b).mean())
     pe = float(sum((a == c).mean() * (b == c).mean() for c in (0, 1)))
     kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
-    kl = float((np.exp(a_logp) * (a_logp - b_logp)).sum(1).mean())
+    kl = float(kl_per_example(a_logp, b_logp).mean())
     return {"agreement": po, "kappa": kappa, "kl": kl}
 
 
