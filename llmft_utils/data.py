@@ -30,8 +30,9 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class SplitSpec:
     local_file: str  # path relative to the data directory (.jsonl or .jsonl.gz)
-    hub: tuple  # (path, config or None, split) for datasets.load_dataset
+    hub: tuple | None  # (path, config or None, split) for datasets.load_dataset; None: local mirror only
     description: str = ""
+    held_out_of: str = ""  # a split of the same task whose rows this one is drawn from (and removed from)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TaskSpec:
     stratify_by: tuple = ("label",)
     notes: str = ""
     field_names: dict = field(default_factory=lambda: {"premise": "premise", "hypothesis": "hypothesis"})
+    ood_for: tuple = ()  # training tasks whose students are also scored on this task's sets (out of domain)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -87,6 +89,49 @@ TASKS: dict[str, TaskSpec] = {
         demo_task="mnli",  # out-of-domain: demonstrations come from MNLI train
         extra_columns=("heuristic", "subcase"),
         stratify_by=("subcase",),
+        ood_for=("mnli", "rte"),
+    ),
+    # MNLI-mismatched as its own task, so that MNLI students are scored on it out of domain (other genres)
+    "mnli_mismatched": TaskSpec(
+        name="mnli_mismatched",
+        splits={"validation": SplitSpec("mnli/validation_mismatched.jsonl",
+                                        ("nyu-mll/glue", "mnli", "validation_mismatched"),
+                                        "MNLI dev mismatched (genres absent from MNLI train)")},
+        label_map={"entailment": 0, "neutral": None, "contradiction": 1},
+        hub_label_names=("entailment", "neutral", "contradiction"),
+        demo_task="mnli",
+        notes="binary like MNLI: neutral dropped, contradiction -> No",
+        ood_for=("mnli",),
+    ),
+    # paraphrase identification with the NLI patterns (question 1 as premise, question 2 as hypothesis), as llmft
+    # does: duplicate / paraphrase -> 0 (" Yes"), not -> 1 (" No")
+    "qqp": TaskSpec(
+        name="qqp",
+        splits={
+            "train": SplitSpec("qqp/train_subset.jsonl", ("nyu-mll/glue", "qqp", "train"),
+                               "QQP train; the local mirror holds a 9,999-example subset"),
+            "validation": SplitSpec("qqp/validation.jsonl", ("nyu-mll/glue", "qqp", "validation"),
+                                    "GLUE QQP dev (40,430; not in the local mirror)"),
+            "heldout": SplitSpec("qqp/train_subset.jsonl", None,
+                                 "rows of the QQP train subset held out of the demonstration pool (the local mirror "
+                                 "has no QQP dev set)", held_out_of="train"),
+        },
+        label_map={"duplicate": 0, "not_duplicate": 1},
+        hub_label_names=("not_duplicate", "duplicate"),
+        demo_task="qqp",
+        field_names={"premise": "question1", "hypothesis": "question2"},
+        notes="duplicate -> Yes, not_duplicate -> No",
+    ),
+    "paws_qqp": TaskSpec(
+        name="paws_qqp",
+        splits={"dev_and_test": SplitSpec("paws_qqp/dev_and_test.jsonl", None,
+                                          "PAWS-QQP dev_and_test (677; built from QQP by the PAWS scripts, llmft's copy)")},
+        label_map={"paraphrase": 0, "not_paraphrase": 1},
+        hub_label_names=("not_paraphrase", "paraphrase"),
+        demo_task="qqp",  # out-of-domain: demonstrations come from QQP train
+        field_names={"premise": "sentence1", "hypothesis": "sentence2"},
+        notes="paraphrase -> Yes, not_paraphrase -> No; adversarial word-swap pairs for QQP models",
+        ood_for=("qqp",),
     ),
 }
 
@@ -206,11 +251,19 @@ def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None)
             raise DataError(f"{path} not found: the data directory {local} has no {task}/{split}. "
                             f"Fix {DATA_DIR_ENV} / data_dir, or unset it to download from the Hugging Face Hub.")
         lines: list = []
-        df = validate_rows(_read_jsonl(path, lines), spec, str(path), lines)
+        records = _read_jsonl(path, lines)
+        for r in records:  # a mirror file with the dataset's own field names (question1, sentence1, ...)
+            for ours, theirs in spec.field_names.items():
+                if ours not in r and theirs in r:
+                    r[ours] = r.pop(theirs)
+        df = validate_rows(records, spec, str(path), lines)
         df.attrs["source"] = str(path)
     else:
         from .hub import offline_if_unreachable
 
+        if sspec.hub is None:
+            raise DataError(f"{task}/{split} has no Hugging Face Hub copy ({sspec.description}); set {DATA_DIR_ENV}="
+                            "/path/to/shared/data (or pass data_dir=) to read it from the local mirror")
         try:
             with offline_if_unreachable():  # offline: the datasets cache or this error in seconds, not retries
                 rows = _load_hub(spec, sspec)
@@ -281,6 +334,29 @@ def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.Dat
     return pool.loc[order]
 
 
+def demonstration_sets(pool: pd.DataFrame, k: int, m: int, seed: int, exclude=()) -> list[pd.DataFrame]:
+    """``m`` pairwise-disjoint balanced sets of ``k`` demonstrations (a teacher ensemble's prompts; m·k in all).
+
+    Set 0 is exactly :func:`sample_demonstrations` ``(pool, k, seed, exclude=exclude[0])``: the demonstrations of
+    the single-prompt ICL run and CD teacher of the same k and seed, so the ensemble contains that teacher.
+    Set j ≥ 1 is drawn the same way with the seed ``[seed, j]`` from the rows of ``pool`` not in any earlier set
+    nor in any frame of ``exclude`` (evaluation queries, a transfer set)."""
+    if m < 1:
+        raise ValueError(f"an ensemble needs m >= 1 demonstration sets, got {m}")
+    exclude = [f for f in exclude if f is not None and len(f)]
+    first = sample_demonstrations(pool, k, seed, exclude=exclude[0] if exclude else None)
+    sets = [first]
+    banned = {pair_key(p, h) for f in exclude for p, h in zip(f["premise"], f["hypothesis"])}
+    for j in range(1, m):
+        banned |= set(map(pair_key, sets[-1]["premise"], sets[-1]["hypothesis"]))
+        rest = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+        try:
+            sets.append(sample_demonstrations(rest, k, [seed, j]))
+        except DataError as e:
+            raise DataError(f"demonstration set {j + 1} of {m} (k={k}): {e}; use fewer sets or a smaller k") from None
+    return sets
+
+
 def label_stats(df: pd.DataFrame) -> dict:
     """Counts per binary label and the majority-class baseline accuracy."""
     counts = df["label"].value_counts().reindex([0, 1], fill_value=0)
@@ -329,6 +405,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 STUDY_EVAL_SETS = ("mnli/validation_matched", "rte/validation", "hans/validation")
+# llmft's out-of-domain grid beyond HANS: MNLI -> MNLI-mismatched, QQP -> PAWS-QQP (QQP in domain: held-out train rows)
+EXTRA_EVAL_SETS = ("mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test")
+ALL_EVAL_SETS = STUDY_EVAL_SETS + EXTRA_EVAL_SETS + ("qqp/validation",)
+
+
+def student_eval_sets(manifest: dict, task: str, out_of_domain: bool = True) -> list[str]:
+    """The evaluation sets of a student trained on ``task``: its in-domain set (the first of the manifest's sets of
+    that task) and, with ``out_of_domain``, every set whose task lists ``task`` in ``ood_for`` (HANS for MNLI and
+    RTE, MNLI-mismatched for MNLI, PAWS-QQP for QQP), in manifest order."""
+    ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
+    if not ind:
+        raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
+    ood = [es for es, info in manifest["eval_sets"].items()
+           if info["task"] in TASKS and task in TASKS[info["task"]].ood_for] if out_of_domain else []
+    return [ind[0]] + [es for es in ood if es != ind[0]]
 
 
 def _swap_in_folder(new: Path, dest: Path) -> None:
@@ -367,17 +458,25 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     eval_sizes = eval_sizes or {}
     manifest: dict = {"eval_sets": {}, "demo_pools": {}, "eval_seed": seed}
     stats, pools, frames = [], {}, {}
+    held: dict = {}  # pool -> ids of evaluation rows drawn from it (a split held out of the training file)
     for name in eval_sets:
         task, _, split = name.partition("/")
         spec = get_task(task)
-        full = load_split(task, split, data_dir)
+        sspec = get_split_spec(task, split)
         n = int(eval_sizes.get(task, 0) or 0)
+        if sspec.held_out_of and (not n or f"{task}/{sspec.held_out_of}" != f"{spec.demo_task}/{spec.demo_split}"):
+            raise DataError(f"{name} is drawn from {task}/{sspec.held_out_of}: give it a size ({task}_eval_n > 0), and "
+                            "its rows are removed from that demonstration pool")
+        full = load_split(task, split, data_dir)
         sub = stratified_subsample(full, n=n or None, by=spec.stratify_by[0], seed=seed)
+        if sspec.held_out_of:
+            held.setdefault(f"{task}/{sspec.held_out_of}", set()).update(sub["idx"])
         rel = f"prepared/{task}__{split}.jsonl"
         frames[rel] = sub
         pool = f"{spec.demo_task}/{spec.demo_split}"
         pools.setdefault(pool, set()).add(name)
         info = {"file": rel, "task": task, "split": split, "full_size": len(full), "subsampled": len(sub) < len(full),
+                **({"held_out_of": f"{task}/{sspec.held_out_of}"} if sspec.held_out_of else {}),
                 "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
                 "ids_digest": ids_digest(sub["idx"]), "demo_pool": pool, **label_stats(sub)}
         manifest["eval_sets"][name] = info
@@ -388,6 +487,8 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         df = load_split(task, split, data_dir)
         rel = f"prepared/{task}__{split}.jsonl"
         src = df.attrs["source"]
+        if pool in held:  # evaluation rows drawn from this file never serve as demonstrations or transfer queries
+            df = df[~df["idx"].isin(held[pool])]
         if dev_n:
             if dev_n >= len(df) // 2:
                 raise DataError(f"dev_n={dev_n} would take half or more of the {len(df)} rows of {pool}; use fewer")

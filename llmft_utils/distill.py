@@ -192,7 +192,7 @@ def rows_digest(frame, columns) -> str:
 
 
 def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
-                      dtype, device) -> str:
+                      dtype, device, combine: str | None = None) -> str:
     """Key of a teacher-cache file: a digest of everything that changes the cached values.
 
     ``model_id`` (name and source), the teacher's ``dtype`` and ``device`` type (``cuda:0`` and ``cuda:1``
@@ -200,19 +200,27 @@ def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demo
     and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of a registered one),
     ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with :func:`rows_digest` of their
     ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id changes the key), the target,
-    ``topk`` (for ``target="topk"`` only), the temperature and ``CACHE_FORMAT``. Pure: the same arguments
-    give the same key in every process."""
+    ``topk`` (for ``target="topk"`` only), the temperature and ``CACHE_FORMAT``. A teacher ensemble passes
+    ``demos`` as a list of frames (every set's ids and digest enter the key) and its ``combine`` rule. Pure: the
+    same arguments give the same key in every process."""
     from .patterns import get_pattern
 
     p = get_pattern(pattern) if isinstance(pattern, str) else pattern
-    blob = json.dumps({"format": CACHE_FORMAT, "model": model_id, "task": task,
-                       "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
-                       "pattern": [p.name, p.template, list(p.verbalizers), p.separator], "k": k, "seed": seed,
-                       "demos": [str(i) for i in demos["idx"]], "demo_digest": rows_digest(demos, DEMO_COLUMNS),
-                       "examples": [str(i) for i in examples["idx"]],
-                       "example_digest": rows_digest(examples, QUERY_COLUMNS),
-                       "target": cfg.target, "topk": cfg.topk if cfg.target == "topk" else None,
-                       "temperature": cfg.temperature}, sort_keys=True)
+    sets = list(demos) if isinstance(demos, (list, tuple)) else [demos]
+    ids = [[str(i) for i in d["idx"]] for d in sets]
+    digests = [rows_digest(d, DEMO_COLUMNS) for d in sets]
+    single = not isinstance(demos, (list, tuple))
+    fields = {"format": CACHE_FORMAT, "model": model_id, "task": task,
+              "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+              "pattern": [p.name, p.template, list(p.verbalizers), p.separator], "k": k, "seed": seed,
+              "demos": ids[0] if single else ids, "demo_digest": digests[0] if single else digests,
+              "examples": [str(i) for i in examples["idx"]],
+              "example_digest": rows_digest(examples, QUERY_COLUMNS),
+              "target": cfg.target, "topk": cfg.topk if cfg.target == "topk" else None,
+              "temperature": cfg.temperature}
+    if not single:
+        fields["combine"] = combine or "prob"
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -270,11 +278,36 @@ def _read_cache(path: Path, key: str, n: int, support: int, topk: int | None, n_
     return (None, reason) if reason else (blob, None)
 
 
+ENSEMBLE_COMBINE = ("prob", "logprob")  # a teacher ensemble's mean: of probabilities, or of log-probabilities
+
+
+def combine_logp(member_logp, combine: str = "prob") -> torch.Tensor:
+    """One distribution from the log-probabilities (m, ..., V) of m ensemble members, in log space:
+
+        prob:     log p(v) = logsumexp_i log p_i(v) − log m            (the mixture, mean of probabilities)
+        logprob:  log p(v) = mean_i log p_i(v) − logsumexp_v mean_i log p_i(v)   (normalised geometric mean)
+
+    Over the full vocabulary the result is normalised; with one member it is that member's distribution."""
+    lp = torch.as_tensor(member_logp).float()
+    m = lp.shape[0]
+    if combine == "prob":
+        return torch.logsumexp(lp, 0) - math.log(m)
+    if combine == "logprob":
+        return torch.log_softmax(lp.mean(0), -1)
+    raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
+
+
 def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
-                    batch_size: int = 8, progress: bool = False, force: bool = False, max_tokens: int = 0) -> dict:
+                    batch_size: int = 8, progress: bool = False, force: bool = False, max_tokens: int = 0,
+                    combine: str = "prob") -> dict:
     """Teacher log-probs on the target support (temperature applied) for every example, with the
     demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
     returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``.
+
+    A **teacher ensemble** passes ``demos`` as a list of m demonstration sets: each prompt's full-vocabulary
+    distribution at temperature T is computed, the m are combined (:func:`combine_logp`, ``combine``) and the
+    result is projected on the target support exactly as one teacher's logits would be (top-k of the combined
+    distribution + rest, or the verbalizers). With one set it equals the single teacher.
 
     A cache file is used only when :func:`cache_problem` finds nothing wrong with it; otherwise (and
     always with ``force=True``) the targets are recomputed and the file is replaced atomically
@@ -284,6 +317,8 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     from .patterns import build_prefix, query_text
     from .results import atomic_write
 
+    if combine not in ENSEMBLE_COMBINE:
+        raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
     path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
     n_labels = len(pattern.verbalizers)
     topk = cfg.topk if cfg.target == "topk" else None
@@ -297,7 +332,8 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     vids = _verbalizer_ids(lm.tokenizer, pattern)
-    prefix = build_prefix(pattern, demos)
+    ensemble = isinstance(demos, (list, tuple))
+    prefix = "" if ensemble else build_prefix(pattern, demos)
     queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
     T = cfg.temperature
 
@@ -310,8 +346,20 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
-                                      max_tokens=max_tokens)
+        if ensemble:  # an ensemble: combine full distributions, then project like one teacher
+            total = None  # running logsumexp (prob) or sum (logprob): two (N, V) tensors at a time, whatever m is
+            for d in demos:
+                pre = build_prefix(pattern, d)
+                qs = [query_text(pattern, p, h, bool(pre)) for p, h in zip(examples["premise"], examples["hypothesis"])]
+                lp = answer_logits(lm, pre, qs, lambda z: torch.log_softmax(z.float() / T, -1), batch_size=batch_size,
+                                   progress=progress, max_tokens=max_tokens)
+                total = lp if total is None else (torch.logaddexp(total, lp) if combine == "prob" else total + lp)
+            m = len(demos)
+            comb = total - math.log(m) if combine == "prob" else torch.log_softmax(total / m, -1)
+            logp, top_ids = extract(comb * T)  # extract divides by T: the combined log-probs act as the logits
+        else:
+            logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
+                                          max_tokens=max_tokens)
     # full-vocabulary targets are stored in float16, which holds log-probs down to -65504 only
     logp = logp.to(torch.float32 if cfg.target != "full" else torch.float16)
     bad = ~torch.isfinite(logp).all(-1)  # checked as stored: a file that cache_problem would reject is never written
@@ -765,7 +813,10 @@ def sweep_from_params(lm, out_dir, p: dict, progress: bool = False, **narrow):
                         model_name=p["model"], profile=p["profile"], progress=progress,
                         ood_train_tasks=p["ood_train_tasks"], pbft_lr=p["pbft_lr"],
                         eval_max_tokens=p["max_batch_tokens"], save_students=p["save_students"], log_with=p["log_with"],
-                        controls=p.get("controls", ()), control_tasks=p.get("control_tasks"))
+                        controls=p.get("controls", ()), control_tasks=p.get("control_tasks"),
+                        ensemble_m=p.get("ensemble_m", 0), ensemble_ks=p.get("ensemble_ks", ()),
+                        ensemble_seeds=p.get("ensemble_seeds"), ensemble_tasks=p.get("ensemble_tasks"),
+                        ensemble_combine=p.get("ensemble_combine", "prob"), ensemble_ood=p.get("ensemble_ood", True))
 
 
 def _barrier() -> None:
@@ -867,18 +918,69 @@ def _missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision:
     """The ICL runs the CD sweep compares with (zero-shot per eval set, the teacher per CD student and eval
     set) that are not in ``icl.csv``, as readable strings: checked before the first student trains."""
     need = {(es, 0, 0) for p in plan for es in p.eval_sets}
-    need |= {(es, p.k, p.seed) for p in plan if p.method == "cd" for es in p.eval_sets}
+    need |= {(es, p.k, p.seed) for p in plan if p.method in ("cd", "icl_ensemble", "cd_ensemble") for es in p.eval_sets}
     need |= {(es, max(q.k for q in plan if q.method == "cd"), p.seed) for p in plan
              if p.method in CONTROL_METHODS.values() for es in p.eval_sets}
     return [f"{es} k={k} seed={seed}" for es, k, seed in sorted(need)
             if icl_rows.empty or _icl_row(icl_rows, model, es, pattern, k, seed, precision) is None]
 
 
+def _ensemble_rows(lm, out_dir, manifest, frames, icl_rows, table, pattern, model_name, precision, task, es_in, k,
+                   seed, sets, combine, eval_sets, keys, batch_size, max_tokens, progress, largest_icl, profile, prov,
+                   main, say) -> dict:
+    """The ``icl_ensemble`` rows of :func:`run_cd_sweep`: the m prompts of ``sets`` at inference on each evaluation
+    set (set 0 reuses the single-prompt ICL run's predictions where its demonstrations are the same), with exact
+    McNemar tests against the zero-shot model and the single-prompt ICL run of the largest k (``icl_k``);
+    written to ``table`` and returned as ``{run_key: row}``."""
+    from .icl import _world, evaluate_ensemble
+    from .results import atomic_write_parquet, ids_digest
+
+    import pandas as pd
+
+    demo_text = "|".join(";".join(map(str, d["idx"])) for d in sets)
+    rows = []
+    for es, key in zip(eval_sets, keys):
+        einfo, ev = manifest["eval_sets"][es], frames[es]
+        known = {}
+        row0, preds0 = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, k, seed, precision)
+        if str(row0["demo_ids"]) == ";".join(map(str, sets[0]["idx"])):
+            m0 = {c: row0[c] for c in ("score_acc", "wall_s", "s_per_query", "tokens_processed", "prefix_tokens",
+                                       "n_prefix_fallback", "query_tokens_mean", "scoring", "peak_mem_mb",
+                                       "peak_mem_delta_mb", "mem_kind", "single_token_verbalizers")}
+            m0["prefix_reuse_note"] = row0["prefix_reuse_note"] if isinstance(row0["prefix_reuse_note"], str) else ""
+            known[0] = (m0, preds0)
+        metrics, preds = evaluate_ensemble(lm, ev, pattern, sets, combine, batch_size=batch_size, progress=progress,
+                                           max_tokens=max_tokens, known=known)
+        pfile = f"predictions/icl_ensemble__{ids_digest([key])}.parquet"
+        if main:
+            atomic_write_parquet(preds, out_dir / pfile)
+        zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
+        ik, ipreds = largest_icl(es, seed)
+        rows.append({
+            "run_key": key, "method": "icl_ensemble", "model": model_name, "model_source": lm.source,
+            "device": lm.device, "dtype": lm.dtype, "random_init": lm.source.startswith("random-init"),
+            "n_processes": _world()[0], "train_task": task, "task": einfo["task"], "split": einfo["split"],
+            "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
+            "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
+            "eval_ids_digest": einfo["ids_digest"], "demo_ids": demo_text, "zeroshot_acc": zrow["score_acc"],
+            "member0_reused": bool(known), **metrics, **paired_vs(preds, zpreds, "zeroshot"),
+            **paired_vs(preds, ipreds, "icl"), "icl_k": ik, "predictions_file": pfile, "profile": profile, **prov,
+            "student_dir": ""})
+        say(f"  {es}: acc={metrics['score_acc']:.3f} (members {metrics['member_acc_min']:.3f}-"
+            f"{metrics['member_acc_max']:.3f}; ICL k={ik} {ipreds['pred'].eq(ipreds['label']).mean():.3f}, zero-shot "
+            f"{zrow['score_acc']:.3f})  {metrics['s_per_query'] * 1000:.0f} ms/query")
+    if main:
+        table.append(rows)
+    _barrier()
+    return {r["run_key"]: r for r in rows}
+
+
 def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_transfer: int, pbft_n: int,
                  cfg: DistillConfig, pbft_epochs: int, eval_batch_size: int = 8, force: bool = False,
                  model_name: str | None = None, profile: str = "", progress: bool = True, ood_train_tasks=None,
                  pbft_lr: float | None = None, eval_max_tokens: int = 0, save_students: str = "none",
-                 log_with: str = "", controls=(), control_tasks=None):
+                 log_with: str = "", controls=(), control_tasks=None, ensemble_m: int = 0, ensemble_ks=(),
+                 ensemble_seeds=None, ensemble_tasks=None, ensemble_combine: str = "prob", ensemble_ood: bool = True):
     """CD students for every (train task, k, seed) and PBFT students for every (train task, seed); each is
     evaluated zero-shot on its in-domain set (and on HANS when its train task is in ``ood_train_tasks``,
     default: all) with :func:`llmft_utils.icl.evaluate`, and
@@ -893,8 +995,19 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     all), trained before the CD students with the CD recipe on the same transfer set of each (task, seed):
     ``cd_shuffled`` at the largest k (that k's teacher targets permuted across the transfer queries) and
     ``cd_self`` (k = 0: the zero-shot model's own targets). Their rows compare them with the largest k's
-    teacher (``controls_k``); each CD row is tested against them (:func:`controls_vs`)."""
+    teacher (``controls_k``); each CD row is tested against them (:func:`controls_vs`).
+
+    ``ensemble_m`` ≥ 2 adds, for the tasks in ``ensemble_tasks``, each k in ``ensemble_ks`` and each seed in
+    ``ensemble_seeds`` (defaults: all), a **teacher ensemble** of m disjoint demonstration sets of k
+    (:func:`llmft_utils.data.demonstration_sets`: set 0 is the single teacher's; all are disjoint from the
+    transfer set and the evaluation queries): ``icl_ensemble`` rows score the ensemble at inference (m forwards
+    per query, :func:`llmft_utils.icl.evaluate_ensemble`), and a ``cd_ensemble`` student distils it (the
+    m prompts' distributions combined by ``ensemble_combine``, :func:`teacher_targets`) on the same transfer
+    set as CD, scored out of domain too unless ``ensemble_ood`` is False. Both carry exact McNemar tests against the single-prompt ICL run of the largest k in
+    ``icl.csv`` (``icl_k``); the student also against single-prompt CD of the same k and seed."""
     import gc
+
+    import pandas as pd
 
     from . import data
     from .icl import evaluate, precision_tag
@@ -915,30 +1028,36 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     precision = precision_tag(lm)
     frames = {es: data.read_split(out_dir, info) for es, info in manifest["eval_sets"].items()}
     pools = {p: data.read_split(out_dir, info) for p, info in manifest["demo_pools"].items()}
-    ood = [es for es in manifest["eval_sets"] if es.startswith("hans/")]
     plan = []
     bad = sorted(set(controls) - set(CONTROL_METHODS))
     if bad:
         raise ValueError(f"controls: unknown {bad}; use any of {list(CONTROL_METHODS)}")
     kc = max(ks) if ks else 0
+    if ensemble_m and ensemble_m < 2:
+        raise ValueError(f"ensemble_m: {ensemble_m} sets is no ensemble; use 0 (none) or >= 2")
+    if ensemble_combine not in ENSEMBLE_COMBINE:
+        raise ValueError(f"ensemble_combine: {ensemble_combine!r} is not one of {list(ENSEMBLE_COMBINE)}")
+    # the ensemble seeds among this sweep's seeds (a sweep narrowed to one seed runs that seed's ensemble, if any)
+    ens_seeds = [s_ for s_ in seeds if ensemble_seeds is None or s_ in ensemble_seeds]
+    ens_tag = f"m{ensemble_m}-{ensemble_combine}"
     for task in train_tasks:
-        ind = [es for es, info in manifest["eval_sets"].items() if info["task"] == task]
-        if not ind:
-            raise ValueError(f"train task {task!r} has no evaluation set in the manifest ({list(manifest['eval_sets'])})")
+        task_sets = data.student_eval_sets(manifest, task, ood_train_tasks is None or task in ood_train_tasks)
         ctl = [c for c in controls if control_tasks is None or task in control_tasks] if kc else []
         runs = ([("cd_self", 0, s) for s in seeds if "self" in ctl]
                 + [("cd_shuffled", kc, s) for s in seeds if "shuffled" in ctl]
                 + ([("pbft", pbft_n, s) for s in seeds] if pbft_n else []) + [("cd", k, s) for k in ks for s in seeds])
+        if ensemble_m and (ensemble_tasks is None or task in ensemble_tasks):
+            runs += [(m_, k, s) for k in ensemble_ks for s in ens_seeds for m_ in ("icl_ensemble", "cd_ensemble")]
         for method, k, seed in runs:
             mcfg = cfg if method != "pbft" else DistillConfig(**{**asdict(cfg), "alpha": 1.0, "epochs": pbft_epochs,
                                                                  "lr": pbft_lr or cfg.lr})
             n_train = n_transfer if method != "pbft" else k
-            key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|"
-                        f"{ids_digest([json.dumps(asdict(mcfg), sort_keys=True)])}|{precision}")
-            eval_sets = [ind[0]] + [es for es in ood if es != ind[0]
-                                    and (ood_train_tasks is None or task in ood_train_tasks)]
+            recipe = ids_digest([json.dumps(asdict(mcfg), sort_keys=True)]) if method != "icl_ensemble" else "infer"
+            key_base = (f"{method}|{model_name}|{task}|{pattern.name}|k{k}|s{seed}|n{n_train}|{recipe}|{precision}"
+                        + (f"|{ens_tag}" if method.endswith("_ensemble") else ""))
+            eval_sets = list(task_sets) if ensemble_ood or not method.endswith("_ensemble") else task_sets[:1]
             keys = [f"{key_base}|{es}|eval{manifest['eval_sets'][es]['ids_digest']}" for es in eval_sets]
-            plan.append(PlannedStudent(method, task, ind[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
+            plan.append(PlannedStudent(method, task, eval_sets[0], k, seed, mcfg, n_train, key_base, eval_sets, keys))
     from .icl import _world
     from .students import should_save
 
@@ -947,8 +1066,9 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     main = _world()[1] == 0
     say = log.info if main else (lambda msg: None)
 
-    order = [(p.method, p.task, p.k, p.seed) for p in plan]
-    keep = [should_save(save_students, p.method, p.task, p.k, p.seed, order) for p in plan]
+    order = [(p.method, p.task, p.k, p.seed) for p in plan if p.method != "icl_ensemble"]
+    keep = [p.method != "icl_ensemble" and should_save(save_students, p.method, p.task, p.k, p.seed, order)
+            for p in plan]
     missing = _missing_icl_runs(icl_rows, model_name, pattern.name, plan, precision)
     if missing:  # before any teacher or student runs: the comparisons need these rows
         raise FileNotFoundError(f"{len(missing)} ICL runs this CD sweep compares with are not in {out_dir / 'icl.csv'} "
@@ -967,10 +1087,28 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         row = run_rows.get(keys_of.get((method, task, k, seed), {}).get(es))
         return None if row is None else pd.read_parquet(out_dir / row["predictions_file"])
 
-    def control_preds(task, k, seed, es):  # the control students' predictions for CD (task, k, seed) on es
-        got = {"self": student_preds("cd_self", task, 0, seed, es),
-               "shuffled": student_preds("cd_shuffled", task, k, seed, es) if k == kc else None}
+    def control_preds(task, k, seed, es, method="cd"):  # the control students' predictions for a CD student on es
+        got = {"self": student_preds("cd_self", task, 0, seed, es),  # the shuffled control permutes one teacher's targets
+               "shuffled": student_preds("cd_shuffled", task, k, seed, es) if k == kc and method == "cd" else None}
         return {name: p for name, p in got.items() if p is not None}
+
+    def transfer_of(task, es_in, eval_sets, seed):  # one transfer set per (task, seed), the same for every k
+        pool = pools[manifest["eval_sets"][es_in]["demo_pool"]]
+        seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
+        return transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in eval_sets)])
+
+    def ensemble_sets(task, es_in, eval_sets, k, seed):  # m disjoint sets; set 0 is the single teacher's
+        pool = pools[manifest["eval_sets"][es_in]["demo_pool"]]
+        return data.demonstration_sets(pool, k, ensemble_m, seed, exclude=[
+            frames[es_in], transfer_of(task, es_in, eval_sets, seed), *(frames[es] for es in eval_sets)])
+
+    def largest_icl(es, seed):  # the single-prompt ICL run with the most demonstrations for (es, seed)
+        sel = icl_rows[(icl_rows["model"] == model_name) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
+                       & (icl_rows["pattern"] == pattern.name) & (icl_rows["seed"] == seed) & (icl_rows["k"] > 0)
+                       & (icl_rows["dtype"].astype(str) + "@" + icl_rows["device"].astype(str).str.split(":").str[0]
+                          == precision) & (icl_rows["n_eval"] > 0)]
+        kmax = int(sel["k"].max())
+        return kmax, _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, kmax, seed, precision)[1]
 
     for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
         info = manifest["eval_sets"][es_in]
@@ -980,16 +1118,27 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         if all(k_ in done for k_ in keys):
             say(f"skip (done): {key_base}")
             continue
-        say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}")
+        if method == "icl_ensemble":
+            say(f"ICL ENSEMBLE  {task}  {ensemble_m} x k={k}  seed={seed}")
+            run_rows.update(_ensemble_rows(
+                lm, out_dir, manifest, frames, icl_rows, table, pattern, model_name, precision, task, es_in, k, seed,
+                ensemble_sets(task, es_in, eval_sets, k, seed), ensemble_combine, eval_sets, keys, eval_batch_size,
+                eval_max_tokens, progress, largest_icl, profile, prov, main, say))
+            continue
+        say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}"
+            + (f"  ({ensemble_m} demonstration sets)" if method == "cd_ensemble" else ""))
         teach = {"seconds": 0.0, "cache_hit": None}
+        demo_text = ";".join(map(str, demos["idx"]))
         if method != "pbft":  # one transfer set per (task, seed), the same for every k: disjoint from all their demos
-            seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
-            train = transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in eval_sets)])
-            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, demos, train,
-                                     mcfg, lm.dtype, lm.device)
-            teach = teacher_targets(lm, pattern, demos, train, mcfg, out_dir / "teacher_cache", tkey,
+            train = transfer_of(task, es_in, eval_sets, seed)
+            tdemos = ensemble_sets(task, es_in, eval_sets, k, seed) if method == "cd_ensemble" else demos
+            tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, tdemos, train,
+                                     mcfg, lm.dtype, lm.device, combine=ensemble_combine)
+            teach = teacher_targets(lm, pattern, tdemos, train, mcfg, out_dir / "teacher_cache", tkey,
                                     batch_size=eval_batch_size, progress=progress, force=force,
-                                    max_tokens=eval_max_tokens)
+                                    max_tokens=eval_max_tokens, combine=ensemble_combine)
+            if method == "cd_ensemble":  # every set, sets separated by '|'
+                demo_text = "|".join(";".join(map(str, d["idx"])) for d in tdemos)
             if method == "cd_shuffled":  # the same targets, each given to another transfer query
                 perm = torch.from_numpy(np.random.default_rng(20_000 + seed).permutation(len(train)))
                 teach = {**teach, "logp": teach["logp"][perm],
@@ -1018,13 +1167,23 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             zrow, zpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, 0, 0, precision)
             ag_z = paired_vs(preds, zpreds, "zeroshot")
             if method != "pbft":  # CD and its control students: compared with the (largest k's) teacher
-                tk = k if method == "cd" else kc
-                trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, tk, seed, precision)
-                same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
+                tk = k if method in ("cd", "cd_ensemble") else kc
+                if method == "cd_ensemble":  # its teacher: the same ensemble at inference
+                    trow = run_rows[keys_of[("icl_ensemble", task, k, seed)][es]]
+                    tpreds, same_demos = pd.read_parquet(out_dir / trow["predictions_file"]), True
+                    ik, ipreds = largest_icl(es, seed)
+                    ag_z = {**ag_z, **paired_vs(preds, ipreds, "icl"), "icl_k": ik, "ensemble_m": ensemble_m,
+                            "ensemble_combine": ensemble_combine,
+                            **(paired_vs(preds, c1, "cd") if (c1 := student_preds("cd", task, k, seed, es)) is not None
+                               else {})}
+                else:
+                    trow, tpreds = _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, tk, seed, precision)
+                    same_demos = trow["demo_ids"] == ";".join(map(str, demos["idx"]))
                 a_s, a_z = agreement(tpreds, preds), agreement(tpreds, zpreds)
+                student = method in ("cd", "cd_ensemble")
                 ag_z = {**ag_z, **paired_vs(preds, tpreds, "teacher"), "controls_k": tk,
-                        **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es)) if method == "cd" else {}),
-                        **(paired_vs(preds, pb, "pbft") if method == "cd"
+                        **(controls_vs(preds, tpreds, zpreds, control_preds(task, k, seed, es, method)) if student else {}),
+                        **(paired_vs(preds, pb, "pbft") if student
                            and (pb := student_preds("pbft", task, pbft_n, seed, es)) is not None else {}),
                         "teacher_acc": trow["score_acc"], "teacher_same_demos": bool(same_demos),
                         "agree_teacher_student": a_s["agreement"], "kappa_teacher_student": a_s["kappa"],
@@ -1038,7 +1197,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "split": einfo["split"], "in_domain": es == es_in, "pattern": pattern.name, "k": k, "seed": seed,
                 "n_train": n_train, "train_ids_digest": ids_digest(list(map(str, train["idx"]))),
                 "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
-                "eval_ids_digest": einfo["ids_digest"], "demo_ids": ";".join(map(str, demos["idx"])),
+                "eval_ids_digest": einfo["ids_digest"], "demo_ids": demo_text,
                 "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(mcfg).items()},
                 "teacher_cache_s": teach["seconds"], "teacher_cache_hit": teach["cache_hit"],
                 "train_s": st["train_s"], "train_peak_mem_mb": st["train_peak_mem_mb"],
@@ -1064,7 +1223,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                 "student_key": key_base, "method": method, "train_task": task, "k": k, "seed": seed,
                 "n_train": n_train, "base_model": model_name, "base_model_source": lm.source,
                 "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": info["demo_pool"],
-                "demo_ids": [int(i) if str(i).isdigit() else str(i) for i in demos["idx"]],
+                "demo_ids": [int(i) if str(i).isdigit() else str(i) for i in demo_text.replace("|", ";").split(";") if i],
                 "pattern": {"name": pattern.name, "template": pattern.template,
                             "verbalizers": list(pattern.verbalizers)},
                 "dtype": lm.dtype, "device": lm.device, "recipe": asdict(mcfg), "metrics": metrics_by_set,

@@ -30,9 +30,9 @@ class Param:
 
 
 def _study_tasks() -> tuple:
-    from .data import STUDY_EVAL_SETS, TASKS
+    from .data import ALL_EVAL_SETS, TASKS
 
-    return tuple(t for t in dict.fromkeys(es.split("/")[0] for es in STUDY_EVAL_SETS) if TASKS[t].demo_task == t)
+    return tuple(t for t in dict.fromkeys(es.split("/")[0] for es in ALL_EVAL_SETS) if TASKS[t].demo_task == t)
 
 
 def spec() -> dict[str, Param]:
@@ -63,6 +63,12 @@ def spec() -> dict[str, Param]:
         "mnli_eval_n": Param("int", "MNLI-binary validation_matched rows, stratified; 0 keeps all", min=0),
         "rte_eval_n": Param("int", "RTE validation rows, stratified; 0 keeps all", min=0),
         "hans_eval_n": Param("int", "HANS rows, equal per subcase; 0 keeps all", min=0),
+        "extra_eval_sets": Param("list", "evaluation sets beyond MNLI, RTE and HANS: MNLI-mismatched (sized by "
+                                         "mnli_eval_n; out of domain for MNLI students), QQP in domain (heldout: rows "
+                                         "held out of the local train subset; validation: GLUE dev, Hub only) and "
+                                         "PAWS-QQP (out of domain for QQP students, local mirror only)", item="str",
+                                 choices=EXTRA_SETS),
+        "qqp_eval_n": Param("int", "QQP evaluation rows, stratified by label (qqp/heldout needs > 0)", min=0),
         "eval_seed": Param("int", "seed of the fixed evaluation subsets", min=0),
         "dev_n": Param("int", "development rows held out of each demonstration pool (recipe choices); 0: none", min=0),
         "cd_tasks": Param("list", "in-domain training tasks for CD and PBFT", item="str", choices=tasks),
@@ -73,6 +79,18 @@ def spec() -> dict[str, Param]:
                                   "across the transfer queries), self (k=0 self-distillation); [] for none",
                           item="str", choices=("shuffled", "self")),
         "control_tasks": Param("list", "training tasks that get the control students", item="str", choices=tasks),
+        "ensemble_m": Param("int", "teacher ensembles: m disjoint demonstration sets of k per (task, k, seed), distilled "
+                                   "into one student (cd_ensemble) and scored at inference (icl_ensemble); 0: none",
+                            min=0),
+        "ensemble_ks": Param("list", "demonstrations k per ensemble set (m·k in all; each k must be in ks)", item="int",
+                             min=1),
+        "ensemble_seeds": Param("list", "seeds that get the teacher ensemble (those not in seeds are not run)", item="int",
+                                min=0),
+        "ensemble_tasks": Param("list", "training tasks that get the teacher ensemble (among cd_tasks)", item="str",
+                                choices=tasks),
+        "ensemble_ood": Param("bool", "score the teacher ensembles (at inference and distilled) out of domain too"),
+        "ensemble_combine": Param("str", "the ensemble's mean: of probabilities (prob) or of log-probabilities (logprob)",
+                                  choices=distill.ENSEMBLE_COMBINE),
         "n_transfer": Param("int", "unlabelled transfer queries per CD student", min=1),
         "pbft_n": Param("int", "labelled examples per PBFT student (the ICL demonstrations of k = pbft_n); 0 skips PBFT",
                         min=0),
@@ -97,6 +115,7 @@ def spec() -> dict[str, Param]:
     }
 
 
+EXTRA_SETS = ("mnli_mismatched/validation", "qqp/heldout", "qqp/validation", "paws_qqp/dev_and_test")
 _KIND = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
@@ -169,6 +188,22 @@ def _cross_checks(values: dict) -> list[str]:
     for name in ("ks", "seeds", "cd_tasks"):
         if isinstance(values.get(name), (list, tuple)) and not values[name]:
             errs.append(f"{name}: the list is empty; nothing would run")
+    extra = values.get("extra_eval_sets")
+    if isinstance(extra, (list, tuple)) and {"qqp/heldout", "qqp/validation"} <= set(extra):
+        errs.append("extra_eval_sets: choose one QQP in-domain set, qqp/heldout (local) or qqp/validation (Hub)")
+    if isinstance(extra, (list, tuple)) and "qqp/heldout" in extra and values.get("qqp_eval_n") == 0:
+        errs.append("qqp_eval_n: qqp/heldout is drawn from the QQP train subset; give it a size > 0 (e.g. 1000)")
+    cd_t = values.get("cd_tasks")
+    if isinstance(extra, (list, tuple)) and isinstance(cd_t, (list, tuple)) and "qqp" in cd_t \
+            and not {"qqp/heldout", "qqp/validation"} & set(extra):
+        errs.append("cd_tasks: qqp needs an in-domain QQP set; add qqp/heldout (or qqp/validation) to extra_eval_sets")
+    m = values.get("ensemble_m")
+    if isinstance(m, int) and not isinstance(m, bool) and m:
+        if m == 1:
+            errs.append("ensemble_m: 1 set is no ensemble (that is single-prompt CD); use 0 (none) or >= 2")
+        for name in ("ensemble_ks", "ensemble_seeds", "ensemble_tasks"):
+            if isinstance(values.get(name), (list, tuple)) and not values[name]:
+                errs.append(f"{name}: empty while ensemble_m={m}; list what gets the ensemble, or set ensemble_m=0")
     return errs
 
 
@@ -178,10 +213,11 @@ def plan_checks(values: dict, notebooks) -> list[str]:
     nbs = " ".join(notebooks)
     errs = []
     if "02" in nbs and "03" in nbs and isinstance(values.get("ks"), list) and isinstance(values.get("cd_ks"), list):
-        missing = [k for k in [0, *values["cd_ks"]] if k not in values["ks"]]
+        ens = values.get("ensemble_ks") if values.get("ensemble_m") else []
+        missing = list(dict.fromkeys(k for k in [0, *values["cd_ks"], *(ens or [])] if k not in values["ks"]))
         if missing:
             errs.append(f"cd_ks/ks: notebook 03 needs ICL runs for k={missing} (zero-shot and every teacher k) "
-                        f"but ks={values['ks']}; add them to ks")
+                        f"(and every ensemble_k: its set 0 is that run) but ks={values['ks']}; add them to ks")
     return errs
 
 

@@ -36,25 +36,36 @@ _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results
            "ood_train_tasks": ["mnli", "rte"], "controls": ["shuffled", "self"], "control_tasks": ["mnli", "rte"],
            "target": "topk", "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0,
            "train_batch_size": 8, "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4,
-           "max_batch_tokens": 0, "save_students": "none", "log_with": ""}
+           "max_batch_tokens": 0, "save_students": "none", "log_with": "", "ensemble_combine": "prob",
+           "ensemble_m": 4, "ensemble_ks": [16], "ensemble_seeds": [0], "ensemble_tasks": ["mnli", "rte"],
+           "ensemble_ood": True,
+           "extra_eval_sets": [],
+           "qqp_eval_n": 1000}
+# llmft's full grid: MNLI -> HANS and MNLI-mismatched, QQP -> PAWS-QQP, RTE -> HANS (sweeps/full_grid.json adds the
+# three patterns)
+_GRID = {"extra_eval_sets": ["mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test"],
+         "cd_tasks": ["mnli", "rte", "qqp"], "ood_train_tasks": ["mnli", "rte", "qqp"]}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30, "dev_n": 16,
               "ks": [0, 4], "seeds": [0], "batch_size": 8, "control_tasks": ["mnli"],
+              "ensemble_m": 2, "ensemble_ks": [4], "ensemble_seeds": [0], "ensemble_tasks": ["mnli"],
               "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
     # the main study, sized for <= 45 min on 2 CPU cores (README "Time budget"): k = 4, the RTE students on
-    # HANS and the RTE control students are in "full"
+    # HANS, the RTE control students, teacher ensembles beyond seed 0 and on HANS are in "full"
     "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 400, "rte_eval_n": 0,
                 "hans_eval_n": 480, "ks": [0, 16], "seeds": [0, 1, 2], "batch_size": 8, "ood_train_tasks": ["mnli"],
                 "control_tasks": ["mnli"], "cd_ks": [16], "n_transfer": 64, "pbft_n": 16, "epochs": 4,
-                "pbft_epochs": 4, "lr": 3e-5},
-    "full": {**_COMMON, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
-             "ks": [0, 4, 16], "seeds": list(range(10)), "batch_size": 8,
-             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5},
+                "pbft_epochs": 4, "lr": 3e-5, "ensemble_ood": False},
+    "full": {**_COMMON, **_GRID, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0,
+             "hans_eval_n": 0, "ks": [0, 1, 2, 4, 16, 32], "seeds": list(range(10)), "batch_size": 8,
+             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5,
+             "ensemble_seeds": list(range(10))},
     # one GPU: every evaluation set in full (MNLI-binary 6,692, RTE 277, HANS 30,000), k up to 32, ten seeds,
     # CD at k = 4, 16, 32 and PBFT, each student scored in domain and on HANS; the default profile's recipe
     "gpu": {**_COMMON, "profile": "gpu", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
             "ks": [0, 4, 16, 32], "seeds": list(range(10)), "batch_size": 8, "max_batch_tokens": 32768,
-            "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5},
+            "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5,
+            "ensemble_m": 0},  # the timed GPU grid of issue 12; ensembles and the llmft grid are in "full"
 }
 
 
@@ -223,6 +234,7 @@ def main(argv=None) -> int:
     if a.profile is None and a.sweep is None:
         ap.error("choose what to run: --profile " + "|".join(PROFILES) + " (smoke takes about 2 minutes; "
                  "default about an hour), or --sweep FILE.json; --list-profiles describes them")
+    explicit_profile = a.profile  # given on the command line: it wins over a sweep file's own
     a.profile = a.profile or "default"  # a sweep file names its own profile; this is its fallback
     import logging
 
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
     overrides = parse_sets(ap, a.set)
     runs = [("", a.profile, overrides)]
     if a.sweep is not None:
-        runs = read_sweep(a.sweep, a.profile, overrides, ap)
+        runs = read_sweep(a.sweep, a.profile, overrides, ap, profile=explicit_profile)
     nbs = select_notebooks(a.only)
     problems = []
     for label, profile, over in runs:  # every run is checked before the first one starts
@@ -272,13 +284,14 @@ def parse_sets(ap, sets: list) -> dict:
     return out
 
 
-def read_sweep(path: str, default_profile: str, overrides: dict, ap) -> list:
-    """``[(label, profile, parameters)]`` of a sweep file; ``overrides`` (from --set) apply to every run."""
+def read_sweep(path: str, default_profile: str, overrides: dict, ap, profile: str | None = None) -> list:
+    """``[(label, profile, parameters)]`` of a sweep file; ``overrides`` (from --set) apply to every run. The
+    profile: ``profile`` (``--profile``) when given, else the file's own, else ``default_profile``."""
     try:
         spec = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         ap.error(f"{path}: cannot read the sweep file ({e})")
-    profile = spec.get("profile", default_profile) if isinstance(spec, dict) else default_profile
+    profile = profile or (spec.get("profile", default_profile) if isinstance(spec, dict) else default_profile)
     if profile not in PROFILES:
         ap.error(f"{path}: unknown profile {profile!r}")
     runs = spec.get("runs") if isinstance(spec, dict) else None

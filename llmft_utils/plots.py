@@ -65,6 +65,53 @@ def accuracy_vs_k(summary: pd.DataFrame):
     return fig
 
 
+def accuracy_vs_total_demos(runs: pd.DataFrame):
+    """Accuracy against the labelled demonstrations behind each method (``results.total_demonstrations``: k for
+    ICL and CD, m·k for a teacher ensemble at inference or distilled, n for PBFT, 0 zero-shot), raw (top row)
+    and after batch calibration (bottom row), per evaluation set. Where teacher ensembles exist only the seeds
+    that have one are drawn, so every point averages the same seeds; small dots are single seeds, large
+    markers their mean. Dotted: majority class."""
+    r = runs[runs["method"].isin(["zero-shot", "icl", "cd", "icl_ensemble", "cd_ensemble", "pbft"])].copy()
+    ens_seeds = sorted(set(r.loc[r["method"] == "cd_ensemble", "seed"]))
+    if ens_seeds:
+        r = r[(r["method"] == "zero-shot") | r["seed"].isin(ens_seeds)]
+    sets = list(dict.fromkeys(r["eval_set"]))
+    kinds = [("score_acc", "raw")] + ([("score_acc_batch", "batch-calibrated")]
+                                      if "score_acc_batch" in r and r["score_acc_batch"].notna().any() else [])
+    fig, axes = plt.subplots(len(kinds), max(len(sets), 1), figsize=(4.4 * max(len(sets), 1), 3.4 * len(kinds)),
+                             squeeze=False)
+    style = {"zero-shot": ("D", COLORS["zero-shot"], "none"), "icl": ("o", COLORS["ICL"], "-"),
+             "cd": ("s", COLORS["CD"], "-"), "icl_ensemble": ("o", COLORS["ICL"], "none"),
+             "cd_ensemble": ("s", COLORS["CD"], "none"), "pbft": ("^", COLORS["PBFT"], "none")}
+    names = {"zero-shot": "zero-shot", "icl": "ICL (one prompt)", "cd": "CD (one prompt)",
+             "icl_ensemble": "ICL ensemble (m prompts)", "cd_ensemble": "CD from the ensemble", "pbft": "PBFT"}
+    for row, (col, what) in enumerate(kinds):
+        for ax, es in zip(axes[row], sets):
+            g = r[(r["eval_set"] == es) & r[col].notna()]
+            for method, gm in g.groupby("method", sort=False):
+                marker, color, ls = style[method]
+                for tt, gt in gm.groupby("train_task"):
+                    mean = gt.groupby("total_demos")[col].mean().sort_index()
+                    hollow = method.endswith("_ensemble")
+                    ax.scatter(gt["total_demos"], gt[col], s=8, color=color, alpha=0.35, marker=marker)
+                    ax.plot(mean.index, mean.to_numpy(), marker=marker, ms=8, ls=ls, color=color, lw=1.2,
+                            mfc="white" if hollow else color, label=f"{names[method]} ({tt})" if method != "zero-shot"
+                            else names[method])
+            if len(g):
+                ax.axhline(g["majority_acc"].max(), color="k", ls=":", lw=1, label="majority class")
+            ax.set_xscale("symlog", base=2, linthresh=1)
+            ticks = sorted({int(x) for x in g["total_demos"]}) if len(g) else [0]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.set(title=f"{es} ({what})", xlabel="labelled demonstrations behind the method (k, m·k, n)",
+                   ylabel="accuracy")
+            ax.legend(fontsize=6)
+    seeds = f"seeds {ens_seeds} (those with a teacher ensemble)" if ens_seeds else "all seeds"
+    fig.text(0.5, 0.005, f"small dots: single seeds; markers: mean over {seeds}; hollow: teacher ensembles",
+             ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
 def in_vs_out_of_domain(summary: pd.DataFrame, in_domain: str = "mnli/validation_matched",
                         out_domain: str = "hans/validation", train_task: str = "mnli"):
     """In-domain vs out-of-domain accuracy per method (mean ± 95% CI over seeds; dashed: majority)."""

@@ -246,11 +246,21 @@ def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- analysis tables (notebook 04)
 
-def method_label(method: str, k: int) -> str:
+def method_label(method: str, k: int, m=None) -> str:
+    """The method as the tables and figures name it; ``m``: the sets of a teacher ensemble (``3x16``: 3 × k = 16)."""
     if method == "zero-shot" or (method == "icl" and k == 0):
         return "zero-shot"
+    if method in ("icl_ensemble", "cd_ensemble"):
+        return f"{'ICL' if method == 'icl_ensemble' else 'CD'} ensemble {int(m)}x{k}"
     return {"icl": f"ICL k={k}", "cd": f"CD k={k}", "pbft": f"PBFT n={k}", "cd_shuffled": f"CD shuffled k={k}",
             "cd_self": "CD self k=0"}[method]
+
+
+def total_demonstrations(runs: pd.DataFrame) -> pd.Series:
+    """Labelled demonstrations behind each row: k for ICL and single-prompt CD, m·k for a teacher ensemble (at
+    inference or distilled), n for PBFT, 0 for the zero-shot model and the self-distillation control."""
+    m = runs["ensemble_m"].fillna(1) if "ensemble_m" in runs else 1
+    return (runs["k"] * m).where(runs["method"] != "cd_self", 0).astype(int)
 
 
 def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -272,7 +282,9 @@ def unify(icl: pd.DataFrame, cd: pd.DataFrame | None = None) -> pd.DataFrame:
     if cd is not None and len(cd):
         parts.append(cd.copy())
     runs = pd.concat(parts, ignore_index=True, sort=False)
-    runs["method_label"] = [method_label(m, int(k)) for m, k in zip(runs["method"], runs["k"])]
+    ms = runs["ensemble_m"] if "ensemble_m" in runs else pd.Series(np.nan, index=runs.index)
+    runs["method_label"] = [method_label(m, int(k), e) for m, k, e in zip(runs["method"], runs["k"], ms)]
+    runs["total_demos"] = total_demonstrations(runs)
     runs["eval_set"] = runs["task"] + "/" + runs["split"]
     runs["config"] = run_configs(runs)
     runs["prompt_tokens"] = runs["prefix_tokens"].fillna(0) + runs["query_tokens_mean"]
@@ -305,7 +317,8 @@ METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "CD shu
 
 def _order(labels) -> list:
     known = [m for m in METHOD_ORDER if m in set(labels)]
-    return known + sorted(set(labels) - set(known))
+    rest = sorted(set(labels) - set(known), key=lambda s: ("ensemble" in s, s))  # ensembles after single prompts
+    return known + rest
 
 
 def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -317,7 +330,8 @@ def evaluated(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs[~none], runs[none]
 
 
-PAIRED_WITH = ("teacher", "pbft", "zeroshot")  # exact McNemar tests each student row carries (distill.paired_vs)
+# exact McNemar tests the student rows carry (distill.paired_vs); ensemble rows also against single-prompt CD and ICL
+PAIRED_WITH = ("teacher", "pbft", "zeroshot", "cd", "icl")
 
 
 def paired_counts(runs: pd.DataFrame, key: list, alpha: float = 0.05) -> pd.DataFrame:
@@ -418,6 +432,8 @@ def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
     if method == "icl":
         return sel[sel["k"] == r["k"]]
     sel = sel[sel["train_task"] == r["train_task"]]
+    if method == "icl_ensemble":
+        return sel[(sel["k"] == r["k"]) & (sel["ensemble_m"] == r.get("ensemble_m"))]
     if method in ("cd_shuffled", "cd_self"):
         return sel[sel.get("controls_k", np.nan) == r["k"]]
     return sel if method == "pbft" else sel[sel["k"] == r["k"]]
@@ -460,7 +476,8 @@ def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-CALIBRATED_PAIRS = (("icl", "zero-shot"), ("cd", "zero-shot"), ("cd", "cd_shuffled"), ("cd", "cd_self"), ("cd", "pbft"))
+CALIBRATED_PAIRS = (("icl", "zero-shot"), ("cd", "zero-shot"), ("cd", "cd_shuffled"), ("cd", "cd_self"), ("cd", "pbft"),
+                    ("icl_ensemble", "icl"), ("cd_ensemble", "cd"), ("cd_ensemble", "icl"), ("cd_ensemble", "icl_ensemble"))
 
 
 def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "contextual")) -> pd.DataFrame:
@@ -490,6 +507,65 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
                             "only_b": t["only_b"], "p": t["p"],
                             "direction": ("above" if t["only_a"] > t["only_b"] else "below") if t["p"] < 0.05 else "n.s."})
     return pd.DataFrame(out)
+
+
+def _direction(only_a, only_b, p, alpha: float = 0.05) -> str:
+    if p != p:
+        return "not tested"
+    return ("above" if only_a > only_b else "below") if p < alpha else "n.s."
+
+
+ENSEMBLE_TESTS = (("cd_ensemble", "cd", "single-prompt CD of the same k"),
+                  ("cd_ensemble", "icl", "single-prompt ICL at the largest k run (icl_k)"),
+                  ("cd_ensemble", "teacher", "its teacher, the ensemble at inference"),
+                  ("icl_ensemble", "icl", "single-prompt ICL at the largest k run (icl_k)"))
+
+
+def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
+    """Teacher ensembles, per evaluation set, training task, k, m and seed: the accuracies (raw and after batch
+    calibration) of the zero-shot model, single-prompt ICL at k, the ensemble at inference, single-prompt CD and
+    the ensemble student, with the exact McNemar tests the rows carry (:data:`ENSEMBLE_TESTS`: ``p_<a>_vs_<b>``
+    and ``<a>_vs_<b>``: above / below at p < 0.05, n.s., or not tested)."""
+    out = []
+    for _, r in runs[runs["method"] == "cd_ensemble"].iterrows():
+        part = {m: _partner(runs, m, r) for m in ("icl_ensemble", "cd", "icl", "zero-shot")}
+        row = {c: r[c] for c in ("eval_set", "train_task", "k", "seed")}
+        row.update({"m": int(r["ensemble_m"]), "total_demos": int(r["ensemble_m"] * r["k"]), "icl_k": r.get("icl_k")})
+        for name, rows_ in (("zeroshot", part["zero-shot"]), ("icl", part["icl"]), ("icl_ensemble", part["icl_ensemble"]),
+                            ("cd", part["cd"]), ("cd_ensemble", pd.DataFrame([r]))):
+            for col, suffix in (("score_acc", ""), ("score_acc_batch", "_batch")):
+                row[f"acc_{name}{suffix}"] = float(rows_[col].iloc[-1]) if len(rows_) and col in rows_ else float("nan")
+        row["agree_teacher_cd_ensemble"] = r.get("agree_teacher_student", float("nan"))
+        row["agree_teacher_cd"] = float(part["cd"]["agree_teacher_student"].iloc[-1]) if len(part["cd"]) else float("nan")
+        for a, b, _ in ENSEMBLE_TESTS:
+            src = r if a == "cd_ensemble" else (part["icl_ensemble"].iloc[-1] if len(part["icl_ensemble"]) else None)
+            get = (lambda c: src.get(c, float("nan"))) if src is not None else (lambda c: float("nan"))
+            pval = get(f"mcnemar_p_vs_{b}")
+            row[f"p_{a}_vs_{b}"] = pval
+            row[f"{a}_vs_{b}"] = _direction(get(f"student_only_right_vs_{b}"), get(f"{b}_only_right"), pval)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def ensemble_finding(checks: pd.DataFrame) -> str:
+    """A short written finding from :func:`ensemble_checks`: for each test, in how many seed × evaluation-set
+    checks the first method is significantly above / below the second (p < 0.05), with the mean accuracies."""
+    if checks is None or not len(checks):
+        return "No teacher ensembles in these rows."
+    lines = []
+    for a, b, what in ENSEMBLE_TESTS:
+        d = checks[f"{a}_vs_{b}"]
+        tested = d[d != "not tested"]
+        if not len(tested):
+            continue
+        acc_b = {"cd": "acc_cd", "icl": "acc_icl", "teacher": "acc_icl_ensemble"}[b]
+        name = {"cd_ensemble": "The ensemble student", "icl_ensemble": "The ensemble at inference"}[a]
+        lines.append(f"{name} vs {what}: above in {int((tested == 'above').sum())}, below in "
+                     f"{int((tested == 'below').sum())}, not significant in {int((tested == 'n.s.').sum())} of "
+                     f"{len(tested)} seed × set checks (mean accuracy {checks[f'acc_{a}'].mean():.3f} vs "
+                     f"{checks[acc_b].mean():.3f}; after batch calibration {checks[f'acc_{a}_batch'].mean():.3f} vs "
+                     f"{checks[acc_b + '_batch'].mean():.3f}).")
+    return "\n".join(lines)
 
 
 def teacher_seconds(runs: pd.DataFrame, students: pd.DataFrame) -> pd.Series:

@@ -22,7 +22,8 @@
 #
 # * **Sources**: `data_dir` (or `$LLMFT_DATA_DIR`, e.g. `../shared/data`), else the Hugging Face Hub.
 # * **Binary labels** (llmft): 0 = entailment → " Yes", 1 = not entailment → " No"; MNLI drops *neutral*
-#   and maps *contradiction* to 1; HANS *non-entailment* → 1.
+#   and maps *contradiction* to 1; HANS *non-entailment* → 1. With `extra_eval_sets` (the `full` and `gpu`
+#   profiles): MNLI-mismatched like MNLI; QQP *duplicate* and PAWS-QQP *paraphrase* → 0, the rest → 1.
 # * **Subsets**: stratified by label (by subcase for HANS) with a fixed seed; `0` means the whole split.
 # * **Development split**: `dev_n` rows per demonstration pool, held out of it (never a demonstration or a
 #   transfer query); recipe choices are made there (`tools/select_recipe.py`), the evaluation sets only report.
@@ -34,6 +35,8 @@ results_dir: str = ""  # output folder; empty: $LLMFT_RESULTS_DIR, else results/
 mnli_eval_n: int = 40  # MNLI-binary validation_matched rows, stratified by label; 0 keeps all 6692
 rte_eval_n: int = 20  # RTE validation rows, stratified by label; 0 keeps all 277
 hans_eval_n: int = 30  # HANS rows, equal per subcase; 0 keeps all 30000
+extra_eval_sets: list = []  # beyond MNLI/RTE/HANS: mnli_mismatched/validation, qqp/heldout, paws_qqp/dev_and_test
+qqp_eval_n: int = 1000  # QQP rows held out of its train subset as its evaluation set (qqp/heldout), stratified
 eval_seed: int = 0  # seed of the fixed evaluation subsets
 dev_n: int = 16  # development rows held out of each demonstration pool (recipe choices are made there); 0: none
 
@@ -43,9 +46,9 @@ from llmft_utils import data, params, results
 
 params.validate_namespace(globals(), check_model=False)  # every bad value at once, before anything is written
 out = results.results_dir(results_dir, profile)
-sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n}
-manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS, sizes, data_dir=data_dir or None, seed=eval_seed,
-                                            dev_n=dev_n)
+sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n, "mnli_mismatched": mnli_eval_n, "qqp": qqp_eval_n}
+manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS + tuple(extra_eval_sets), sizes,
+                                            data_dir=data_dir or None, seed=eval_seed, dev_n=dev_n)
 print("results folder:", out.name)
 for name, info in {**manifest["eval_sets"], **manifest["demo_pools"], **manifest.get("dev_sets", {})}.items():
     print(f"{name:28s} <- {info['source']}")

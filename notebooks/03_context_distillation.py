@@ -43,6 +43,12 @@ n_transfer: int = 16  # unlabelled transfer queries per CD student
 pbft_n: int = 4  # labelled examples per PBFT student: the ICL demonstrations of k equal to pbft_n; 0 skips PBFT
 controls: list = ["shuffled", "self"]  # control students at the largest cd_k: shuffled teacher targets, self-distillation (k=0)
 control_tasks: list = ["mnli"]  # tasks that get the control students
+ensemble_m: int = 2  # teacher ensembles: m disjoint demonstration sets of k (0: none), distilled and scored at inference
+ensemble_ks: list = [4]  # demonstrations per ensemble set (each must be in notebook 02's ks: set 0 is that ICL run)
+ensemble_seeds: list = [0]  # seeds that get the ensemble
+ensemble_tasks: list = ["mnli"]  # training tasks that get the ensemble
+ensemble_ood: bool = True  # score the ensembles (at inference and distilled) out of domain too
+ensemble_combine: str = "prob"  # the ensemble's mean: prob (mixture) or logprob (normalised geometric mean)
 target: str = "topk"  # distillation support: verbalizer, topk (top-k + rest: keeps the answer format; chosen on the dev split) or full
 topk: int = 20  # support size when target is topk
 loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
@@ -66,7 +72,7 @@ force: bool = False  # retrain students whose rows already exist
 
 # %%
 import pandas as pd
-from llmft_utils import distill, models, params, results
+from llmft_utils import data, distill, models, params, results
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = results.results_dir(results_dir, profile)
@@ -79,6 +85,8 @@ table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfe
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
                              ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens,
                              controls=controls, control_tasks=control_tasks,
+                             ensemble_m=ensemble_m, ensemble_ks=ensemble_ks, ensemble_seeds=ensemble_seeds,
+                             ensemble_tasks=ensemble_tasks, ensemble_combine=ensemble_combine, ensemble_ood=ensemble_ood,
                              save_students=save_students, log_with=log_with)
 
 # %% [markdown]
@@ -119,13 +127,33 @@ summary = results.summarize(rows, ["method", "train_task", "task", "k"],
                             ["score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "train_s"])
 summary.round(4)
 
+# %% [markdown]
+# ## Teacher ensembles: m prompts at inference, and one student distilled from them
+#
+# `icl_ensemble`: every query scored after each of the m disjoint demonstration sets (set 0 is the
+# single-prompt teacher's), the m answer distributions averaged (m forwards per query). `cd_ensemble`: one
+# student trained on the same transfer queries as CD towards that averaged distribution; it answers at
+# zero-shot cost. Both are tested (exact McNemar, same examples) against the single-prompt ICL run of the
+# largest k (`icl_k`); the student also against single-prompt CD of the same k and seed.
+
 # %%
-# Checks: one row per student (CD, PBFT, control) and evaluation set; CD rows carry teacher comparisons.
-has_hans = (rows["task"] == "hans").any()
-expected = sum(len(seeds) * (len(cd_ks) + (1 if pbft_n else 0) + (len(controls) if t in control_tasks else 0))
-               * (2 if has_hans and t in ood_train_tasks else 1) for t in cd_tasks)
+ens = rows[rows["method"].isin(["icl_ensemble", "cd_ensemble"])]
+ecols = ["method", "train_task", "task", "k", "ensemble_m", "seed", "score_acc", "zeroshot_acc", "teacher_acc",
+         "agree_teacher_student", "icl_k", "mcnemar_p_vs_icl", "mcnemar_p_vs_cd", "mcnemar_p_vs_teacher", "s_per_query"]
+print(ens[[c for c in ecols if c in ens]].sort_values(["train_task", "task", "method"]).round(3).to_string(index=False)
+      if len(ens) else "no teacher ensembles in this run (ensemble_m = 0)")
+
+# %%
+# Checks: one row per student (CD, PBFT, control, ensemble), per ensemble at inference and per evaluation set;
+# CD rows carry teacher comparisons.
+manifest = data.load_manifest(out)
+n_sets = lambda t: len(data.student_eval_sets(manifest, t, t in ood_train_tasks))  # noqa: E731
+n_ens = lambda t: (len([s for s in seeds if s in ensemble_seeds]) * len(ensemble_ks) * 2  # noqa: E731
+                   if ensemble_m and t in ensemble_tasks else 0)
+expected = sum(len(seeds) * (len(cd_ks) + (1 if pbft_n else 0) + (len(controls) if t in control_tasks else 0)) * n_sets(t)
+               + n_ens(t) * (n_sets(t) if ensemble_ood else 1) for t in cd_tasks)
 assert len(rows) == expected, (len(rows), expected)
 cdr = rows[rows["method"] == "cd"]
 assert cdr["agree_teacher_student"].between(0, 1).all() and (cdr["kl_teacher_student"] >= 0).all()
-assert rows["score_acc"].between(0, 1).all() and (rows["train_s"] > 0).all()
+assert rows["score_acc"].between(0, 1).all() and (rows.loc[rows["method"] != "icl_ensemble", "train_s"] > 0).all()
 print("ok:", len(rows), "rows")

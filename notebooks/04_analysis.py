@@ -150,8 +150,9 @@ else:
 # ## Paired tests on the same examples
 #
 # Per student group: in how many seeds the student is significantly above or below (exact McNemar,
-# p < 0.05) its teacher, the PBFT student of the same seed and the zero-shot model (`n_seeds_tested_*`:
-# seeds with the test; the rest of the tested seeds are not significant either way).
+# p < 0.05) its teacher, the PBFT student of the same seed and the zero-shot model, and (ensemble students)
+# single-prompt CD and ICL (`n_seeds_tested_*`: seeds with the test; the rest of the tested seeds are not
+# significant either way).
 
 # %%
 paired = [c for c in summary if c.startswith("n_seeds_")]
@@ -160,11 +161,39 @@ if paired:
     print(st[["eval_set", "train_task", "method_label"] + paired].to_string(index=False))
 
 # %% [markdown]
+# ## Teacher ensembles: more demonstrations than one prompt holds
+#
+# A teacher ensemble is m prompts with m disjoint demonstration sets of k (m·k demonstrations; set 0 is the
+# single-prompt teacher's). At inference (`icl_ensemble`) every query pays m forwards; distilled into one
+# student (`cd_ensemble`, the same transfer queries as CD) it answers at zero-shot cost. Per seed and
+# evaluation set, exact McNemar tests on the same examples: the ensemble student against single-prompt CD, against
+# single-prompt ICL at the largest k run (`icl_k`) and against its teacher; the ensemble at inference
+# against single-prompt ICL (`ensemble_checks.csv`). The finding below is written from these numbers.
+
+# %%
+ens = results.ensemble_checks(runs)
+if len(ens):
+    results.atomic_write_csv(ens, out / "ensemble_checks.csv")
+    show = ["eval_set", "train_task", "k", "m", "seed", "acc_zeroshot", "acc_icl", "acc_icl_ensemble", "acc_cd",
+            "acc_cd_ensemble", "cd_ensemble_vs_cd", "cd_ensemble_vs_icl", "cd_ensemble_vs_teacher", "icl_ensemble_vs_icl"]
+    print(ens[show].round(3).to_string(index=False))
+print(results.ensemble_finding(ens))
+
+# %% [markdown]
 # ## Accuracy against the number of demonstrations
 
 # %%
 figs = {}
 figs["accuracy_vs_k"] = plots.accuracy_vs_k(summary)
+
+# %% [markdown]
+# ## Accuracy against the demonstrations behind each method, raw and calibrated
+#
+# k for ICL and CD, m·k for the teacher ensembles, n for PBFT. The bottom row is after batch calibration:
+# what is left when the label bias is removed.
+
+# %%
+figs["accuracy_vs_total_demos"] = plots.accuracy_vs_total_demos(runs)
 
 # %% [markdown]
 # ## In-domain vs out-of-domain (MNLI → HANS)

@@ -134,6 +134,8 @@ def test_unknown_and_missing_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "mirror_beside_checkout", lambda: None)
     with pytest.raises(data.DataError, match=r"LLMFT_DATA_DIR.*online"):
         data.load_split("rte", "validation")
+    with pytest.raises(data.DataError, match="no Hugging Face Hub copy.*LLMFT_DATA_DIR"):  # PAWS-QQP: the mirror only
+        data.load_split("paws_qqp", "dev_and_test")
 
 
 def test_env_var_is_used(data_dir, monkeypatch):
@@ -179,6 +181,36 @@ def test_dev_split_is_held_out_of_the_pools(data_dir, tmp_path):
     with pytest.raises(data.DataError, match="dev_n"):
         data.prepare_study_data(tmp_path / "d", eval_sizes={"rte": 20}, eval_sets=("rte/validation",),
                                 data_dir=data_dir, dev_n=5000)
+
+
+def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_path):
+    """MNLI-mismatched (binary like MNLI), QQP (duplicate -> Yes) and PAWS-QQP (paraphrase -> Yes) load with
+    llmft's label conventions; QQP's in-domain set is held out of its train subset (disjoint from the pool that
+    is written); each training task's students are scored out of domain on the sets that name it."""
+    mm = data.load_split("mnli_mismatched", "validation", data_dir)
+    assert len(mm) == 3463 + 3240 and mm["label"].value_counts().to_dict() == {0: 3463, 1: 3240}
+    q = data.load_split("qqp", "train", data_dir)
+    assert q["label"].value_counts().to_dict() == {1: 6370, 0: 3629}
+    assert set(q.loc[q["label"] == 0, "orig_label"]) == {"duplicate"}
+    paws = data.load_split("paws_qqp", "dev_and_test", data_dir)
+    assert len(paws) == 677 and paws["label"].value_counts().to_dict() == {1: 486, 0: 191}
+    assert set(paws.loc[paws["label"] == 0, "orig_label"]) == {"paraphrase"}
+    sets = data.STUDY_EVAL_SETS + data.EXTRA_EVAL_SETS
+    manifest, stats = data.prepare_study_data(tmp_path, sets, {"mnli": 40, "hans": 30, "rte": 20, "qqp": 100,
+                                                               "mnli_mismatched": 40}, data_dir=data_dir, dev_n=20)
+    heldout = data.read_split(tmp_path, manifest["eval_sets"]["qqp/heldout"])
+    pool = data.read_split(tmp_path, manifest["demo_pools"]["qqp/train"])
+    assert len(heldout) == 100 and not set(heldout["idx"]) & set(pool["idx"])
+    assert len(pool) == 9999 - 100 - 20 and manifest["eval_sets"]["qqp/heldout"]["held_out_of"] == "qqp/train"
+    assert manifest["eval_sets"]["paws_qqp/dev_and_test"]["demo_pool"] == "qqp/train"
+    assert manifest["eval_sets"]["mnli_mismatched/validation"]["demo_pool"] == "mnli/train"
+    assert data.student_eval_sets(manifest, "mnli") == ["mnli/validation_matched", "hans/validation",
+                                                        "mnli_mismatched/validation"]
+    assert data.student_eval_sets(manifest, "qqp") == ["qqp/heldout", "paws_qqp/dev_and_test"]
+    assert data.student_eval_sets(manifest, "rte") == ["rte/validation", "hans/validation"]
+    assert data.student_eval_sets(manifest, "rte", out_of_domain=False) == ["rte/validation"]
+    with pytest.raises(data.DataError, match="give it a size"):
+        data.prepare_study_data(tmp_path / "b", ("qqp/heldout",), {}, data_dir=data_dir)
 
 
 def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):

@@ -168,6 +168,63 @@ def test_teacher_long_prefix_vs_student_short_prompt(tiny, tmp_path):
     assert float(batched) == pytest.approx(float(torch.stack(singles).mean()), abs=1e-5)
 
 
+def test_teacher_ensemble_is_the_mixture_of_its_prompts_projected_like_one_teacher(tiny, tmp_path):
+    """m demonstration sets: disjoint, set 0 = the single teacher's; one set gives the single teacher's targets;
+    two sets give, for each target kind, the projection of the by-hand mean of the two prompts' distributions
+    (mean of probabilities, or normalised mean of log-probabilities)."""
+    ev, pool = _frames(5, n_pool=40)
+    sets = data.demonstration_sets(pool, 4, 3, seed=1, exclude=[ev])
+    keys = [set(d["idx"]) for d in sets]
+    assert all(len(s_) == 4 for s_ in keys) and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert sets[0]["idx"].tolist() == data.sample_demonstrations(pool, 4, 1, exclude=ev)["idx"].tolist()
+    assert [(d["label"] == 0).sum() for d in sets] == [2, 2, 2]
+    with pytest.raises(data.DataError, match="set 3 of 3"):
+        data.demonstration_sets(pool.head(10), 4, 3, seed=0)
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+
+    def full(demos):  # one prompt's full-vocabulary log-probs at the answer position, one query at a time
+        prefix = patterns.build_prefix(GPT3, demos)
+        out = []
+        for p, h in zip(ev.premise, ev.hypothesis):
+            ids = tiny.tokenizer(prefix + patterns.query_text(GPT3, p, h, True), return_tensors="pt").input_ids
+            with torch.no_grad():
+                out.append(torch.log_softmax(tiny.model(ids).logits[0, -1].double() / 2.0, -1))
+        return torch.stack(out)
+
+    a, b = full(sets[0]), full(sets[1])
+    for target in ("topk", "verbalizer", "full"):
+        cfg = distill.DistillConfig(target=target, topk=5, temperature=2.0)
+        one = distill.teacher_targets(tiny, GPT3, sets[0], ev, cfg)
+        ens1 = distill.teacher_targets(tiny, GPT3, sets[:1], ev, cfg)
+        assert torch.allclose(ens1["logp"].float(), one["logp"].float(), atol=5e-3 if target == "full" else 1e-4)
+        for combine, mix in (("prob", torch.logsumexp(torch.stack([a, b]), 0) - math.log(2)),
+                             ("logprob", torch.log_softmax((a + b) / 2, -1))):
+            got = distill.teacher_targets(tiny, GPT3, sets[:2], ev, cfg, combine=combine)
+            if target == "topk":
+                ids = torch.topk(mix, 5).indices
+                want = torch.log_softmax(distill.support_logits(mix, "topk", topk_ids=ids), -1)
+                assert torch.equal(got["topk_ids"], ids)
+            elif target == "verbalizer":
+                want = torch.log_softmax(mix[:, vids], -1)
+            else:
+                want = mix
+            assert torch.allclose(got["logp"].double(), want, atol=5e-3 if target == "full" else 1e-4), (target, combine)
+    # the combined rule itself, in log space
+    lp = torch.log_softmax(torch.randn(3, 4, 7, dtype=torch.float64), -1)
+    assert torch.allclose(distill.combine_logp(lp, "prob").exp(), lp.exp().mean(0).float(), atol=1e-6)
+    assert torch.allclose(distill.combine_logp(lp[:1], "logprob"), lp[0].float(), atol=1e-6)
+    with pytest.raises(ValueError, match="combine"):
+        distill.teacher_targets(tiny, GPT3, sets[:2], ev, distill.DistillConfig(), combine="median")
+    # the key: every set and the rule enter it; a single teacher's key is unchanged by the new arguments
+    kw = dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=1, examples=ev, cfg=distill.DistillConfig(),
+              dtype="float32", device="cpu")
+    keys = {distill.teacher_cache_key(demos=sets[0], **kw), distill.teacher_cache_key(demos=sets[:1], **kw),
+            distill.teacher_cache_key(demos=sets[:2], **kw), distill.teacher_cache_key(demos=sets[:2], combine="logprob", **kw),
+            distill.teacher_cache_key(demos=sets[::-1][:2], **kw)}
+    assert len(keys) == 5
+    assert distill.teacher_cache_key(demos=sets[0], **kw) == distill.teacher_cache_key(demos=sets[0], combine="logprob", **kw)
+
+
 # ----------------------------------------------------------------------------- cache
 
 def test_teacher_cache_hit_and_invalidation(tiny, tmp_path):
@@ -424,6 +481,67 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     assert not seen and len(again) == 4  # resumed: nothing retrained
     with pytest.raises(ValueError, match="controls"):
         distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, progress=False, controls=["gold"])
+
+
+def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt(tmp_path, monkeypatch):
+    """ensemble_m=3: per (task, k, seed) an icl_ensemble row (m prompts at inference, combined by hand from its
+    members here) and a cd_ensemble student distilling the same ensemble on CD's transfer set; the three sets are
+    disjoint, set 0 is the ICL/CD teacher's, none meets the transfer set; the student is tested against its
+    ensemble teacher, single-prompt CD and the largest-k ICL run; a rerun resumes."""
+    lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=1024, n_pool=60)
+    icl_rows = icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
+    seen = []
+    real = distill.teacher_targets
+    monkeypatch.setattr(distill, "teacher_targets", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
+                                ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
+    assert list(rows["method"]) == ["cd_self", "cd", "icl_ensemble", "cd_ensemble"]
+    ens, student, cd = (rows[rows["method"] == m].iloc[0] for m in ("icl_ensemble", "cd_ensemble", "cd"))
+    sets = [s_.split(";") for s_ in ens["demo_ids"].split("|")]
+    assert len(sets) == 3 and all(len(s_) == 2 for s_ in sets) and len(set(sum(sets, []))) == 6
+    single = icl_rows[(icl_rows["k"] == 2)].iloc[0]
+    assert sets[0] == str(single["demo_ids"]).split(";") and student["demo_ids"] == ens["demo_ids"]
+    assert student["train_ids_digest"] == cd["train_ids_digest"]  # the same transfer queries as single-prompt CD
+    teacher_call = [c for c in seen if isinstance(c[0][2], list)]
+    assert len(teacher_call) == 1 and teacher_call[0][1]["combine"] == "prob"
+    train_ids = set(map(str, teacher_call[0][0][3]["idx"]))
+    assert not train_ids & set(sum(sets, []))
+    # the ensemble at inference, by hand: each member scored alone, probabilities averaged
+    ev = data.read_split(out, data.load_manifest(out)["eval_sets"]["toy/validation"])
+    pool = data.read_split(out, data.load_manifest(out)["demo_pools"]["toy/train"])
+    pool = pool.set_index(pool["idx"].astype(str), drop=False)
+    member_lp = []
+    for ids in sets:
+        _, p = icl.evaluate(lm, ev, GPT3, pool.loc[ids], progress=False, memory=False, calibration=False)
+        member_lp.append(p[["logp_label0", "logp_label1"]].to_numpy())
+    mix = np.log(np.mean(np.exp(member_lp), 0))
+    got = pd.read_parquet(out / ens["predictions_file"])
+    np.testing.assert_allclose(got[["logp_label0", "logp_label1"]].to_numpy(), mix, atol=1e-5)
+    assert ens["score_acc"] == (mix.argmax(1) == ev["label"].to_numpy()).mean()
+    assert ens["ensemble_m"] == 3 and ens["member0_reused"] and ens["icl_k"] == 4
+    assert ens["wall_s"] > single["wall_s"]  # m prompts cost more than one
+    # the student: its teacher is the ensemble row, and it is tested against single-prompt CD and ICL
+    sp = pd.read_parquet(out / student["predictions_file"]).set_index("idx")
+    assert student["agree_teacher_student"] == (sp["pred"] == got.set_index("idx").loc[sp.index, "pred"]).mean()
+    assert student["teacher_acc"] == ens["score_acc"] and student["icl_k"] == 4
+    for other in ("teacher", "cd", "icl", "zeroshot"):
+        assert 0 < student[f"mcnemar_p_vs_{other}"] <= 1
+    assert student["controls_checked"] == "constant;bias_matched;self"
+    # the summary names them, and counts the paired tests against single-prompt CD and ICL
+    from llmft_utils import results
+
+    runs = results.unify(pd.read_csv(out / "icl.csv"), rows)
+    assert {"ICL ensemble 3x2", "CD ensemble 3x2"} <= set(runs["method_label"])
+    summ = results.summary_table(runs)
+    s_row = summ[summ["method_label"] == "CD ensemble 3x2"].iloc[0]
+    assert s_row["n_seeds_tested_cd"] == 1 and s_row["n_seeds_tested_icl"] == 1
+    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
+                                 ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
+    assert len(again) == 4 and len(pd.read_csv(out / "cd.csv")) == 4  # resumed, nothing added
+    with pytest.raises(ValueError, match="ensemble_m"):
+        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, ensemble_m=1,
+                             ensemble_ks=[2])
 
 
 def test_training_log_rows():
