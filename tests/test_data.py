@@ -211,6 +211,33 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     assert data.student_eval_sets(manifest, "rte", out_of_domain=False) == ["rte/validation"]
     with pytest.raises(data.DataError, match="give it a size"):
         data.prepare_study_data(tmp_path / "b", ("qqp/heldout",), {}, data_dir=data_dir)
+    # the sweeps over that grid, on a tiny model: ICL on every set with its own pool's demonstrations; MNLI
+    # students scored on MNLI, HANS and MNLI-mismatched; QQP students (and a QQP teacher ensemble) on QQP and PAWS
+    from llmft_utils import distill, icl, models
+
+    small = tmp_path / "small"
+    data.prepare_study_data(small, sets, {"mnli": 8, "hans": 30, "rte": 8, "qqp": 8, "mnli_mismatched": 8},
+                            data_dir=data_dir)
+    manifest = data.load_manifest(small)
+    for es in list(manifest["eval_sets"]):  # PAWS and HANS cut to 8 rows to keep the test fast
+        f = small / manifest["eval_sets"][es]["file"]
+        if manifest["eval_sets"][es]["n"] > 8:
+            data.write_jsonl(data.read_prepared(f).head(8), f)
+            manifest["eval_sets"][es].update(sha256=data.file_sha256(f), n=8)
+    (small / "manifest.json").write_text(__import__("json").dumps(manifest))
+    tok = models.tiny_tokenizer()
+    lm = models.wrap(models.tiny_model("llama", tok, max_positions=4096), tok, name="tiny-llama")
+    rows = icl.run_sweep(lm, small, "gpt-3", [0, 2], [0], progress=False)
+    assert len(rows) == 2 * 6 and (rows["n_eval"] == 8).all()
+    pools = rows.set_index(rows["task"] + "/" + rows["split"])["demo_pool"]
+    assert pools["paws_qqp/dev_and_test"].iloc[0] == "qqp/train" and pools["mnli_mismatched/validation"].iloc[0] == "mnli/train"
+    cd = distill.run_cd_sweep(lm, small, "gpt-3", ["mnli", "qqp"], [2], [0], 8, 0,
+                              distill.DistillConfig(epochs=1, batch_size=4), 1, progress=False, ensemble_m=2,
+                              ensemble_ks=[2], ensemble_tasks=["qqp"])
+    sets_of = cd.groupby(["method", "train_task"])["task"].apply(list).to_dict()
+    assert sets_of[("cd", "mnli")] == ["mnli", "hans", "mnli_mismatched"]
+    assert sets_of[("cd", "qqp")] == sets_of[("cd_ensemble", "qqp")] == sets_of[("icl_ensemble", "qqp")] == ["qqp", "paws_qqp"]
+    assert (cd.loc[cd["task"] != cd["train_task"], "in_domain"] == False).all()  # noqa: E712
 
 
 def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):

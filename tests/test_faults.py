@@ -125,11 +125,33 @@ def test_sweep_checked_whole_before_the_first_run(tmp_path, monkeypatch, capsys)
     assert rc == 2 and ran == []
     assert "run01: 1 invalid parameter" in err and "patern: unknown parameter (did you mean 'pattern'?)" in err
     assert "run02" in err and "ks[1]: -5 must be >= 0" in err
+    # --profile wins over the file's own profile (sweeps/patterns.json --profile full: the whole llmft grid)
+    sweep.write_text(json.dumps({"profile": "smoke", "runs": [{"pattern": "minimal"}]}))
+    assert pipeline.main(["--sweep", str(sweep), "--profile", "full", "--set", f"results_dir={tmp_path / 'res'}"]) == 0
+    assert ran[-1][0] == "full" and pipeline.main(["--sweep", str(sweep), "--set", f"results_dir={tmp_path}"]) == 0
+    assert ran[-1][0] == "smoke"
 
 
 def test_cd_plan_needs_its_icl_runs():
     with pytest.raises(params.ParameterError, match=r"needs ICL runs for k=\[16\]"):
         params.validate({"ks": [0, 4], "cd_ks": [4, 16]}, notebooks=pipeline.NOTEBOOKS)
+    with pytest.raises(params.ParameterError, match=r"needs ICL runs for k=\[8\]"):  # an ensemble's set 0 is that run
+        params.validate({"ks": [0, 4], "cd_ks": [4], "ensemble_m": 2, "ensemble_ks": [8]}, notebooks=pipeline.NOTEBOOKS)
+    params.validate({"ks": [0, 4], "cd_ks": [4], "ensemble_m": 0, "ensemble_ks": [8]}, notebooks=pipeline.NOTEBOOKS)
+
+
+def test_ensemble_and_task_grid_parameters_are_checked_together():
+    bad = {"ensemble_m": 1, "ensemble_ks": [], "extra_eval_sets": ["qqp/heldout", "qqp/validation"], "qqp_eval_n": 0,
+           "cd_tasks": ["mnli", "qqp"], "ensemble_combine": "median"}
+    with pytest.raises(params.ParameterError) as e:
+        params.validate(bad, check_model=False)
+    for text in ("ensemble_m: 1 set is no ensemble", "ensemble_ks: empty while ensemble_m=1", "choose one QQP in-domain set",
+                 "qqp_eval_n: qqp/heldout is drawn", "ensemble_combine: 'median' is not one of"):
+        assert text in str(e.value), (text, str(e.value))
+    with pytest.raises(params.ParameterError, match="qqp needs an in-domain QQP set"):
+        params.validate({"cd_tasks": ["qqp"], "extra_eval_sets": []}, check_model=False)
+    params.validate({k: v for k, v in pipeline.PROFILES["full"].items() if k != "results_dir"}, check_model=False,
+                    notebooks=pipeline.NOTEBOOKS)
 
 
 def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
