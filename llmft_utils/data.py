@@ -103,6 +103,17 @@ TASKS: dict[str, TaskSpec] = {
         notes="binary like MNLI: neutral dropped, contradiction -> No",
         ood_for=("mnli",),
     ),
+    # ANLI (adversarial NLI, three rounds): out of domain for MNLI students, binary like MNLI; no train split here
+    "anli": TaskSpec(
+        name="anli",
+        splits={f"dev_r{r}": SplitSpec(f"anli/dev_r{r}.jsonl", ("facebook/anli", None, f"dev_r{r}"),
+                                       f"ANLI round {r} dev") for r in (1, 2, 3)},
+        label_map={"entailment": 0, "neutral": None, "contradiction": 1},
+        hub_label_names=("entailment", "neutral", "contradiction"),
+        demo_task="mnli",
+        notes="binary like MNLI: neutral dropped, contradiction -> No",
+        ood_for=("mnli",),
+    ),
     # paraphrase identification with the NLI patterns (question 1 as premise, question 2 as hypothesis), as llmft
     # does: duplicate / paraphrase -> 0 (" Yes"), not -> 1 (" No")
     "qqp": TaskSpec(
@@ -407,7 +418,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 STUDY_EVAL_SETS = ("mnli/validation_matched", "rte/validation", "hans/validation")
 # llmft's out-of-domain grid beyond HANS: MNLI -> MNLI-mismatched, QQP -> PAWS-QQP (QQP in domain: held-out train rows)
 EXTRA_EVAL_SETS = ("mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test")
-ALL_EVAL_SETS = STUDY_EVAL_SETS + EXTRA_EVAL_SETS + ("qqp/validation",)
+ANLI_EVAL_SETS = ("anli/dev_r1", "anli/dev_r2", "anli/dev_r3")  # also out of domain for MNLI (binary; in "full")
+ALL_EVAL_SETS = STUDY_EVAL_SETS + EXTRA_EVAL_SETS + ANLI_EVAL_SETS + ("qqp/validation",)
 
 
 def student_eval_sets(manifest: dict, task: str, out_of_domain: bool = True) -> list[str]:

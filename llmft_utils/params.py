@@ -65,8 +65,9 @@ def spec() -> dict[str, Param]:
         "hans_eval_n": Param("int", "HANS rows, equal per subcase; 0 keeps all", min=0),
         "extra_eval_sets": Param("list", "evaluation sets beyond MNLI, RTE and HANS: MNLI-mismatched (sized by "
                                          "mnli_eval_n; out of domain for MNLI students), QQP in domain (heldout: rows "
-                                         "held out of the local train subset; validation: GLUE dev, Hub only) and "
-                                         "PAWS-QQP (out of domain for QQP students, local mirror only)", item="str",
+                                         "held out of the local train subset; validation: GLUE dev, Hub only), "
+                                         "PAWS-QQP (out of domain for QQP students, local mirror only) and the three "
+                                         "ANLI dev rounds (binary, out of domain for MNLI students)", item="str",
                                  choices=EXTRA_SETS),
         "qqp_eval_n": Param("int", "QQP evaluation rows, stratified by label (qqp/heldout needs > 0)", min=0),
         "eval_seed": Param("int", "seed of the fixed evaluation subsets", min=0),
@@ -115,7 +116,8 @@ def spec() -> dict[str, Param]:
     }
 
 
-EXTRA_SETS = ("mnli_mismatched/validation", "qqp/heldout", "qqp/validation", "paws_qqp/dev_and_test")
+EXTRA_SETS = ("mnli_mismatched/validation", "qqp/heldout", "qqp/validation", "paws_qqp/dev_and_test", "anli/dev_r1",
+              "anli/dev_r2", "anli/dev_r3")
 _KIND = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 

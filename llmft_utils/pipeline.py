@@ -41,9 +41,10 @@ _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results
            "ensemble_ood": True,
            "extra_eval_sets": [],
            "qqp_eval_n": 1000}
-# llmft's full grid: MNLI -> HANS and MNLI-mismatched, QQP -> PAWS-QQP, RTE -> HANS (sweeps/full_grid.json adds the
-# three patterns)
-_GRID = {"extra_eval_sets": ["mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test"],
+# llmft's full grid: MNLI -> HANS, MNLI-mismatched and ANLI, QQP -> PAWS-QQP, RTE -> HANS (the three patterns:
+# --sweep sweeps/patterns.json --profile full)
+_GRID = {"extra_eval_sets": ["mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test", "anli/dev_r1",
+                             "anli/dev_r2", "anli/dev_r3"],
          "cd_tasks": ["mnli", "rte", "qqp"], "ood_train_tasks": ["mnli", "rte", "qqp"]}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30, "dev_n": 16,

@@ -70,7 +70,8 @@ def accuracy_vs_total_demos(runs: pd.DataFrame):
     ICL and CD, m·k for a teacher ensemble at inference or distilled, n for PBFT, 0 zero-shot), raw (top row)
     and after batch calibration (bottom row), per evaluation set. Where teacher ensembles exist only the seeds
     that have one are drawn, so every point averages the same seeds; small dots are single seeds, large
-    markers their mean. Dotted: majority class."""
+    markers their mean, methods at the same x side by side (hollow: teacher ensembles). Dotted: majority
+    class. One legend for the figure, below it."""
     r = runs[runs["method"].isin(["zero-shot", "icl", "cd", "icl_ensemble", "cd_ensemble", "pbft"])].copy()
     ens_seeds = sorted(set(r.loc[r["method"] == "cd_ensemble", "seed"]))
     if ens_seeds:
@@ -78,37 +79,41 @@ def accuracy_vs_total_demos(runs: pd.DataFrame):
     sets = list(dict.fromkeys(r["eval_set"]))
     kinds = [("score_acc", "raw")] + ([("score_acc_batch", "batch-calibrated")]
                                       if "score_acc_batch" in r and r["score_acc_batch"].notna().any() else [])
-    fig, axes = plt.subplots(len(kinds), max(len(sets), 1), figsize=(4.4 * max(len(sets), 1), 3.4 * len(kinds)),
+    fig, axes = plt.subplots(len(kinds), max(len(sets), 1), figsize=(4.4 * max(len(sets), 1), 3.2 * len(kinds) + 0.8),
                              squeeze=False)
-    style = {"zero-shot": ("D", COLORS["zero-shot"], "none"), "icl": ("o", COLORS["ICL"], "-"),
-             "cd": ("s", COLORS["CD"], "-"), "icl_ensemble": ("o", COLORS["ICL"], "none"),
-             "cd_ensemble": ("s", COLORS["CD"], "none"), "pbft": ("^", COLORS["PBFT"], "none")}
-    names = {"zero-shot": "zero-shot", "icl": "ICL (one prompt)", "cd": "CD (one prompt)",
-             "icl_ensemble": "ICL ensemble (m prompts)", "cd_ensemble": "CD from the ensemble", "pbft": "PBFT"}
+    # marker, colour, hollow, x factor (methods at the same x drawn side by side on the log axis)
+    style = {"zero-shot": ("D", COLORS["zero-shot"], False, 1.0), "icl": ("o", COLORS["ICL"], False, 0.86),
+             "cd": ("s", COLORS["CD"], False, 1.0), "pbft": ("^", COLORS["PBFT"], False, 1.16),
+             "icl_ensemble": ("o", COLORS["ICL"], True, 0.93), "cd_ensemble": ("s", COLORS["CD"], True, 1.08)}
+    names = {"zero-shot": "zero-shot", "icl": "ICL, one prompt (k)", "cd": "CD, one prompt (k)",
+             "icl_ensemble": "ICL ensemble, m prompts (m·k)", "cd_ensemble": "CD from the ensemble (m·k)",
+             "pbft": "PBFT (n)"}
+    handles = {}
+    xmax = max(1, int(r["total_demos"].max())) if len(r) else 1
     for row, (col, what) in enumerate(kinds):
         for ax, es in zip(axes[row], sets):
             g = r[(r["eval_set"] == es) & r[col].notna()]
-            for method, gm in g.groupby("method", sort=False):
-                marker, color, ls = style[method]
-                for tt, gt in gm.groupby("train_task"):
+            for method in style:
+                marker, color, hollow, fx = style[method]
+                for tt, gt in g[g["method"] == method].groupby("train_task"):
                     mean = gt.groupby("total_demos")[col].mean().sort_index()
-                    hollow = method.endswith("_ensemble")
-                    ax.scatter(gt["total_demos"], gt[col], s=8, color=color, alpha=0.35, marker=marker)
-                    ax.plot(mean.index, mean.to_numpy(), marker=marker, ms=8, ls=ls, color=color, lw=1.2,
-                            mfc="white" if hollow else color, label=f"{names[method]} ({tt})" if method != "zero-shot"
-                            else names[method])
+                    ax.scatter(gt["total_demos"] * fx, gt[col], s=8, color=color, alpha=0.35, marker=marker)
+                    h, = ax.plot(mean.index * fx, mean.to_numpy(), marker=marker, ms=8, ls="none", color=color,
+                                 mfc="white" if hollow else color, mew=1.5)
+                    handles.setdefault(names[method], h)  # the training task: the set's own (HANS: MNLI's)
             if len(g):
-                ax.axhline(g["majority_acc"].max(), color="k", ls=":", lw=1, label="majority class")
+                handles.setdefault("majority class", ax.axhline(g["majority_acc"].max(), color="k", ls=":", lw=1))
             ax.set_xscale("symlog", base=2, linthresh=1)
             ticks = sorted({int(x) for x in g["total_demos"]}) if len(g) else [0]
             ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.set(title=f"{es} ({what})", xlabel="labelled demonstrations behind the method (k, m·k, n)",
-                   ylabel="accuracy")
-            ax.legend(fontsize=6)
+            ax.set_xlim(-0.6, xmax * 1.6)
+            ax.set(title=f"{es} ({what})", xlabel="labelled demonstrations behind the method", ylabel="accuracy")
     seeds = f"seeds {ens_seeds} (those with a teacher ensemble)" if ens_seeds else "all seeds"
-    fig.text(0.5, 0.005, f"small dots: single seeds; markers: mean over {seeds}; hollow: teacher ensembles",
-             ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.02))
+    fig.text(0.5, 0.005, f"small dots: single seeds; markers: mean over {seeds}; hollow: teacher ensembles; "
+             "methods at the same x are drawn side by side", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     return fig
 
 

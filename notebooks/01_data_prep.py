@@ -23,7 +23,7 @@
 # * **Sources**: `data_dir` (or `$LLMFT_DATA_DIR`, e.g. `../shared/data`), else the Hugging Face Hub.
 # * **Binary labels** (llmft): 0 = entailment → " Yes", 1 = not entailment → " No"; MNLI drops *neutral*
 #   and maps *contradiction* to 1; HANS *non-entailment* → 1. With `extra_eval_sets` (the `full` and `gpu`
-#   profiles): MNLI-mismatched like MNLI; QQP *duplicate* and PAWS-QQP *paraphrase* → 0, the rest → 1.
+#   profile): MNLI-mismatched and ANLI like MNLI; QQP *duplicate* and PAWS-QQP *paraphrase* → 0, the rest → 1.
 # * **Subsets**: stratified by label (by subcase for HANS) with a fixed seed; `0` means the whole split.
 # * **Development split**: `dev_n` rows per demonstration pool, held out of it (never a demonstration or a
 #   transfer query); recipe choices are made there (`tools/select_recipe.py`), the evaluation sets only report.
@@ -35,7 +35,7 @@ results_dir: str = ""  # output folder; empty: $LLMFT_RESULTS_DIR, else results/
 mnli_eval_n: int = 40  # MNLI-binary validation_matched rows, stratified by label; 0 keeps all 6692
 rte_eval_n: int = 20  # RTE validation rows, stratified by label; 0 keeps all 277
 hans_eval_n: int = 30  # HANS rows, equal per subcase; 0 keeps all 30000
-extra_eval_sets: list = []  # beyond MNLI/RTE/HANS: mnli_mismatched/validation, qqp/heldout, paws_qqp/dev_and_test
+extra_eval_sets: list = []  # beyond MNLI/RTE/HANS: mnli_mismatched/validation, qqp/heldout, paws_qqp/dev_and_test, anli/dev_r1..3
 qqp_eval_n: int = 1000  # QQP rows held out of its train subset as its evaluation set (qqp/heldout), stratified
 eval_seed: int = 0  # seed of the fixed evaluation subsets
 dev_n: int = 16  # development rows held out of each demonstration pool (recipe choices are made there); 0: none

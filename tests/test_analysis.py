@@ -113,7 +113,8 @@ def test_committed_figures_are_reproduced_byte_for_byte(tmp_path):
     figs = {"accuracy_vs_k": plots.accuracy_vs_k(summary), "in_vs_out_of_domain": plots.in_vs_out_of_domain(summary),
             "cost_vs_k": plots.cost_vs_k(runs), "training_cost": plots.training_cost(runs),
             "hans_subcases": plots.hans_heatmap(pd.read_csv(REFERENCE / "hans_subcases.csv")),
-            "break_even": plots.cost_break_even(results.break_even(runs))}
+            "break_even": plots.cost_break_even(results.break_even(runs)),
+            "accuracy_vs_total_demos": plots.accuracy_vs_total_demos(runs)}
     pd.testing.assert_frame_equal(results.break_even(runs), pd.read_csv(REFERENCE / "break_even.csv"), check_dtype=False)
     for name, fig in figs.items():
         for path in plots.save(fig, tmp_path, name):
@@ -262,3 +263,13 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
         assert again["beats_controls"] == bool(r["beats_controls"]) and again["controls_checked"] == r["controls_checked"]
         checked += 1
     assert checked and len(by_key) == len(cd)
+    # the teacher-ensemble students against their teacher, the ensemble at inference, from the same files
+    ens = 0
+    for _, r in cd[cd["method"] == "cd_ensemble"].iterrows():
+        t = cd[(cd["method"] == "icl_ensemble") & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
+               & (cd["k"] == r["k"]) & (cd["task"] == r["task"]) & (cd["split"] == r["split"])]
+        tp, sp = read(t["predictions_file"].item()), read(r["predictions_file"])
+        assert distill.agreement(tp, sp)["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
+        assert r["teacher_acc"] == t["score_acc"].item() and r["demo_ids"] == t["demo_ids"].item()
+        ens += 1
+    assert ens == (cd["method"] == "cd_ensemble").sum()

@@ -192,6 +192,9 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     q = data.load_split("qqp", "train", data_dir)
     assert q["label"].value_counts().to_dict() == {1: 6370, 0: 3629}
     assert set(q.loc[q["label"] == 0, "orig_label"]) == {"duplicate"}
+    anli = {r: data.load_split("anli", f"dev_r{r}", data_dir) for r in (1, 2, 3)}  # binary like MNLI
+    assert {r: len(a) for r, a in anli.items()} == {1: 667, 2: 667, 3: 798}
+    assert set(anli[3].loc[anli[3]["label"] == 1, "orig_label"]) == {"contradiction"}
     paws = data.load_split("paws_qqp", "dev_and_test", data_dir)
     assert len(paws) == 677 and paws["label"].value_counts().to_dict() == {1: 486, 0: 191}
     assert set(paws.loc[paws["label"] == 0, "orig_label"]) == {"paraphrase"}
