@@ -58,7 +58,7 @@ PROFILES: dict[str, dict] = {
                 "control_tasks": ["mnli"], "cd_ks": [16], "n_transfer": 64, "pbft_n": 16, "epochs": 4,
                 "pbft_epochs": 4, "lr": 3e-5, "ensemble_ood": False},
     "full": {**_COMMON, **_GRID, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0,
-             "hans_eval_n": 0, "ks": [0, 1, 2, 4, 16, 32], "seeds": list(range(10)), "batch_size": 8,
+             "hans_eval_n": 0, "ks": [0, 1, 2, 4, 16, 32, 64], "seeds": list(range(10)), "batch_size": 8,
              "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5,
              "ensemble_seeds": list(range(10))},
     # one GPU: every evaluation set in full (MNLI-binary 6,692, RTE 277, HANS 30,000), k up to 32, ten seeds,
