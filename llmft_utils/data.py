@@ -50,6 +50,11 @@ class TaskSpec:
     ood_for: tuple = ()  # training tasks whose students are also scored on this task's sets (out of domain)
 
 
+# three-way NLI sets scored out of domain for MNLI students, binarised like MNLI, with MNLI demonstrations
+_MNLI_LIKE_OOD = dict(label_map={"entailment": 0, "neutral": None, "contradiction": 1},
+                      hub_label_names=("entailment", "neutral", "contradiction"), demo_task="mnli",
+                      notes="binary like MNLI: neutral dropped, contradiction -> No", ood_for=("mnli",))
+
 TASKS: dict[str, TaskSpec] = {
     "rte": TaskSpec(
         name="rte",
@@ -97,22 +102,14 @@ TASKS: dict[str, TaskSpec] = {
         splits={"validation": SplitSpec("mnli/validation_mismatched.jsonl",
                                         ("nyu-mll/glue", "mnli", "validation_mismatched"),
                                         "MNLI dev mismatched (genres absent from MNLI train)")},
-        label_map={"entailment": 0, "neutral": None, "contradiction": 1},
-        hub_label_names=("entailment", "neutral", "contradiction"),
-        demo_task="mnli",
-        notes="binary like MNLI: neutral dropped, contradiction -> No",
-        ood_for=("mnli",),
+        **_MNLI_LIKE_OOD,
     ),
     # ANLI (adversarial NLI, three rounds): out of domain for MNLI students, binary like MNLI; no train split here
     "anli": TaskSpec(
         name="anli",
         splits={f"dev_r{r}": SplitSpec(f"anli/dev_r{r}.jsonl", ("facebook/anli", None, f"dev_r{r}"),
                                        f"ANLI round {r} dev") for r in (1, 2, 3)},
-        label_map={"entailment": 0, "neutral": None, "contradiction": 1},
-        hub_label_names=("entailment", "neutral", "contradiction"),
-        demo_task="mnli",
-        notes="binary like MNLI: neutral dropped, contradiction -> No",
-        ood_for=("mnli",),
+        **_MNLI_LIKE_OOD,
     ),
     # paraphrase identification with the NLI patterns (question 1 as premise, question 2 as hypothesis), as llmft
     # does: duplicate / paraphrase -> 0 (" Yes"), not -> 1 (" No")

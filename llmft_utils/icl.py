@@ -904,8 +904,14 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred,
                           "logp_label0": lp[:, 0], "logp_label1": lp[:, 1], "top1_token": s["top1"],
                           "top1_is_verbalizer": top1_in_verb, "skipped": ~ok})
-    cal_metrics, cal_preds = calibrated_scores(lm, pattern, prefix, lp, ok, gold, batch_size, max_tokens) \
-        if calibration else ({}, {})
+    return _completed(metrics, preds, eval_df, calibrated_scores(lm, pattern, prefix, lp, ok, gold, batch_size,
+                                                                  max_tokens) if calibration else ({}, {}))
+
+
+def _completed(metrics: dict, preds: pd.DataFrame, eval_df: pd.DataFrame, calibrated: tuple):
+    """``(metrics, preds)`` with the calibrated metrics and per-example columns (``calibrated``: what
+    :func:`calibrated_scores` returns) and the HANS heuristic and subcase of each example."""
+    cal_metrics, cal_preds = calibrated
     metrics.update(cal_metrics)
     for c, v in cal_preds.items():
         preds[c] = v
@@ -1007,14 +1013,7 @@ def evaluate_ensemble(lm, eval_df: pd.DataFrame, pattern: Pattern, demo_sets: li
                           "logp_label1": lp[:, 1], "top1_token": -1, "top1_is_verbalizer": np.nan, "skipped": ~ok})
     cf = combine_label_logprobs([content_free_logprobs(lm, pattern, build_prefix(pattern, d), batch_size, max_tokens)
                                  for d in demo_sets], combine)
-    cal_metrics, cal_preds = calibrated_scores(lm, pattern, "", lp, ok, gold, cf_lp=cf)
-    metrics.update(cal_metrics)
-    for c, v in cal_preds.items():
-        preds[c] = v
-    for c in ("heuristic", "subcase"):
-        if c in eval_df:
-            preds[c] = eval_df[c].to_numpy()
-    return metrics, preds
+    return _completed(metrics, preds, eval_df, calibrated_scores(lm, pattern, "", lp, ok, gold, cf_lp=cf))
 
 
 def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, n: int, batch_size: int = 8,
