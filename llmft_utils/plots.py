@@ -230,15 +230,22 @@ def hans_heatmap(subcases: pd.DataFrame, train_task: str = "mnli"):
 
 
 def training_cost(runs: pd.DataFrame):
-    """Teacher caching + training time and peak training memory of CD vs PBFT students."""
-    t = runs[runs["method"].isin(["cd", "pbft"])].drop_duplicates(["method", "train_task", "k", "seed"])
+    """Teacher caching + training time and peak training memory of CD, teacher-ensemble CD and PBFT students. A
+    student whose teacher came from the cache (the shuffled control computes CD's first) is charged what
+    computing it cost (:func:`results.teacher_seconds`), as in the break-even table."""
+    from .results import teacher_seconds
+
+    t = runs[runs["method"].isin(["cd", "cd_ensemble", "pbft"])].drop_duplicates(["method", "train_task", "k", "seed"])
+    t = t.assign(teacher_cache_s=teacher_seconds(runs, t))
     mem, mem_label = _memory_column(t, ("train_mem_tensors_peak_mb", "training step tensor memory (MB)"),
                                     ("train_mem_delta_mb", "training memory above resident (MB)"),
                                     ("train_peak_mem_mb", "peak training memory (MB)"))
     g = t.groupby(["train_task", "method_label"])[["teacher_cache_s", "train_s", mem, "n_train"]].mean()
     g = g.reset_index()
-    labels = [f"{r.train_task}\n{r.method_label}" for r in g.itertuples()]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    rank = {m: i for i, m in enumerate(_order(g["method_label"]))}
+    g = g.assign(_r=g["method_label"].map(rank)).sort_values(["train_task", "_r"]).reset_index(drop=True)
+    labels = [f"{r.train_task}\n{r.method_label.replace(' ensemble ', ' ensemble' + chr(10))}" for r in g.itertuples()]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(g)), 3.6))
     x = np.arange(len(g))
     axes[0].bar(x, g["teacher_cache_s"].fillna(0), color="#c44e52", label="teacher caching")
     axes[0].bar(x, g["train_s"], bottom=g["teacher_cache_s"].fillna(0), color=[_color(m) for m in g["method_label"]],
