@@ -282,19 +282,22 @@ ENSEMBLE_COMBINE = ("prob", "logprob")  # a teacher ensemble's mean: of probabil
 
 
 def combine_logp(member_logp, combine: str = "prob") -> torch.Tensor:
-    """One distribution from the log-probabilities (m, ..., V) of m ensemble members, in log space:
+    """One distribution from the log-probabilities (..., V) of m ensemble members (a tensor (m, ..., V) or any
+    iterable of the m, e.g. a generator computing them one at a time), in log space:
 
         prob:     log p(v) = logsumexp_i log p_i(v) − log m            (the mixture, mean of probabilities)
         logprob:  log p(v) = mean_i log p_i(v) − logsumexp_v mean_i log p_i(v)   (normalised geometric mean)
 
-    Over the full vocabulary the result is normalised; with one member it is that member's distribution."""
-    lp = torch.as_tensor(member_logp).float()
-    m = lp.shape[0]
-    if combine == "prob":
-        return torch.logsumexp(lp, 0) - math.log(m)
-    if combine == "logprob":
-        return torch.log_softmax(lp.mean(0), -1)
-    raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
+    A running reduction: two members' tensors are held at a time, whatever m is. Over the full vocabulary the
+    result is normalised; with one member it is that member's distribution."""
+    if combine not in ENSEMBLE_COMBINE:
+        raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
+    total, m = None, 0
+    for lp in member_logp:
+        lp = torch.as_tensor(lp).float()
+        total = lp if total is None else (torch.logaddexp(total, lp) if combine == "prob" else total + lp)
+        m += 1
+    return total - math.log(m) if combine == "prob" else torch.log_softmax(total / m, -1)
 
 
 def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
@@ -346,16 +349,14 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if ensemble:  # an ensemble: combine full distributions, then project like one teacher
-            total = None  # running logsumexp (prob) or sum (logprob): two (N, V) tensors at a time, whatever m is
-            for d in demos:
+        if ensemble:  # an ensemble: combine full distributions (one prompt at a time), then project like one teacher
+            def member(d):  # one prompt's full-vocabulary log-probs at temperature T, (N, V)
                 pre = build_prefix(pattern, d)
                 qs = [query_text(pattern, p, h, bool(pre)) for p, h in zip(examples["premise"], examples["hypothesis"])]
-                lp = answer_logits(lm, pre, qs, lambda z: torch.log_softmax(z.float() / T, -1), batch_size=batch_size,
-                                   progress=progress, max_tokens=max_tokens)
-                total = lp if total is None else (torch.logaddexp(total, lp) if combine == "prob" else total + lp)
-            m = len(demos)
-            comb = total - math.log(m) if combine == "prob" else torch.log_softmax(total / m, -1)
+                return answer_logits(lm, pre, qs, lambda z: torch.log_softmax(z.float() / T, -1),
+                                     batch_size=batch_size, progress=progress, max_tokens=max_tokens)
+
+            comb = combine_logp((member(d) for d in demos), combine)
             logp, top_ids = extract(comb * T)  # extract divides by T: the combined log-probs act as the logits
         else:
             logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
@@ -881,12 +882,17 @@ def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
     return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]
 
 
+def _icl_runs(icl_rows, model: str, es: str, pattern: str, precision: str):
+    """The ICL rows of (model, eval set, pattern) at ``precision`` (``dtype@device``), every k and seed."""
+    kind = icl_rows["device"].astype(str).str.split(":").str[0]
+    return icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
+                    & (icl_rows["pattern"] == pattern) & (icl_rows["dtype"].astype(str) + "@" + kind == precision)]
+
+
 def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
     """The ICL row of (model, eval set, pattern, k, seed) at ``precision`` (``dtype@device``), or None."""
-    kind = icl_rows["device"].astype(str).str.split(":").str[0]
-    sel = icl_rows[(icl_rows["model"] == model) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
-                   & (icl_rows["pattern"] == pattern) & (icl_rows["k"] == k) & (icl_rows["seed"] == (seed if k else 0))
-                   & (icl_rows["dtype"].astype(str) + "@" + kind == precision)]
+    sel = _icl_runs(icl_rows, model, es, pattern, precision)
+    sel = sel[(sel["k"] == k) & (sel["seed"] == (seed if k else 0))]
     return None if sel.empty else sel.iloc[-1]
 
 
@@ -1040,8 +1046,10 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     # the ensemble seeds among this sweep's seeds (a sweep narrowed to one seed runs that seed's ensemble, if any)
     ens_seeds = [s_ for s_ in seeds if ensemble_seeds is None or s_ in ensemble_seeds]
     ens_tag = f"m{ensemble_m}-{ensemble_combine}"
+    sets_of_task = {}  # training task -> the evaluation sets of its CD students (in domain first)
     for task in train_tasks:
         task_sets = data.student_eval_sets(manifest, task, ood_train_tasks is None or task in ood_train_tasks)
+        sets_of_task[task] = task_sets
         ctl = [c for c in controls if control_tasks is None or task in control_tasks] if kc else []
         runs = ([("cd_self", 0, s) for s in seeds if "self" in ctl]
                 + [("cd_shuffled", kc, s) for s in seeds if "shuffled" in ctl]
@@ -1092,22 +1100,24 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
                "shuffled": student_preds("cd_shuffled", task, k, seed, es) if k == kc and method == "cd" else None}
         return {name: p for name, p in got.items() if p is not None}
 
-    def transfer_of(task, es_in, eval_sets, seed):  # one transfer set per (task, seed), the same for every k
-        pool = pools[manifest["eval_sets"][es_in]["demo_pool"]]
-        seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
-        return transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in eval_sets)])
+    transfer_sets = {}  # (task, seed) -> its transfer set
 
-    def ensemble_sets(task, es_in, eval_sets, k, seed):  # m disjoint sets; set 0 is the single teacher's
-        pool = pools[manifest["eval_sets"][es_in]["demo_pool"]]
-        return data.demonstration_sets(pool, k, ensemble_m, seed, exclude=[
-            frames[es_in], transfer_of(task, es_in, eval_sets, seed), *(frames[es] for es in eval_sets)])
+    def transfer_of(task, seed):  # one transfer set per (task, seed), the same for every k and every student kind:
+        if (task, seed) not in transfer_sets:  # disjoint from every k's demos and the task's evaluation sets
+            es_in, *_ = sets = sets_of_task[task]
+            pool = pools[manifest["eval_sets"][es_in]["demo_pool"]]
+            seed_demos = [data.sample_demonstrations(pool, kk, seed, exclude=frames[es_in]) for kk in ks]
+            transfer_sets[task, seed] = transfer_set(pool, n_transfer, seed, [*seed_demos, *(frames[es] for es in sets)])
+        return transfer_sets[task, seed]
+
+    def ensemble_sets(task, k, seed):  # m disjoint sets; set 0 is the single teacher's
+        es_in, *_ = sets = sets_of_task[task]
+        return data.demonstration_sets(pools[manifest["eval_sets"][es_in]["demo_pool"]], k, ensemble_m, seed, exclude=[
+            frames[es_in], transfer_of(task, seed), *(frames[es] for es in sets)])
 
     def largest_icl(es, seed):  # the single-prompt ICL run with the most demonstrations for (es, seed)
-        sel = icl_rows[(icl_rows["model"] == model_name) & (icl_rows["task"] + "/" + icl_rows["split"] == es)
-                       & (icl_rows["pattern"] == pattern.name) & (icl_rows["seed"] == seed) & (icl_rows["k"] > 0)
-                       & (icl_rows["dtype"].astype(str) + "@" + icl_rows["device"].astype(str).str.split(":").str[0]
-                          == precision) & (icl_rows["n_eval"] > 0)]
-        kmax = int(sel["k"].max())
+        sel = _icl_runs(icl_rows, model_name, es, pattern.name, precision)
+        kmax = int(sel.loc[(sel["seed"] == seed) & (sel["k"] > 0) & (sel["n_eval"] > 0), "k"].max())
         return kmax, _icl_predictions(out_dir, icl_rows, model_name, es, pattern.name, kmax, seed, precision)[1]
 
     for (method, task, es_in, k, seed, mcfg, n_train, key_base, eval_sets, keys), save in zip(plan, keep):
@@ -1122,7 +1132,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             say(f"ICL ENSEMBLE  {task}  {ensemble_m} x k={k}  seed={seed}")
             run_rows.update(_ensemble_rows(
                 lm, out_dir, manifest, frames, icl_rows, table, pattern, model_name, precision, task, es_in, k, seed,
-                ensemble_sets(task, es_in, eval_sets, k, seed), ensemble_combine, eval_sets, keys, eval_batch_size,
+                ensemble_sets(task, k, seed), ensemble_combine, eval_sets, keys, eval_batch_size,
                 eval_max_tokens, progress, largest_icl, profile, prov, main, say))
             continue
         say(f"{method.upper()}  {task}  k={k}  seed={seed}  train n={n_train}"
@@ -1130,8 +1140,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
         teach = {"seconds": 0.0, "cache_hit": None}
         demo_text = ";".join(map(str, demos["idx"]))
         if method != "pbft":  # one transfer set per (task, seed), the same for every k: disjoint from all their demos
-            train = transfer_of(task, es_in, eval_sets, seed)
-            tdemos = ensemble_sets(task, es_in, eval_sets, k, seed) if method == "cd_ensemble" else demos
+            train = transfer_of(task, seed)
+            tdemos = ensemble_sets(task, k, seed) if method == "cd_ensemble" else demos
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, tdemos, train,
                                      mcfg, lm.dtype, lm.device, combine=ensemble_combine)
             teach = teacher_targets(lm, pattern, tdemos, train, mcfg, out_dir / "teacher_cache", tkey,

@@ -505,11 +505,13 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
                             "a": a_method, "b": b_method, "calibration": kind, "n": len(idx),
                             "acc_a": float(ra.mean()), "acc_b": float(rb.mean()), "only_a": t["only_a"],
                             "only_b": t["only_b"], "p": t["p"],
-                            "direction": ("above" if t["only_a"] > t["only_b"] else "below") if t["p"] < 0.05 else "n.s."})
+                            "direction": _direction(t["only_a"], t["only_b"], t["p"])})
     return pd.DataFrame(out)
 
 
 def _direction(only_a, only_b, p, alpha: float = 0.05) -> str:
+    """A paired test's verdict: ``above`` / ``below`` (a right more / less often than b) at p < ``alpha``, else
+    ``n.s.``; ``not tested`` for a NaN p."""
     if p != p:
         return "not tested"
     return ("above" if only_a > only_b else "below") if p < alpha else "n.s."
@@ -523,12 +525,18 @@ ENSEMBLE_TESTS = (("cd_ensemble", "cd", "single-prompt CD of the same k"),
 
 def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
     """Teacher ensembles, per evaluation set, training task, k, m and seed: the accuracies (raw and after batch
-    calibration) of the zero-shot model, single-prompt ICL at k, the ensemble at inference, single-prompt CD and
+    calibration) of the zero-shot model, single-prompt ICL at ``icl_k`` (the largest k run, which the tests compare
+    with), the ensemble at inference, single-prompt CD and
     the ensemble student, with the exact McNemar tests the rows carry (:data:`ENSEMBLE_TESTS`: ``p_<a>_vs_<b>``
     and ``<a>_vs_<b>``: above / below at p < 0.05, n.s., or not tested)."""
     out = []
     for _, r in runs[runs["method"] == "cd_ensemble"].iterrows():
-        part = {m: _partner(runs, m, r) for m in ("icl_ensemble", "cd", "icl", "zero-shot")}
+        part = {m: _partner(runs, m, r) for m in ("icl_ensemble", "cd", "zero-shot")}
+        # single-prompt ICL: the run of icl_k, which the McNemar tests compared with (k where icl_k is absent)
+        at_icl_k = r.copy()
+        if pd.notna(r.get("icl_k")):
+            at_icl_k["k"] = r["icl_k"]
+        part["icl"] = _partner(runs, "icl", at_icl_k)
         row = {c: r[c] for c in ("eval_set", "train_task", "k", "seed")}
         row.update({"m": int(r["ensemble_m"]), "total_demos": int(r["ensemble_m"] * r["k"]), "icl_k": r.get("icl_k")})
         for name, rows_ in (("zeroshot", part["zero-shot"]), ("icl", part["icl"]), ("icl_ensemble", part["icl_ensemble"]),

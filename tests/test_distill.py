@@ -536,6 +536,10 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     summ = results.summary_table(runs)
     s_row = summ[summ["method_label"] == "CD ensemble 3x2"].iloc[0]
     assert s_row["n_seeds_tested_cd"] == 1 and s_row["n_seeds_tested_icl"] == 1
+    chk = results.ensemble_checks(runs).iloc[0]  # the ICL accuracy beside the tests is that of the run they used
+    k4 = icl_rows[icl_rows["k"] == 4].iloc[0]
+    assert chk["icl_k"] == 4 and chk["acc_icl"] == k4["score_acc"] and chk["acc_icl_batch"] == k4["score_acc_batch"]
+    assert chk["p_cd_ensemble_vs_icl"] == student["mcnemar_p_vs_icl"]
     again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
                                  ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
     assert len(again) == 4 and len(pd.read_csv(out / "cd.csv")) == 4  # resumed, nothing added
