@@ -271,5 +271,15 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
         tp, sp = read(t["predictions_file"].item()), read(r["predictions_file"])
         assert distill.agreement(tp, sp)["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
         assert r["teacher_acc"] == t["score_acc"].item() and r["demo_ids"] == t["demo_ids"].item()
+        es = r["task"] + "/" + r["split"]  # and the paired tests it carries against single-prompt CD and ICL
+        one = cd[(cd["method"] == "cd") & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
+                 & (cd["k"] == r["k"]) & (cd["task"] + "/" + cd["split"] == es)]
+        icl_k = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == r["icl_k"]) & (icl["seed"] == r["seed"])]
+        for name, other in (("cd", one), ("icl", icl_k), ("teacher", t)):
+            again = distill.paired_vs(sp, read(other["predictions_file"].item()), name)
+            assert again[f"mcnemar_p_vs_{name}"] == pytest.approx(r[f"mcnemar_p_vs_{name}"], rel=1e-9), (name, r["run_key"])
         ens += 1
     assert ens == (cd["method"] == "cd_ensemble").sum()
+    runs, _ = results.evaluated(results.unify(icl, cd))  # the ensemble table is what these rows give
+    pd.testing.assert_frame_equal(results.ensemble_checks(runs), pd.read_csv(REFERENCE / "ensemble_checks.csv"),
+                                  check_dtype=False)
