@@ -426,9 +426,12 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 
 
 def answer_position_logits(model, batch) -> torch.Tensor:
-    """Logits at each row's last (answer) position of a left-padded batch: (batch, V)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=1).logits[:, -1]
+    """Logits at each row's last (answer) position of a left-padded batch: (batch, V), with the mask
+    arguments of :func:`icl.mask_arguments` (no wait for the device)."""
+    from .icl import mask_arguments
+
+    return model(input_ids=batch["input_ids"], logits_to_keep=1,
+                 **mask_arguments(model, batch["attention_mask"], batch["position_ids"])).logits[:, -1]
 
 
 # ----------------------------------------------------------------------------- training
@@ -663,9 +666,12 @@ def check_tracker(log_with) -> None:
                          "(or leave log_with empty)")
 
 
+CHECK_EVERY_ACCELERATOR = 32  # optimizer steps between the host's finiteness checks off CPU (train_student)
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
                   accelerator=None, progress: bool = False, log_with=None, run_name: str = "student",
-                  logging_dir=None, checkpointing: bool = False) -> tuple:
+                  logging_dir=None, checkpointing: bool = False, check_every: int | None = None) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
 
     Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
@@ -674,27 +680,35 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     the base model's dtype: a bf16 copy would round away every AdamW update below half a bf16 step
     (``mixed_precision="bf16"`` autocasts the forward only); the student is returned in float32.
 
-    Every process stops together: each step's losses are gathered from all processes *before* the
-    backward pass (whose gradient all-reduce would wait forever for a process that stopped alone), and a
-    non-finite loss on any of them raises :class:`FloatingPointError` on all. After the backward pass the
-    gradients are the same on every process, so a non-finite gradient norm raises on all of them too,
-    before the optimizer step. Nothing is written to disk, except by an experiment tracker: ``log_with``
+    Every process stops together, and the loop never waits for the device between checks: each step's
+    losses are gathered from all processes and its gradient norm computed on the device, and every
+    ``check_every`` optimizer steps (default: 1 on a CPU, where waiting costs nothing;
+    ``CHECK_EVERY_ACCELERATOR`` on a GPU, where a host copy per step would stall the queue of kernels) one
+    copy to the host checks them, *before* that step's update. Every process checks at the same steps, on
+    the same gathered losses and all-reduced gradients, so a non-finite loss on any of them, or a
+    non-finite gradient norm, raises :class:`FloatingPointError` on all, naming the first such step
+    (with ``check_every = 1``, before any non-finite gradient is applied; otherwise up to
+    ``check_every - 1`` later steps may have run, on a student that is then discarded). The recorded
+    losses, norms and lrs do not depend on ``check_every``. Nothing is written to disk, except by an experiment tracker: ``log_with``
     (e.g. ``"tensorboard"``, or an accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of
     every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training.
     ``checkpointing``: activation (gradient) checkpointing — each layer's activations are recomputed in
     the backward pass instead of kept, so training memory grows with the batch by a layer's activations,
     not all of them, for about one more forward of compute; the gradients are the same."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .probes import probe
 
     if cfg.alpha < 1.0 and "teacher_logp" not in examples[0]:
         raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
     check_tracker(log_with)
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum,
+    cuda = torch.cuda.is_available()
+    acc = accelerator or Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
                                      log_with=[log_with] if log_with else None,
-                                     project_dir=str(logging_dir) if logging_dir else None)
+                                     project_dir=str(logging_dir) if logging_dir else None,
+                                     # pinned batches copied without waiting for the device
+                                     dataloader_config=DataLoaderConfiguration(non_blocking=cuda))
     if log_with:
         acc.init_trackers(run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
     set_seed(cfg.seed)
@@ -708,59 +722,87 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if cfg.group_by_length:
         sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
-        loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
+        loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id),
+                                             pin_memory=cuda)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
         loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
-                                             collate_fn=lambda b: collate(b, pad_id))
+                                             collate_fn=lambda b: collate(b, pad_id), pin_memory=cuda)
     student, opt, loader = acc.prepare(student, opt, loader)
     params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
                                               lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
     losses, grad_norms, lrs, step = [], [], [], 0
+    every = check_every or (1 if acc.device.type == "cpu" else CHECK_EVERY_ACCELERATOR)
+    pending = []  # (epoch, step, per-process losses, gradient norm or None, lr or None): on the device, unchecked
     pbar = None
     if progress and acc.is_main_process:
         from .progress import bar
         pbar = bar(cfg.epochs * len(loader), "train", "batch")
+
+    def check():
+        """One copy to the host of the steps not yet checked: their losses and gradient norms are recorded
+        (and logged), and the first non-finite one stops every process (they all check at the same steps,
+        on the same gathered values)."""
+        if not pending:
+            return
+        flat = torch.cat([torch.cat([rl.float(), (n.reshape(1) if n is not None else rl.new_zeros(1)).float()])
+                          for _, _, rl, n, _ in pending]).tolist()
+        w = len(flat) // len(pending)
+        for i, (ep, st, _, n, lr) in enumerate(pending):
+            rank_losses, norm = flat[i * w:(i + 1) * w - 1], (flat[(i + 1) * w - 1] if n is not None else None)
+            bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(
+                    f"loss is {rank_losses[bad[0]]} at epoch {ep}, step {st} on rank(s) {bad} of "
+                    f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
+                    "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
+                    "with force=True).")
+            losses.append(sum(rank_losses) / len(rank_losses))
+            if norm is not None:
+                if not math.isfinite(norm):
+                    raise FloatingPointError(
+                        f"gradient norm is {norm} at epoch {ep}, step {st} with a finite loss ({losses[-1]:.6g}): "
+                        "every process stops" + (" before the optimizer step" if every == 1 else "") +
+                        ". Lower the learning rate, use float32 (mixed_precision='no'), or check the model for "
+                        "overflowing activations.")
+                grad_norms.append(norm)
+            if log_with:
+                acc.log({"loss": losses[-1], **({"lr": lr} if lr is not None else {}),
+                         **({"grad_norm": norm} if norm is not None else {})}, step=st)
+        pending.clear()
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{losses[-1]:.4f}")
+
     with probe(str(acc.device)) as pr, training_attention(acc.unwrap_model(student), cfg.train_attention, acc.device.type):
         for epoch in range(cfg.epochs):
             for batch in loader:
                 with acc.accumulate(student):
                     loss = batch_loss(student, batch, cfg, verbalizer_ids, acc.device.type)
-                    rank_losses = acc.gather(loss.detach()[None]).tolist()  # one value per process
-                    bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(
-                            f"loss is {rank_losses[bad[0]]} at epoch {epoch}, step {step} on rank(s) {bad} of "
-                            f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
-                            "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
-                            "with force=True).")
+                    rank_losses = acc.gather(loss.detach()[None])  # one value per process, left on the device
                     acc.backward(loss)
+                    norm = lr = None
                     if acc.sync_gradients:
                         # max_norm = inf: the norm without clipping (the gradients are multiplied by 1)
                         norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                        lrs.append(lr := sched.get_last_lr()[0])
+                        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                            norm = norm.full_tensor()
                         if norm is not None:  # DeepSpeed clips inside its engine and may report no norm
-                            grad_norms.append(float(norm))
-                            if not math.isfinite(grad_norms[-1]):
-                                raise FloatingPointError(
-                                    f"gradient norm is {grad_norms[-1]} at epoch {epoch}, step {step} with a finite "
-                                    f"loss ({sum(rank_losses) / len(rank_losses):.6g}): every process stops before "
-                                    "the optimizer step. Lower the learning rate, use float32 (mixed_precision='no'), "
-                                    "or check the model for overflowing activations.")
-                        lrs.append(sched.get_last_lr()[0])
+                            norm = (norm.detach() if torch.is_tensor(norm)
+                                    else torch.tensor(float(norm), device=rank_losses.device))
+                    pending.append((epoch, step, rank_losses, norm, lr))
+                    if acc.sync_gradients and len(pending) >= every:
+                        check()  # before this step's update: with every = 1, no non-finite gradient is applied
                     opt.step()
                     opt.zero_grad()
                     if acc.sync_gradients:
                         sched.step()
-                losses.append(sum(rank_losses) / len(rank_losses))
-                if log_with:
-                    acc.log({"loss": losses[-1], **({"lr": lrs[-1], "grad_norm": grad_norms[-1]}
-                                                    if acc.sync_gradients and grad_norms else {})}, step=step)
                 step += 1
                 if pbar is not None:
                     pbar.update(1)
-                    pbar.set_postfix(loss=f"{losses[-1]:.4f}")
+        check()
     if pbar is not None:
         pbar.close()
     if log_with:

@@ -456,6 +456,22 @@ def uses_split_attention(model, device: str) -> bool:
             and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
+def mask_arguments(model, mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """``attention_mask`` and ``position_ids`` for a forward with no prefix over a left-padded batch (``mask``
+    (B, L), 1 = token), chosen so that transformers never reads the mask on the device. With a 2D mask its
+    SDPA path tests ``mask.all()`` on the host, and without one it tests the positions for packed
+    sequences; on a GPU each test waits for every queued kernel, once per forward. So for SDPA with full
+    attention in every layer: the 4D causal-and-padding mask that transformers would build (it uses a 4D
+    mask as given). Otherwise (eager attention reads nothing on the host; other kernels and layer kinds
+    build their own masks) the 2D mask. The same scores on CPU, bit for bit (tested)."""
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    if getattr(cfg, "_attn_implementation", None) == "sdpa" and set(layer_types(cfg)) <= {"full_attention"}:
+        L = mask.shape[1]
+        causal = torch.ones((L, L), dtype=torch.bool, device=mask.device).tril()
+        return {"attention_mask": causal[None, None] & mask.bool()[:, None, None, :], "position_ids": position_ids}
+    return {"attention_mask": mask, "position_ids": position_ids}
+
+
 def _expand_cache(prefix_kv, batch: int):
     from transformers import DynamicCache
 
@@ -566,9 +582,11 @@ def _forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: i
         elif P:
             kw["past_key_values"] = _expand_cache(prefix_kv, B)
             mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], 1)
+        kw.update({"attention_mask": mask, "position_ids": pos} if P else
+                  mask_arguments(model, mask, pos))
         with torch.inference_mode(), attention_implementation(model, SPLIT_ATTENTION if split else None):
-            logits = model(input_ids=bt["ids"], attention_mask=mask, position_ids=pos,
-                           use_cache=bool(P) and not split, logits_to_keep=bt["keep"], **kw).logits
+            logits = model(input_ids=bt["ids"], use_cache=bool(P) and not split, logits_to_keep=bt["keep"],
+                           **kw).logits
         if split and len(calls) < len(prefix_kv):
             raise RuntimeError(
                 f"split prefix attention ran in {len(calls)} of {len(prefix_kv)} layers of "

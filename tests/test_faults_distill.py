@@ -138,8 +138,9 @@ def test_non_finite_teacher_outputs_raise_and_cache_nothing(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.parametrize("every", [1, 5])
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
-def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm):
+def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm, every):
     """A hook turns one parameter's gradient into inf while the loss stays finite: training stops at the
     first optimizer step, before the optimizer sees the gradient (a single step, so no later NaN loss)."""
     model = models.tiny_model("llama", tiny.tokenizer, max_positions=4096)
@@ -152,7 +153,7 @@ def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm):
     vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
     cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, max_grad_norm=max_grad_norm)
     with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at epoch 0, step 0 with a finite loss"):
-        distill.train_student(model, tiny.tokenizer, rows, cfg, vids)
+        distill.train_student(model, tiny.tokenizer, rows, cfg, vids, check_every=every)
 
 
 def test_stats_record_grad_norms_and_lrs(tiny):
@@ -167,6 +168,53 @@ def test_stats_record_grad_norms_and_lrs(tiny):
     assert st["lrs"] == pytest.approx([1e-3 * f(t) for t in range(4)])
     _, st0 = distill.train_student(tiny.model, tiny.tokenizer, rows, dataclasses.replace(cfg, max_grad_norm=0.0), vids)
     assert st0["grad_norms"][0] == pytest.approx(st["grad_norms"][0], rel=1e-6)  # same first step, no clipping
+
+
+def _training_rows(tok, n=16, nan=False):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = tok(f"The cat sat {'on the mat ' * (i % 3)}question: A cat sat . Yes or No? answer:").input_ids
+        logp = torch.log_softmax(torch.randn(2, generator=g), -1)
+        out.append({"input_ids": ids, "label": i % 2, "teacher_logp": logp * float("nan") if nan else logp})
+    return out
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])  # auto = eager on CPU; sdpa: a GPU's default
+def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
+    """The host copies losses and gradient norms back once per ``check_every`` steps, not once per step (nor
+    does transformers' mask builder read the mask per forward): with a check at the end only, 2 and 8 steps
+    make the same number of host syncs; with a check every step, 8 steps make 6 more than 2. The losses,
+    norms, lrs and trained weights do not depend on ``check_every``."""
+    from host_syncs import HostSyncs
+
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = _training_rows(tiny.tokenizer)
+    counts, runs = {}, {}
+    for every in (1, 10**6):
+        for bs in (8, 2):
+            cfg = distill.DistillConfig(epochs=1, batch_size=bs, lr=1e-3, max_grad_norm=1.0, train_attention=attention)
+            with HostSyncs() as s:
+                runs[every, bs] = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, check_every=every)
+            counts[every, bs] = s.total
+    assert runs[1, 2][1]["steps"] == 8 and runs[1, 8][1]["steps"] == 2
+    assert counts[10**6, 2] == counts[10**6, 8], (counts, s.calls)
+    assert counts[1, 2] == counts[1, 8] + 6, counts
+    for bs in (8, 2):
+        (a, sa), (b, sb) = runs[1, bs], runs[10**6, bs]
+        assert sa["losses"] == sb["losses"] and sa["grad_norms"] == sb["grad_norms"] and sa["lrs"] == sb["lrs"]
+        assert distill.params_digest(a) == distill.params_digest(b)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_non_finite_loss_found_at_its_step_when_checks_are_sparse(tiny, every):
+    """Rows 8-15 have NaN targets: in step order (no shuffling, batches of 2) the first bad step is 4, and
+    that is the step named whether it is checked at once or with steps 3-5 together."""
+    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    rows = _training_rows(tiny.tokenizer)[:8] + _training_rows(tiny.tokenizer, nan=True)[8:]
+    cfg = distill.DistillConfig(epochs=1, batch_size=2, shuffle=False, group_by_length=False, max_grad_norm=1.0)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0, step 4 on rank\(s\) \[0\] of 1"):
+        distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, check_every=every)
 
 
 # ----------------------------------------------------------------------------- two processes (gloo)

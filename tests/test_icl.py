@@ -96,6 +96,48 @@ def test_token_budget_batches_and_device_side_gather_match_fixed_batches(tiny_lm
                 assert np.isnan(sc[s])
 
 
+@pytest.mark.parametrize("k", [0, 2])
+def test_scoring_and_teacher_make_no_host_sync_per_batch(tiny_lms, k):
+    """ICL scoring (with and without the reused prefix) and teacher caching wait for the device a fixed
+    number of times per run, not per batch: batches of 2 make as many host syncs as batches of 16."""
+    from host_syncs import HostSyncs
+
+    from llmft_utils import distill
+
+    lm = tiny_lms["llama"]
+    ev, pool = _frames(32)
+    demos = data.sample_demonstrations(pool, k, seed=0, exclude=ev) if k else pool.iloc[0:0]
+    counts = {}
+    for bs in (16, 2):
+        with HostSyncs() as s:
+            icl.evaluate(lm, ev, GPT3, demos, batch_size=bs, progress=False)
+            if k:
+                distill.teacher_targets(lm, GPT3, demos, ev, distill.DistillConfig(), batch_size=bs)
+        counts[bs] = s.total, dict(s.calls)
+    assert counts[2] == counts[16], counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_mask_arguments_give_the_same_logits(tiny_lms, arch):
+    """The 4D mask of :func:`icl.mask_arguments` (no host read of the mask) gives the logits of the 2D mask
+    that transformers expands itself, bit for bit, on a padded and an unpadded batch, with SDPA and eager."""
+    lm = tiny_lms[arch]
+    ids = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(0))
+    for lengths in ([9, 6, 3], [9, 9, 9]):
+        mask = torch.zeros_like(ids)
+        for r, n in enumerate(lengths):
+            mask[r, 9 - n:] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        for impl in ("sdpa", "eager"):
+            with torch.no_grad(), models.attention_implementation(lm.model, impl):
+                kw = icl.mask_arguments(lm.model, mask, pos)
+                assert (kw["attention_mask"].dim() == 4) == (impl == "sdpa")
+                want = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                got = lm.model(input_ids=ids, **kw).logits
+            keep = mask.bool()  # padded positions' outputs are not used
+            assert torch.equal(want[keep], got[keep]), (lengths, impl)
+
+
 def test_naive_reference_is_independent_forward(tiny_lms):
     """The scorer's log-probs equal a plain, unbatched forward pass over the whole prompt text."""
     lm = tiny_lms["opt"]
