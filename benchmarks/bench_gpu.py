@@ -13,7 +13,9 @@ Per shape, through ``icl.evaluate``, ``distill.teacher_targets`` and ``distill.t
 
 ``--only icl|teacher|train`` narrows a run; ``--kernels N`` prints the N CUDA kernels that take the most
 time in zero-shot and k = 16 scoring (torch profiler, 2,048 queries); ``--compile`` also times zero-shot
-scoring with ``torch.compile``d forwards (compile time reported apart).
+scoring with ``torch.compile``d forwards (compile time reported apart); ``--split-kernel fused`` runs the prefix
+part of the split attention in CUDA's memory-efficient kernel (``icl.SPLIT_KERNEL``). ``--n-teacher`` larger than
+the pool examples left after the demonstrations and queries uses all of them (and says so).
 
 Each measurement follows an untimed warm-up of the same path and is a synchronised wall clock
 (``probes.probe``): tokenisation, batching and the copies back to the host are included. Peak memory is
@@ -88,7 +90,7 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
     peak = card_peak()
     res = {"shape": shape, "model": lm.name, "source": lm.source, "dtype": lm.dtype, "device": lm.device,
            "hardware": hardware(), "tf32": torch.backends.cuda.matmul.allow_tf32, "n_params": dims["n_params"],
-           "max_tokens": a.max_tokens, "load_s": load_s, "card_peak_bf16_tflops": peak, "runs": []}
+           "max_tokens": a.max_tokens, "split_kernel": icl.SPLIT_KERNEL, "load_s": load_s, "card_peak_bf16_tflops": peak, "runs": []}
 
     def record(what, n, seconds, mem_mb, flops, unit="queries", **extra):
         tflops = flops / seconds / 1e12
@@ -131,7 +133,11 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
                forward_flops(dims, np.full(len(sub), m["query_tokens_mean"]), 0))
 
     cfg = distill.DistillConfig(epochs=1, lr=1e-5, mixed_precision=a.mixed_precision)
-    transfer = distill.transfer_set(pool, a.n_teacher, 0, [demos[16], ev])
+    banned = {data.pair_key(p, h) for f in (demos[16], ev) for p, h in zip(f.premise, f.hypothesis)}
+    free = sum(data.pair_key(p, h) not in banned for p, h in zip(pool.premise, pool.hypothesis))
+    if a.n_teacher > free:  # the MNLI train subset minus the demonstrations and the queries
+        print(f"  --n-teacher {a.n_teacher} > the {free} pool examples left: using {free}", flush=True)
+    transfer = distill.transfer_set(pool, min(a.n_teacher, free), 0, [demos[16], ev])
     distill.teacher_targets(lm, pat, demos[16], transfer.head(64), cfg, max_tokens=a.max_tokens)
     t, s, mem = _measure(lambda: distill.teacher_targets(lm, pat, demos[16], transfer, cfg, max_tokens=a.max_tokens),
                          lm.device)
@@ -236,6 +242,8 @@ def main() -> None:
     ap.add_argument("--only", default="", choices=["", "icl", "teacher", "train"])
     ap.add_argument("--kernels", type=int, default=0, help="print the N CUDA kernels that take the most time")
     ap.add_argument("--compile", action="store_true", help="also time zero-shot scoring with torch.compile")
+    ap.add_argument("--split-kernel", default=icl.SPLIT_KERNEL, choices=icl.SPLIT_KERNELS,
+                    help="icl.SPLIT_KERNEL: the prefix part of the split attention (fused = CUDA's memory-efficient kernel)")
     ap.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per evaluation batch")
     ap.add_argument("--mixed-precision", default="no", choices=list(distill.MIXED_PRECISION))
     ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the embedded SmolLM2 one)")
@@ -245,6 +253,7 @@ def main() -> None:
     a.ks = [int(k) for k in a.ks.split(",")]
     a.train = [(int(b), mp, c == "ckpt") for b, mp, c in (v.split(":") for v in a.train.split(",") if v)]
     a.device = models.pick_device(a.device)
+    icl.SPLIT_KERNEL = a.split_kernel
     if a.tokenizer:
         os.environ[models.RANDOM_TOKENIZER_ENV] = a.tokenizer
     ev = data.load_split("mnli", "validation_matched", a.data_dir or None)

@@ -25,6 +25,7 @@ row on its full prompt and raises :class:`PrefixReuseMismatch` if the two disagr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -377,9 +378,14 @@ def _efficient_lse(q, k, v, scale):
     return out, lse[..., :q.shape[-2]]
 
 
-SPLIT_KERNEL = "auto"  # auto: the fused CPU kernel on CPU, _math_lse elsewhere | fused: also CUDA's memory-efficient
-# kernel for the prefix part (not yet run on a GPU: benchmarks/check_split_kernels.py checks it against _math_lse;
-# it becomes "auto" once measured) | math: _math_lse everywhere (tests, and the reference of that check)
+SPLIT_KERNELS = ("auto", "fused", "math")
+SPLIT_KERNEL_ENV = "LLMFT_SPLIT_KERNEL"  # sets SPLIT_KERNEL at import (e.g. for tools/study_direct.py on a GPU)
+# auto: the fused CPU kernel on CPU, _math_lse elsewhere | fused: also CUDA's memory-efficient kernel for the prefix
+# part (not yet run on a GPU: benchmarks/check_split_kernels.py checks it against _math_lse; it becomes "auto" once
+# measured) | math: _math_lse everywhere (tests, and the reference of that check)
+SPLIT_KERNEL = os.environ.get(SPLIT_KERNEL_ENV, "auto")
+if SPLIT_KERNEL not in SPLIT_KERNELS:
+    raise ValueError(f"${SPLIT_KERNEL_ENV}={SPLIT_KERNEL!r}: use one of {SPLIT_KERNELS}")
 
 
 def _attend(q, k, v, bias, scale):

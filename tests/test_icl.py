@@ -138,6 +138,19 @@ def test_mask_arguments_give_the_same_logits(tiny_lms, arch):
             assert torch.equal(want[keep], got[keep]), (lengths, impl)
 
 
+def test_split_kernel_from_the_environment():
+    """``$LLMFT_SPLIT_KERNEL`` sets ``icl.SPLIT_KERNEL`` at import; an unknown name stops the import with the choices."""
+    import os
+    import subprocess
+    import sys
+
+    run = lambda v: subprocess.run([sys.executable, "-c", "from llmft_utils import icl; print(icl.SPLIT_KERNEL)"],
+                                   capture_output=True, text=True, env={**os.environ, icl.SPLIT_KERNEL_ENV: v})
+    ok, bad = run("math"), run("flash")
+    assert ok.returncode == 0 and ok.stdout.strip() == "math", ok.stderr[-500:]
+    assert bad.returncode != 0 and "LLMFT_SPLIT_KERNEL='flash': use one of ('auto', 'fused', 'math')" in bad.stderr
+
+
 def test_naive_reference_is_independent_forward(tiny_lms):
     """The scorer's log-probs equal a plain, unbatched forward pass over the whole prompt text."""
     lm = tiny_lms["opt"]
