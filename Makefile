@@ -8,7 +8,7 @@ export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 JUPYTERLAB := 4.6.6
 
-.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu
+.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu bench-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
 
 bench-cd: venv  ## CD training throughput: cached+batched teacher vs online teacher, 1 example/step (prints the ratio)
 	$(PY) benchmarks/bench_cd_throughput.py
+
+bench-gpu: venv  ## the GPU checks of issue 12 on random-init shapes, about 8 min on one H100/H200 (OUT=folder)
+	benchmarks/gpu_checks.sh $(or $(OUT),benchmarks/results/gpu-$$(date +%F)) $(PY)
 
 lab: venv  ## JupyterLab at the repository root (notebooks/, results/, figures and executed copies in reach)
 	$(PY) -m pip install -q jupyterlab==$(JUPYTERLAB)
