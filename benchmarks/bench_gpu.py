@@ -133,8 +133,7 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
                forward_flops(dims, np.full(len(sub), m["query_tokens_mean"]), 0))
 
     cfg = distill.DistillConfig(epochs=1, lr=1e-5, mixed_precision=a.mixed_precision)
-    banned = {data.pair_key(p, h) for f in (demos[16], ev) for p, h in zip(f.premise, f.hypothesis)}
-    free = sum(data.pair_key(p, h) not in banned for p, h in zip(pool.premise, pool.hypothesis))
+    free = len(data.disjoint_rows(pool, [demos[16], ev]))
     if a.n_teacher > free:  # the MNLI train subset minus the demonstrations and the queries
         print(f"  --n-teacher {a.n_teacher} > the {free} pool examples left: using {free}", flush=True)
     transfer = distill.transfer_set(pool, min(a.n_teacher, free), 0, [demos[16], ev])

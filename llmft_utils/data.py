@@ -313,6 +313,12 @@ def pair_key(premise: str, hypothesis: str) -> str:
     return premise.strip() + "\x1f" + hypothesis.strip()
 
 
+def disjoint_rows(pool: pd.DataFrame, frames) -> pd.DataFrame:
+    """The rows of ``pool`` (in order) whose (premise, hypothesis) pair occurs in none of ``frames``."""
+    banned = {pair_key(p, h) for f in frames for p, h in zip(f["premise"], f["hypothesis"])}
+    return pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+
+
 def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.DataFrame | None = None) -> pd.DataFrame:
     """k balanced demonstrations, shuffled, deterministic in ``seed``: k/2 per label for even k; for odd k
     (k = 1, 3, ...) ⌊k/2⌋ per label plus one more of a label drawn uniformly with the same seed (the rule
@@ -326,8 +332,7 @@ def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.Dat
     if k < 0:
         raise ValueError(f"k must be a non-negative number of demonstrations, got {k}")
     if exclude is not None and len(exclude):
-        banned = set(map(pair_key, exclude["premise"], exclude["hypothesis"]))
-        pool = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+        pool = disjoint_rows(pool, [exclude])
     rng = np.random.default_rng(seed)
     want = {0: k // 2, 1: k // 2}
     if k % 2:
@@ -354,10 +359,8 @@ def demonstration_sets(pool: pd.DataFrame, k: int, m: int, seed: int, exclude=()
     exclude = [f for f in exclude if f is not None and len(f)]
     first = sample_demonstrations(pool, k, seed, exclude=exclude[0] if exclude else None)
     sets = [first]
-    banned = {pair_key(p, h) for f in exclude for p, h in zip(f["premise"], f["hypothesis"])}
     for j in range(1, m):
-        banned |= set(map(pair_key, sets[-1]["premise"], sets[-1]["hypothesis"]))
-        rest = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+        rest = disjoint_rows(pool, exclude + sets)
         try:
             sets.append(sample_demonstrations(rest, k, [seed, j]))
         except DataError as e:

@@ -747,11 +747,10 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         on the same gathered values)."""
         if not pending:
             return
-        flat = torch.cat([torch.cat([rl.float(), (n.reshape(1) if n is not None else rl.new_zeros(1)).float()])
-                          for _, _, rl, n, _ in pending]).tolist()
-        w = len(flat) // len(pending)
-        for i, (ep, st, _, n, lr) in enumerate(pending):
-            rank_losses, norm = flat[i * w:(i + 1) * w - 1], (flat[(i + 1) * w - 1] if n is not None else None)
+        values = torch.stack([torch.cat([rl.float(), (n if n is not None else rl.new_zeros(())).float().reshape(1)])
+                              for _, _, rl, n, _ in pending]).tolist()  # per step: the ranks' losses, then the norm
+        for (ep, st, _, n, lr), (*rank_losses, norm) in zip(pending, values):
+            norm = norm if n is not None else None
             bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
             if bad:
                 raise FloatingPointError(
@@ -912,12 +911,9 @@ def controls_vs(student_preds, teacher_preds, zeroshot_preds, student_controls=N
 def transfer_set(pool, n: int, seed: int, exclude_frames) -> "pd.DataFrame":
     """``n`` unlabelled training queries from ``pool`` (labels kept only for bookkeeping), disjoint from
     every frame in ``exclude_frames`` (the demonstrations and the evaluation queries)."""
-    from .data import DataError, pair_key
+    from .data import DataError, disjoint_rows
 
-    banned = set()
-    for f in exclude_frames:
-        banned |= set(map(pair_key, f["premise"], f["hypothesis"]))
-    cand = pool[[pair_key(p, h) not in banned for p, h in zip(pool["premise"], pool["hypothesis"])]]
+    cand = disjoint_rows(pool, exclude_frames)
     if len(cand) < n:
         raise DataError(f"only {len(cand)} pool examples are disjoint from the demonstrations and queries; need {n}")
     rng = np.random.default_rng(10_000 + seed)

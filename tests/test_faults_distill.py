@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import toy_data
+from ddp_worker import rows as training_rows  # the DDP tests' training rows, with or without NaN targets
 from llmft_utils import data, distill, models, patterns
 
 GPT3 = patterns.get_pattern("gpt-3")
@@ -170,16 +171,6 @@ def test_stats_record_grad_norms_and_lrs(tiny):
     assert st0["grad_norms"][0] == pytest.approx(st["grad_norms"][0], rel=1e-6)  # same first step, no clipping
 
 
-def _training_rows(tok, n=16, nan=False):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ids = tok(f"The cat sat {'on the mat ' * (i % 3)}question: A cat sat . Yes or No? answer:").input_ids
-        logp = torch.log_softmax(torch.randn(2, generator=g), -1)
-        out.append({"input_ids": ids, "label": i % 2, "teacher_logp": logp * float("nan") if nan else logp})
-    return out
-
-
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])  # auto = eager on CPU; sdpa: a GPU's default
 def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
     """The host copies losses and gradient norms back once per ``check_every`` steps, not once per step (nor
@@ -189,7 +180,7 @@ def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
     from host_syncs import HostSyncs
 
     vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
-    rows = _training_rows(tiny.tokenizer)
+    rows = training_rows(tiny.tokenizer)
     counts, runs = {}, {}
     for every in (1, 10**6):
         for bs in (8, 2):
@@ -211,7 +202,7 @@ def test_non_finite_loss_found_at_its_step_when_checks_are_sparse(tiny, every):
     """Rows 8-15 have NaN targets: in step order (no shuffling, batches of 2) the first bad step is 4, and
     that is the step named whether it is checked at once or with steps 3-5 together."""
     vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
-    rows = _training_rows(tiny.tokenizer)[:8] + _training_rows(tiny.tokenizer, nan=True)[8:]
+    rows = training_rows(tiny.tokenizer)[:8] + training_rows(tiny.tokenizer, nan=True)[8:]
     cfg = distill.DistillConfig(epochs=1, batch_size=2, shuffle=False, group_by_length=False, max_grad_norm=1.0)
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0, step 4 on rank\(s\) \[0\] of 1"):
         distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, check_every=every)
