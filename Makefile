@@ -8,7 +8,7 @@ export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 JUPYTERLAB := 4.6.6
 
-.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-browser bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu bench-gpu
+.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-notebooks-avx2 test-browser capability-matrix bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu bench-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,20 @@ smoke: venv  ## the study with tiny evaluation sets (about 2 minutes)
 notebooks: venv  ## after editing notebooks/*.py (the source): sync the paired .ipynb and store fresh smoke outputs
 	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) tools/execute_notebooks.py; rc=$$?; rm -rf $$tmp; exit $$rc
 
-test: venv  ## all tests: unit tests, the notebooks under nbval (smoke profile), JupyterLab in headless Chromium
-	$(MAKE) test-unit test-notebooks test-browser
+test: venv  ## all tests: unit tests, the notebooks under nbval + the golden check at two CPU kernel sets, JupyterLab in headless Chromium
+	$(MAKE) test-unit test-notebooks test-notebooks-avx2 test-browser
 
 test-unit: venv
 	$(PY) -m pytest -q -rs tests --ignore=tests/test_lab_browser.py
 
+# the notebooks under nbval (smoke profile), then the run they wrote against tests/golden/smoke (tolerances in
+# llmft_utils/compare.py; README "Reproducibility")
 test-notebooks: venv
-	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
+	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks tests/golden_check.py; rc=$$?; rm -rf $$tmp; exit $$rc
+
+# the same under ATen's AVX2 kernels (another summation order: an AVX2-only laptop's, on this CPU)
+test-notebooks-avx2: venv
+	ATEN_CPU_CAPABILITY=avx2 $(MAKE) test-notebooks
 
 # JupyterLab and selenium from PyPI; Debian's chromium + chromedriver with apt (no browser downloads by pip tools)
 test-browser: venv
@@ -44,6 +50,9 @@ test-browser: venv
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) \
 	  || echo "test-browser: could not install Debian's chromium/chromium-driver (needs root and apt): the browser test is skipped"
 	$(PY) -m pytest -q -rs tests/test_lab_browser.py
+
+capability-matrix: venv  ## the smoke profile under five CPU kernel settings: the measured spread behind the tolerances
+	$(PY) tools/capability_matrix.py --json results/reproducibility/capability_matrix.json
 
 select-recipe: venv  ## choose the CD recipe on the development split (about 16 min; writes results/recipe_selection/)
 	$(PY) tools/select_recipe.py --profile $(PROFILE) --out results/recipe_selection

@@ -178,7 +178,7 @@ def _verbalizer_ids(tokenizer, pattern) -> list[int]:
     return [i[0] for i in ids]
 
 
-CACHE_FORMAT = 2  # version of the teacher-cache file layout (and of the key); bump it when either changes
+CACHE_FORMAT = 3  # version of the teacher-cache file layout (and of the key); bump it when either changes
 DEMO_COLUMNS = ("premise", "hypothesis", "label")  # what a demonstration puts into the teacher's prompt
 QUERY_COLUMNS = ("premise", "hypothesis")  # what a query puts into it (its label does not)
 _CACHE_TENSORS = ("logp", "topk_ids", "verbalizer_ids")
@@ -191,8 +191,23 @@ def rows_digest(frame, columns) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+def teacher_runtime(lm) -> dict:
+    """What besides the inputs decides a teacher's cached numbers: the content hash of the model's weights
+    (:func:`models.weights_sha256`: the same name with other weights never hits), the torch and
+    transformers versions, and the device's kernel set (:func:`probes.device_capability`: ``AVX512``,
+    ``AVX2``, ``sm_90``, ...). Part of every teacher-cache key, so a cache copied from another host, library
+    version or checkpoint is recomputed, not reused."""
+    import transformers
+
+    from .models import weights_sha256
+    from .probes import device_capability
+
+    return {"weights_sha256": weights_sha256(lm), "torch": torch.__version__, "transformers": transformers.__version__,
+            "capability": device_capability(lm.device)}
+
+
 def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
-                      dtype, device, combine: str | None = None) -> str:
+                      dtype, device, combine: str | None = None, runtime: dict | None = None) -> str:
     """Key of a teacher-cache file: a digest of everything that changes the cached values.
 
     ``model_id`` (name and source), the teacher's ``dtype`` and ``device`` type (``cuda:0`` and ``cuda:1``
@@ -200,7 +215,8 @@ def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demo
     and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of a registered one),
     ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with :func:`rows_digest` of their
     ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id changes the key), the target,
-    ``topk`` (for ``target="topk"`` only), the temperature and ``CACHE_FORMAT``. A teacher ensemble passes
+    ``topk`` (for ``target="topk"`` only), the temperature, ``CACHE_FORMAT`` and ``runtime``
+    (:func:`teacher_runtime`: the weights' content hash, torch/transformers versions, device capability). A teacher ensemble passes
     ``demos`` as a list of frames (every set's ids and digest enter the key) and its ``combine`` rule. Pure: the
     same arguments give the same key in every process."""
     from .patterns import get_pattern
@@ -220,6 +236,8 @@ def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demo
               "temperature": cfg.temperature}
     if not single:
         fields["combine"] = combine or "prob"
+    if runtime is not None:  # teacher_runtime(lm): weights hash, library versions, device capability
+        fields["runtime"] = dict(runtime)
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -1068,7 +1086,8 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
     done = set() if force or "run_key" not in old_rows else set(old_rows["run_key"])
     icl_rows = ResultTable(out_dir / "icl.csv").read()
     vids = _verbalizer_ids(lm.tokenizer, pattern)
-    prov = provenance()
+    runtime = teacher_runtime(lm)
+    prov = {**provenance(), "model_weights_sha256": runtime["weights_sha256"]}
     precision = precision_tag(lm)
     frames = {es: data.read_split(out_dir, info) for es, info in manifest["eval_sets"].items()}
     pools = {p: data.read_split(out_dir, info) for p, info in manifest["demo_pools"].items()}
@@ -1181,7 +1200,7 @@ def run_cd_sweep(lm, out_dir, pattern_name: str, train_tasks, ks, seeds, n_trans
             train = transfer_of(task, seed)
             tdemos = ensemble_sets(task, k, seed) if method == "cd_ensemble" else demos
             tkey = teacher_cache_key(f"{model_name}:{lm.source}", info["demo_pool"], pattern, k, seed, tdemos, train,
-                                     mcfg, lm.dtype, lm.device, combine=ensemble_combine)
+                                     mcfg, lm.dtype, lm.device, combine=ensemble_combine, runtime=runtime)
             teach = teacher_targets(lm, pattern, tdemos, train, mcfg, out_dir / "teacher_cache", tkey,
                                     batch_size=eval_batch_size, progress=progress, force=force,
                                     max_tokens=eval_max_tokens, combine=ensemble_combine)

@@ -1079,7 +1079,9 @@ def run_sweep(lm, out_dir, pattern_name: str, ks, seeds, batch_size: int = 8, on
     pattern = get_pattern(pattern_name)
     table = ResultTable(out_dir / "icl.csv")
     done = set() if force else table.done()
-    prov = provenance()
+    from .models import weights_sha256
+
+    prov = {**provenance(), "model_weights_sha256": weights_sha256(lm)}
     model_name = model_name or lm.name
     pools = {name: data.read_split(out_dir, info) for name, info in manifest["demo_pools"].items()}
     plan = [(es, k, s) for es in manifest["eval_sets"] for k in ks for s in (seeds if k > 0 else [0])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class ParameterError(ValueError):
@@ -47,6 +48,8 @@ def spec() -> dict[str, Param]:
         "data_dir": Param("str", "local data mirror; empty: $LLMFT_DATA_DIR, else ../shared/data beside the checkout, "
                                  "else the Hugging Face Hub"),
         "results_dir": Param("str", "output folder; empty: $LLMFT_RESULTS_DIR, else results/<profile>"),
+        "compare_with": Param("str", "notebook 04: another results folder to compare this run with, row by row, example "
+                                     "by example and verdict by verdict (llmft-study compare); empty: none"),
         "model": Param("str", "embedded name, alias, Hugging Face id or local model directory"),
         "pattern": Param("str", "prompt pattern", choices=tuple(PATTERNS)),
         "ks": Param("list", "numbers of demonstrations (0 is zero-shot; odd k: one extra of a seeded label)", item="int",
@@ -252,6 +255,9 @@ def validate(values: dict, *, check_model: bool = True, notebooks=None, strict_n
             resolve_data_dir(values["data_dir"])
         except DataError as e:
             errs.append(f"data_dir: {e}")
+    if isinstance(values.get("compare_with"), str) and values["compare_with"]:
+        if not (Path(values["compare_with"]).expanduser() / "icl.csv").is_file():
+            errs.append(f"compare_with: {values['compare_with']!r} is not a results folder (no icl.csv in it)")
     if not errs and "results_dir" in values:
         from .results import ensure_writable, results_dir
 

@@ -2,6 +2,7 @@
 
     llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
     llmft-study distill --model M --prefix demos.txt --queries q.jsonl --out DIR   # distil any prompt
+    llmft-study compare RUN_A RUN_B                             # two results folders: rows, examples, verdicts
     python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
     python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
     python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
@@ -40,7 +41,7 @@ _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results
            "ensemble_m": 4, "ensemble_ks": [16], "ensemble_seeds": [0], "ensemble_tasks": ["mnli", "rte"],
            "ensemble_ood": True,
            "extra_eval_sets": [],
-           "qqp_eval_n": 1000}
+           "qqp_eval_n": 1000, "compare_with": ""}
 # llmft's full grid: MNLI -> HANS, MNLI-mismatched and ANLI, QQP -> PAWS-QQP, RTE -> HANS (the three patterns:
 # --sweep sweeps/patterns.json --profile full)
 _GRID = {"extra_eval_sets": ["mnli_mismatched/validation", "qqp/heldout", "paws_qqp/dev_and_test", "anli/dev_r1",
@@ -50,7 +51,10 @@ PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30, "dev_n": 16,
               "ks": [0, 4], "seeds": [0], "batch_size": 8, "control_tasks": ["mnli"],
               "ensemble_m": 2, "ensemble_ks": [4], "ensemble_seeds": [0], "ensemble_tasks": ["mnli"],
-              "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4},
+              "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4,
+              # float32 training: the same students on every CPU to ~2e-4 nats (bf16 autocast: 0.08-3.6 nats
+              # between CPU kernel sets; README "Reproducibility"), so the golden check of `make test` can be tight
+              "mixed_precision": "no"},
     # the main study, sized for <= 45 min on 2 CPU cores (README "Time budget"): k = 4, the RTE students on
     # HANS, the RTE control students, teacher ensembles beyond seed 0 and on HANS are in "full"
     "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 400, "rte_eval_n": 0,
@@ -212,6 +216,10 @@ def main(argv=None) -> int:
         from .prompt_distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv and argv[0] == "compare":  # llmft-study compare RUN_A RUN_B: predictions, tolerances, verdicts
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
     ap = argparse.ArgumentParser(prog="llmft-study", description=__doc__, epilog=parameters_help(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES),

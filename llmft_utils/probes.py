@@ -110,6 +110,78 @@ def hardware() -> str:
     return f"cpu:{cpu} x{torch.get_num_threads()} threads"
 
 
+# Environment variables that change which CPU kernels run (and so the last bits of a float sum)
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+           "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model name")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_versions() -> dict:
+    """BLAS and oneDNN as torch was built with them (from ``torch.__config__.show()``)."""
+    import re
+
+    try:
+        text = torch.__config__.show()
+    except Exception:  # noqa: BLE001 - an exotic build: record what is known
+        return {}
+    out = {}
+    m = re.search(r"Math Kernel Library Version ([\w.\-]+)", text)
+    blas = re.search(r"BLAS_INFO=(\w+)", text)
+    out["blas"] = (f"mkl {m.group(1)}" if m else (blas.group(1) if blas else "unknown"))
+    d = re.search(r"(?:MKL-DNN|oneDNN) v([\w.]+)", text)
+    out["onednn"] = d.group(1) if d else ""
+    return out
+
+
+def environment() -> dict:
+    """What decides the last bits of this process's numbers, one flat dict (recorded in every result row and
+    run manifest): CPU model and architecture, the CPU kernel set ATen dispatches to
+    (``torch.backends.cpu.get_cpu_capability()``), BLAS and oneDNN versions, intra-/inter-op threads, the
+    determinism switches, the environment variables that restrict instruction sets, and on CUDA the GPU's
+    name, compute capability and the CUDA/cuDNN versions."""
+    import os
+    import platform
+
+    env = {"cpu_model": cpu_model(), "machine": platform.machine(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), **_build_versions(),
+           "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads(),
+           "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+           "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+           "isa_env": ";".join(f"{k}={os.environ[k]}" for k in ISA_ENV if os.environ.get(k)),
+           "gpu_name": "", "gpu_capability": "", "cuda": "", "cudnn": "", "tf32_matmul": ""}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        env.update(gpu_name=torch.cuda.get_device_name(0), gpu_capability=f"sm_{major}{minor}",
+                   cuda=torch.version.cuda or "", cudnn=str(torch.backends.cudnn.version() or ""),
+                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
+    return env
+
+
+def device_capability(device: str) -> str:
+    """The kernel set that computes on ``device``: ``sm_90`` for a CUDA GPU, ATen's CPU capability
+    (``AVX512``, ``AVX2``, ``DEFAULT``, ...) plus any instruction-set restriction from the environment."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        return f"sm_{major}{minor}"
+    import os
+
+    isa = ";".join(f"{k}={os.environ[k]}" for k in ISA_ENV[:5] if os.environ.get(k))
+    return torch.backends.cpu.get_cpu_capability() + (f"[{isa}]" if isa else "")
+
+
 @dataclass
 class TensorMemory:
     peak_mb: float = float("nan")  # weights (+ optimizer states) + the block's own tensors at their peak

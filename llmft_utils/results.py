@@ -70,16 +70,18 @@ def git_commit() -> str:
 
 
 def provenance() -> dict:
-    """What produced a row: code version, library versions, hardware, time."""
+    """What produced a row: code version, library versions, hardware (CPU model, ATen's CPU capability, BLAS
+    and oneDNN versions, threads, determinism switches, instruction-set restrictions; GPU name and CUDA/cuDNN
+    versions where one is present: :func:`probes.environment`), time."""
     import torch
     import transformers
 
     from . import __version__
-    from .probes import hardware
+    from .probes import environment, hardware
 
     return {"git_commit": git_commit(), "llmft_utils": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "hardware": hardware(),
-            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            **environment(), "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def ids_digest(ids) -> str:
@@ -413,7 +415,7 @@ def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
     return cd[keys + TRANSFER_CHECK_COLUMNS].sort_values(keys).reset_index(drop=True)
 
 
-def _predictions(results_root, f):
+def read_predictions(results_root, f):
     """A run's prediction table indexed by ``idx``, or None when the file is missing (tables-only checkout)."""
     path = Path(results_root) / f if isinstance(f, str) else None
     return pd.read_parquet(path).set_index("idx") if path is not None and path.is_file() else None
@@ -441,7 +443,7 @@ def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
 
 def _partner_predictions(runs, method, r, results_root):
     rows = _partner(runs, method, r)
-    return _predictions(results_root, rows["predictions_file"].iloc[-1]) if len(rows) else None
+    return read_predictions(results_root, rows["predictions_file"].iloc[-1]) if len(rows) else None
 
 
 def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
@@ -456,7 +458,7 @@ def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
 
     out = []
     for _, r in runs[runs["method"] == "cd"].iterrows():
-        tp, sp = _partner_predictions(runs, "icl", r, results_root), _predictions(results_root, r["predictions_file"])
+        tp, sp = _partner_predictions(runs, "icl", r, results_root), read_predictions(results_root, r["predictions_file"])
         if tp is None or sp is None:
             continue
         row = {c: r[c] for c in ("model", "pattern", "eval_set", "train_task", "k", "seed", "config")}
@@ -491,7 +493,7 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
     out = []
     for a_method, b_method in CALIBRATED_PAIRS:
         for _, r in runs[runs["method"] == a_method].iterrows():
-            pa, pb = _predictions(results_root, r["predictions_file"]), _partner_predictions(runs, b_method, r, results_root)
+            pa, pb = read_predictions(results_root, r["predictions_file"]), _partner_predictions(runs, b_method, r, results_root)
             if pa is None or pb is None:
                 continue
             for kind in kinds:

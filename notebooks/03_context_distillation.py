@@ -60,7 +60,7 @@ pbft_lr: float = 1e-4  # AdamW peak learning rate for PBFT (few examples, few st
 train_batch_size: int = 8  # examples per optimisation step
 lr: float = 1e-4  # AdamW peak learning rate (full fine-tuning)
 lr_schedule: str = "linear"  # linear (10% warm-up, decay to 0) or constant
-mixed_precision: str = "bf16"  # student forward under bf16 autocast (weights float32); "no" for pure float32
+mixed_precision: str = "no"  # "bf16": student forward under bf16 autocast (weights float32; faster with AMX, CPU-dependent); "no": float32
 lora_r: int = 0  # LoRA rank; 0 is full fine-tuning
 save_students: str = "none"  # keep students as Hugging Face folders + model card: none, first, first_seed or all
 log_with: str = ""  # experiment tracker for the training curves (tensorboard, wandb, ...; must be installed)
@@ -93,7 +93,7 @@ table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfe
 # ## Students against their teachers and the zero-shot model
 
 # %%
-# NBVAL_CHECK_OUTPUT
+# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, README "Reproducibility")
 rows = table  # the rows of this notebook's plan (runs with other settings stay in cd.csv)
 cols = ["method", "train_task", "task", "k", "seed", "n_train", "majority_acc", "zeroshot_acc", "teacher_acc",
         "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",

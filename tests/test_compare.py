@@ -1,0 +1,178 @@
+"""llmft-study compare: rows, examples and verdicts of two results folders; provenance and the cache key's runtime."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import toy_data
+from llmft_utils import compare, data, distill, models, patterns, pipeline, probes, results
+
+REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+
+
+@pytest.fixture(scope="module")
+def ref_copy(tmp_path_factory):
+    """A copy of the committed reference's tables and prediction files (compare reads nothing else)."""
+    dest = tmp_path_factory.mktemp("ref") / "a"
+    (dest / "predictions").mkdir(parents=True)
+    for name in ("icl.csv", "cd.csv", "run_manifest.json"):
+        shutil.copy(REFERENCE / name, dest / name)
+    for p in (REFERENCE / "predictions").glob("*.parquet"):
+        shutil.copy(p, dest / "predictions" / p.name)
+    return dest
+
+
+def _clone(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _row_file(folder: Path, method: str, eval_set: str = "mnli/validation_matched", seed: int = 0) -> Path:
+    runs = compare.load_runs(folder)
+    r = runs[(runs["method"] == method) & (runs["eval_set"] == eval_set) & (runs["seed"] == seed)].iloc[0]
+    return folder / r["predictions_file"]
+
+
+def test_a_run_equals_itself_exactly(ref_copy):
+    c = compare.compare(ref_copy, ref_copy, "exact")
+    counts = c.counts()
+    assert c.ok and counts["rows_compared"] == 46 and counts["predictions_changed"] == 0
+    assert counts["max_dlogp_inference"] == 0.0 and counts["verdicts_changed"] == 0
+    assert counts["verdicts_compared"] > 100  # every claim table's verdicts, recomputed from the rows
+    assert "SAME within tolerance" in c.report()
+
+
+def test_inference_rows_are_held_to_their_epsilon(ref_copy, tmp_path):
+    b = _clone(ref_copy, tmp_path / "b")
+    path = _row_file(b, "icl")
+    p = pd.read_parquet(path)
+    p.loc[3, "logp_label0"] += 5e-5  # within the cpu bound of 1e-4
+    p.to_parquet(path)
+    assert compare.compare(ref_copy, b, "cpu").ok and not compare.compare(ref_copy, b, "exact").ok
+    p.loc[3, "logp_label0"] += 1e-3  # past it
+    p.to_parquet(path)
+    c = compare.compare(ref_copy, b, "cpu")
+    assert not c.ok and len(c.rows_over) == 1 and c.rows_over.iloc[0]["kind"] == "inference"
+
+
+def test_trained_rows_have_their_own_bound_and_noise_driven_rows_are_shown_not_gated(ref_copy, tmp_path):
+    b = _clone(ref_copy, tmp_path / "b")
+    cd, self_ = _row_file(b, "cd"), _row_file(b, "cd_self")
+    p = pd.read_parquet(cd)
+    p["logp_label1"] += 1e-3  # within the trained bound (2e-3), over the inference one
+    p.to_parquet(cd)
+    assert compare.compare(ref_copy, b, "cpu").ok
+    s = pd.read_parquet(self_)
+    s["logp_label1"] += 3.0  # the self-distillation control: rounding noise decides it (module docstring)
+    s["pred"] = (s["logp_label1"] > s["logp_label0"]).astype(int)
+    s.to_parquet(self_)
+    c = compare.compare(ref_copy, b, "cpu")
+    assert c.ok and c.counts()["max_dlogp_noise_driven"] == pytest.approx(3.0)
+    assert not compare.compare(ref_copy, b, "exact").ok
+    p["logp_label1"] += 5e-3
+    p.to_parquet(cd)
+    assert not compare.compare(ref_copy, b, "cpu").ok
+
+
+def test_a_changed_verdict_fails_and_is_named(ref_copy, tmp_path):
+    """One CD student's predictions replaced by its teacher's: the row moves and the transfer verdicts follow."""
+    b = _clone(ref_copy, tmp_path / "b")
+    student, teacher = _row_file(b, "cd"), _row_file(b, "icl")
+    shutil.copy(teacher, student)
+    c = compare.compare(ref_copy, b, "loose")  # rows are not gated for trained students here: only verdicts
+    assert not c.ok and len(c.gated_verdicts_changed)
+    assert set(c.gated_verdicts_changed["table"]) & {"transfer_checks", "distribution_checks", "calibrated_checks"}
+    assert "changed verdicts" in c.report()
+
+
+def test_missing_rows_fail(ref_copy, tmp_path):
+    b = _clone(ref_copy, tmp_path / "b")
+    cd = pd.read_csv(b / "cd.csv")
+    cd.iloc[1:].to_csv(b / "cd.csv", index=False)
+    c = compare.compare(ref_copy, b, "cpu")
+    assert not c.ok and len(c.only_a) == 1 and not c.only_b
+
+
+def test_cli_exit_status_table_and_json(ref_copy, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert pipeline.main(["compare", str(ref_copy), str(ref_copy), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rows: 46 compared, 0 over tolerance" in text and "SAME within tolerance" in text
+    blob = json.loads(out.read_text())
+    assert blob["ok"] and blob["counts"]["rows_compared"] == 46 and len(blob["verdicts"]) == blob["counts"]["verdicts_compared"]
+    b = _clone(ref_copy, tmp_path / "b")
+    path = _row_file(b, "zero-shot")
+    p = pd.read_parquet(path)
+    p["logp_label0"] -= 0.01
+    p.to_parquet(path)
+    assert pipeline.main(["compare", str(ref_copy), str(b)]) == 1
+    assert "DIFFERENT" in capsys.readouterr().out
+    assert pipeline.main(["compare", str(ref_copy), str(tmp_path / "nowhere")]) == 2
+
+
+def test_provenance_names_the_kernels_and_threads():
+    prov = results.provenance()
+    for field in ("cpu_model", "cpu_capability", "blas", "onednn", "num_threads", "deterministic_algorithms",
+                  "cudnn_deterministic", "isa_env", "gpu_name", "cuda", "cudnn", "torch", "transformers", "git_commit"):
+        assert field in prov, field
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["num_threads"] == torch.get_num_threads()
+    assert probes.device_capability("cpu").startswith(prov["cpu_capability"])
+
+
+def test_rows_carry_provenance_and_the_weights_hash(tmp_path):
+    from llmft_utils import icl
+
+    lm, out = toy_data.results_folder(tmp_path)
+    rows = icl.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    r = rows.iloc[0]
+    assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and r["num_threads"] == torch.get_num_threads()
+    assert r["model_weights_sha256"] == models.weights_sha256(lm) and len(r["model_weights_sha256"]) == 64
+
+
+def test_weights_hash_follows_the_weights(tiny_lms):
+    tok = models.tiny_tokenizer()
+    a = models.wrap(models.tiny_model("llama", tok, seed=0), tok)
+    b = models.wrap(models.tiny_model("llama", tok, seed=0), tok)
+    c = models.wrap(models.tiny_model("llama", tok, seed=1), tok)
+    assert models.weights_sha256(a) == models.weights_sha256(b) != models.weights_sha256(c)
+    d = models.wrap(models.tiny_model("llama", tok, seed=0), tok)
+    with torch.no_grad():
+        next(d.model.parameters()).view(-1)[0] += 1e-6  # one weight, one ulp-sized change
+    assert models.weights_sha256(d) != models.weights_sha256(a)
+
+
+def test_teacher_cache_key_holds_weights_versions_and_capability(tiny_lms):
+    ev, pool = toy_data.frames(4, 20)
+    demos = data.sample_demonstrations(pool, 4, seed=0, exclude=ev)
+    lm = tiny_lms["llama"]
+    rt = distill.teacher_runtime(lm)
+    assert set(rt) == {"weights_sha256", "torch", "transformers", "capability"}
+    assert rt["capability"].startswith(torch.backends.cpu.get_cpu_capability())
+    key = lambda runtime: distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, distill.DistillConfig(),
+                                                    "float32", "cpu", runtime=runtime)
+    base = key(rt)
+    assert key(dict(rt)) == base
+    for field, other in (("weights_sha256", "0" * 64), ("torch", "2.99.0"), ("transformers", "5.99.0"),
+                         ("capability", "AVX2")):
+        assert key({**rt, field: other}) != base, field
+
+
+def test_a_cache_from_another_capability_is_recomputed(tiny_lms, tmp_path, monkeypatch):
+    """A teacher cache written under one CPU capability is not read under another (the key differs)."""
+    ev, pool = toy_data.frames(4, 20)
+    demos = data.sample_demonstrations(pool, 4, seed=0, exclude=ev)
+    lm, cfg, pat = tiny_lms["llama"], distill.DistillConfig(), patterns.get_pattern("gpt-3")
+    k1 = distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, cfg, "float32", "cpu",
+                                   runtime=distill.teacher_runtime(lm))
+    assert not distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k1)["cache_hit"]
+    assert distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k1)["cache_hit"]
+    monkeypatch.setattr(probes, "device_capability", lambda device: "AVX2")
+    k2 = distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, cfg, "float32", "cpu",
+                                   runtime=distill.teacher_runtime(lm))
+    assert k2 != k1 and not distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k2)["cache_hit"]
+    assert np.isfinite(distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k2)["logp"].numpy()).all()
