@@ -110,9 +110,16 @@ def hardware() -> str:
     return f"cpu:{cpu} x{torch.get_num_threads()} threads"
 
 
-# Environment variables that change which CPU kernels run (and so the last bits of a float sum)
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
-           "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
+# Environment variables that change which CPU kernels run (and so the last bits of a float sum), then those that
+# change how the work is split or what else is recorded: all go into provenance, the first into device_capability
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+ISA_ENV = KERNEL_ENV + ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def _env_text(names) -> str:
+    import os
+
+    return ";".join(f"{k}={os.environ[k]}" for k in names if os.environ.get(k))
 
 
 def cpu_model() -> str:
@@ -151,7 +158,6 @@ def environment() -> dict:
     (``torch.backends.cpu.get_cpu_capability()``), BLAS and oneDNN versions, intra-/inter-op threads, the
     determinism switches, the environment variables that restrict instruction sets, and on CUDA the GPU's
     name, compute capability and the CUDA/cuDNN versions."""
-    import os
     import platform
 
     env = {"cpu_model": cpu_model(), "machine": platform.machine(),
@@ -160,7 +166,7 @@ def environment() -> dict:
            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-           "isa_env": ";".join(f"{k}={os.environ[k]}" for k in ISA_ENV if os.environ.get(k)),
+           "isa_env": _env_text(ISA_ENV),
            "gpu_name": "", "gpu_capability": "", "cuda": "", "cudnn": "", "tf32_matmul": ""}
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
@@ -176,9 +182,7 @@ def device_capability(device: str) -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         return f"sm_{major}{minor}"
-    import os
-
-    isa = ";".join(f"{k}={os.environ[k]}" for k in ISA_ENV[:5] if os.environ.get(k))
+    isa = _env_text(KERNEL_ENV)
     return torch.backends.cpu.get_cpu_capability() + (f"[{isa}]" if isa else "")
 
 

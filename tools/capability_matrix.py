@@ -16,7 +16,6 @@ tolerances in ``llmft_utils/compare.py`` are bounds on these spreads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -39,7 +38,9 @@ SETTINGS = {
 GOLDEN_FILES = ("icl.csv", "cd.csv", "manifest.json", "run_manifest.json")
 
 
-def run_profile(profile: str, folder: Path, env_extra: dict, sets: list, only=("01", "02", "03")) -> float:
+def run_profile(profile: str, folder: Path, env_extra: dict, sets: list, only=("01", "02", "03"), cwd: Path = ROOT) -> float:
+    """The pipeline on ``profile`` into ``folder`` with this environment less any kernel restriction, plus
+    ``env_extra`` (a SETTINGS entry, PYTHONPATH of another checkout); exits with its output if it fails."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                             "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
     env.update(env_extra)
@@ -50,7 +51,7 @@ def run_profile(profile: str, folder: Path, env_extra: dict, sets: list, only=("
     if only:
         cmd += ["--only", *only]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -79,6 +80,7 @@ def record(dest: Path, profile: str, sets: list) -> None:
 
 def main(argv=None) -> int:
     from llmft_utils import compare
+    from llmft_utils.results import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
@@ -113,8 +115,7 @@ def main(argv=None) -> int:
               f"changed {counts['verdicts_changed']} of {counts['verdicts_compared']} "
               f"({counts['verdicts_changed_gated']} gated)", flush=True)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        atomic_write_json(a.json, report)
     return 0
 
 

@@ -13,10 +13,7 @@ unmutated code is compared, and must pass. Prints one line per (setting, mutatio
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,16 +46,11 @@ def mutated_checkout(name: str, dest: Path) -> Path:
     return dest
 
 
-def run(cmd, env, cwd) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-
-
 def main(argv=None) -> int:
-    from capability_matrix import SETTINGS
+    from capability_matrix import SETTINGS, run_profile
 
     from llmft_utils import compare
+    from llmft_utils.results import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="*", default=["native", "avx2", "default"], choices=list(SETTINGS))
@@ -70,18 +62,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         tmp = Path(tmp)
         for setting in a.settings:
-            env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                                    "MKL_ENABLE_INSTRUCTIONS", "LLMFT_RESULTS_DIR")}
-            env.update(SETTINGS[setting])
             base = tmp / setting / "base"
-            run([sys.executable, "-m", "llmft_utils.pipeline", "--profile", "smoke", "-q", "--only", "01", "02",
-                 "--set", f"results_dir={base}"], env, ROOT)
+            run_profile("smoke", base, SETTINGS[setting], [], only=("01", "02"))
             for mutation in a.mutations:
                 code = mutated_checkout(mutation, tmp / setting / f"code_{mutation}")
                 folder = tmp / setting / mutation
                 shutil.copytree(base, folder)
-                run([sys.executable, "-m", "llmft_utils.pipeline", "--profile", "smoke", "-q", "--only", "03",
-                     "--set", f"results_dir={folder}"], {**env, "PYTHONPATH": str(code)}, code)
+                run_profile("smoke", folder, {**SETTINGS[setting], "PYTHONPATH": str(code)}, [], only=("03",), cwd=code)
                 c = compare.compare(a.golden, folder, compare.DEFAULT_TOLERANCE)
                 counts = c.counts()
                 caught = not c.ok
@@ -98,8 +85,7 @@ def main(argv=None) -> int:
                       f"{counts['max_dlogp_trained']:.3g}, {counts['predictions_changed_trained']} trained predictions "
                       f"and {counts['verdicts_changed_gated']} gated verdicts changed", flush=True)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_json(a.json, report)
     return 1 if failures else 0
 
 
