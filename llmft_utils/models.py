@@ -66,14 +66,171 @@ def shape_config(shape: str):
 
 
 def embedded_tokenizer(name: str = DEFAULT_MODEL):
-    """The tokenizer of an embedded model, read from its GGUF file (SmolLM2's digit splitting restored)."""
+    """The tokenizer of an embedded model: from its de-quantised copy (:func:`embedded_cache_dir`) when one is
+    there, else read from its GGUF file (SmolLM2's digit splitting restored); the two are the same tokenizer
+    (tests/test_models.py)."""
     from transformers import AutoTokenizer
 
     path = embedded_gguf_path(name)
+    cached = embedded_cache_dir(name, path)
+    if cached is not None and _cache_meta(cached) is not None:
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except (OSError, ValueError):
+            pass  # unreadable: read the GGUF file below
+    return _gguf_tokenizer(name, path)
+
+
+def _gguf_tokenizer(name: str, path: Path):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if name == "smollm2-135m":
         _restore_smollm2_digits(tok)
     return tok
+
+
+# ----------------------------------------------------------------------------- de-quantised copies
+# De-quantising the embedded GGUF file takes ~15 s of a 2-core CPU at every model load (three times per study
+# run); a float32 safetensors copy loads in ~0.3 s. The copy is made once, on first use, under
+# $LLMFT_CACHE_DIR (default ~/.cache/llmft; "off" disables it), in a folder named by the GGUF file's sha256
+# and the versions of the code that de-quantises it (transformers, gguf, torch), so another file or library
+# version never reuses it. Each load recomputes the weights' sha256 and compares it with the one recorded
+# when the copy was made (a truncated or edited copy is replaced, with a warning): the weights that compute
+# are the GGUF file's, bit for bit (tests/test_models.py), and so are the rows' ``model_weights_sha256``.
+CACHE_ENV = "LLMFT_CACHE_DIR"
+_CACHE_META = "llmft_cache.json"
+_FILE_SHA: dict = {}
+
+
+def cache_root() -> Path | None:
+    """Where de-quantised copies live (``$LLMFT_CACHE_DIR``, default ``$XDG_CACHE_HOME/llmft`` or
+    ``~/.cache/llmft``); None when ``LLMFT_CACHE_DIR=off``."""
+    import os
+
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llmft"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (remembered per path, size and mtime for this process)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
+
+
+def _versions(*dists: str) -> str:
+    out = []
+    for d in dists:
+        try:
+            out.append(f"{d}{importlib.metadata.version(d)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{d}-none")
+    return "-".join(out)
+
+
+def embedded_cache_dir(name: str, path: Path | None = None) -> Path | None:
+    """The folder of the de-quantised float32 copy of embedded model ``name`` (it may not exist yet)."""
+    root = cache_root()
+    if root is None:
+        return None
+    path = path or embedded_gguf_path(name)
+    return root / "embedded" / f"{name}-{file_sha256(path)[:16]}-{_versions('transformers', 'gguf', 'torch')}"
+
+
+def _cache_meta(folder: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((folder / _CACHE_META).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(folder: Path, model, tok, meta: dict) -> None:
+    """Write the copy into a temporary sibling folder, then rename it into place (atomic: a reader sees the
+    whole copy or none; of two processes writing at once, the second's rename fails and its copy is dropped)."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)  # a plain float32 checkpoint now
+        cfg.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        save_model(model, str(tmp / "model.safetensors"))  # tied embeddings stored once
+        tok.save_pretrained(tmp)
+        (tmp / _CACHE_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process was first: its copy is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dequantise(name: str, path: Path):
+    """(model, tokenizer) read from the GGUF file, the weights de-quantised to float32 (~15 s)."""
+    from transformers import AutoModelForCausalLM
+
+    return (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32),
+            _gguf_tokenizer(name, path))
+
+
+def _embedded_float32(name: str, path: Path):
+    """(model, tokenizer, weights sha256, where it came from) of an embedded model in float32, from its
+    de-quantised copy when a valid one exists, else from the GGUF file (and then the copy is written)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = embedded_cache_dir(name, path)
+    meta = _cache_meta(folder) if folder is not None else None
+    if meta is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(folder)
+            sha = state_sha256(model)
+            if sha == meta.get("weights_sha256"):
+                return model, tok, sha, "cache"
+            problem = f"its weights' sha256 is {sha[:12]}..., not the recorded {str(meta.get('weights_sha256'))[:12]}..."
+        except (OSError, ValueError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        warnings.warn(f"the de-quantised copy of {name} in {folder} is damaged ({problem}); it is rebuilt from "
+                      f"{path.name}", stacklevel=3)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    model, tok = _dequantise(name, path)
+    sha = state_sha256(model)
+    if folder is not None:
+        meta = {"model": name, "gguf_file": path.name, "gguf_sha256": file_sha256(path), "weights_sha256": sha,
+                "versions": _versions("transformers", "gguf", "torch", EMBEDDED[name].package.replace("_", "-"))}
+        try:
+            _write_cache(folder, model, tok, meta)
+        except OSError as e:
+            warnings.warn(f"could not keep a de-quantised copy of {name} in {folder.parent} ({e}); every load "
+                          f"de-quantises {path.name} again (set {CACHE_ENV} to a writable folder, or 'off')",
+                          stacklevel=3)
+    return model, tok, sha, "gguf"
 
 
 def _random_tokenizer():
@@ -206,11 +363,17 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             info.update(random_init=True, shape=shape)
         elif resolved in EMBEDDED:
             path = embedded_gguf_path(resolved)
-            tok = embedded_tokenizer(resolved)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
+            # float32 first, then the asked-for dtype: the same tensors as transformers' GGUF load at that
+            # dtype (de-quantised to float32, then cast; tests/test_models.py)
+            model, tok, sha, loaded_from = _embedded_float32(resolved, path)
+            if tdtype != torch.float32:
+                model.to(tdtype)
+                model.config.dtype = tdtype
+            else:
+                info["weights_sha256"] = sha
             spec = EMBEDDED[resolved]
             source = f"gguf:{path}"
-            info.update(reference=spec.reference, package=spec.package,
+            info.update(reference=spec.reference, package=spec.package, loaded_from=loaded_from,
                         package_version=importlib.metadata.version(spec.package.replace("_", "-")), note=spec.note)
         elif Path(resolved).expanduser().is_dir():
             path = Path(resolved).expanduser().resolve()
@@ -365,10 +528,16 @@ def weights_sha256(lm) -> str:
     :class:`LoadedModel`), in ``state_dict`` order: the weights as they compute, after any de-quantisation
     and cast. Computed once per loaded model (about 0.3 s for 135M float32 parameters) and kept in
     ``lm.info``. Tensors of a sharded or offloaded model hash what this process holds."""
-    if "weights_sha256" in lm.info:
-        return lm.info["weights_sha256"]
+    if "weights_sha256" not in lm.info:
+        lm.info["weights_sha256"] = state_sha256(lm.model)
+    return lm.info["weights_sha256"]
+
+
+def state_sha256(model) -> str:
+    """sha256 over the name, dtype, shape and bytes of every tensor of ``model.state_dict()`` (see
+    :func:`weights_sha256`)."""
     h = hashlib.sha256()
-    for name, t in lm.model.state_dict().items():
+    for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         t = t.detach()
@@ -376,8 +545,7 @@ def weights_sha256(lm) -> str:
         h.update(f"{name}|{str(local.dtype)}|{tuple(local.shape)}|".encode())
         flat = local.contiguous().reshape(-1).cpu()
         h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    lm.info["weights_sha256"] = h.hexdigest()
-    return lm.info["weights_sha256"]
+    return h.hexdigest()
 
 
 def wrap(model, tokenizer, name: str = "tiny", device: str = "cpu") -> LoadedModel:

@@ -415,10 +415,22 @@ def transfer_checks(runs: pd.DataFrame) -> pd.DataFrame:
     return cd[keys + TRANSFER_CHECK_COLUMNS].sort_values(keys).reset_index(drop=True)
 
 
+_PREDICTIONS: dict = {}  # (path, mtime, size) -> table: the claim checks read each file 4-8 times
+
+
 def read_predictions(results_root, f):
-    """A run's prediction table indexed by ``idx``, or None when the file is missing (tables-only checkout)."""
+    """A run's prediction table indexed by ``idx``, or None when the file is missing (tables-only checkout).
+    Each file is read once per process while its size and modification time stay the same; callers get a copy."""
     path = Path(results_root) / f if isinstance(f, str) else None
-    return pd.read_parquet(path).set_index("idx") if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _PREDICTIONS:
+        if len(_PREDICTIONS) >= 2048:
+            _PREDICTIONS.clear()
+        _PREDICTIONS[key] = pd.read_parquet(path).set_index("idx")
+    return _PREDICTIONS[key].copy()
 
 
 def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:

@@ -51,3 +51,43 @@ def test_checkpointing_lowers_the_measured_training_memory(setup):
     plain = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
     ckpt = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids, checkpointing=True)
     assert ckpt.work_mb < plain.work_mb and ckpt.weights_mb == plain.weights_mb
+
+
+@pytest.mark.parametrize("arch,mixed_precision,lora_r", [("llama", "no", 0), ("opt", "no", 0), ("llama", "bf16", 0),
+                                                         ("llama", "no", 4)])
+def test_training_step_memory_after_a_zero_gradient_step_equals_after_a_real_step(tiny_lms, arch, mixed_precision,
+                                                                                   lora_r):
+    """The optimizer states the measured step starts with come from an optimizer step on zero gradients (no
+    forward or backward); the measured bytes are those after a real first step, to the byte."""
+    lm = tiny_lms[arch]
+    _, pool = toy_data.frames(8, 48, 0, premise=(3, 16))
+    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3, mixed_precision=mixed_precision,
+                                lora_r=lora_r)
+    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)
+    fast = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
+    real = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids, warm_step="real")
+    assert (fast.peak_mb, fast.weights_mb, fast.by_kind_mb) == (real.peak_mb, real.weights_mb, real.by_kind_mb)
+    assert fast.by_kind_mb["optimizer_states_before"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_batch_memory_depends_on_shapes_not_weights_so_a_kept_measurement_is_exact(arch, monkeypatch):
+    """icl.largest_batch_memory keeps each measurement per model structure and batch layout: a model of the
+    same shape with other weights, measured afresh, gives the same bytes as the kept measurement (with and
+    without a prefix); another batch layout (k) is measured, not looked up."""
+    tok = models.tiny_tokenizer(add_bos=True)
+    ev, pool = toy_data.frames(24, 48, 0, premise=(3, 16))
+    a, b = (models.wrap(models.tiny_model(arch, tok, seed=s, max_positions=4096), tok) for s in (0, 1))
+    monkeypatch.setattr(icl, "_BATCH_MEMORY", {})
+    got = {}
+    for k in (0, 4):
+        demos = data.sample_demonstrations(pool, k, 0)
+        kept, _ = icl.evaluate(a, ev, GPT3, demos, progress=False, calibration=False)
+        icl._BATCH_MEMORY.clear()
+        fresh, _ = icl.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
+        reused, _ = icl.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
+        cols = ("mem_tensors_peak_mb", "mem_weights_mb", "mem_work_mb", "mem_method")
+        assert [kept[c] for c in cols] == [fresh[c] for c in cols] == [reused[c] for c in cols]
+        got[k] = fresh["mem_work_mb"]
+    assert got[0] < got[4]

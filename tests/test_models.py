@@ -90,3 +90,61 @@ def test_random_init_rows_are_marked_and_keyed_apart(tmp_path, monkeypatch):
     rows = icl.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
     assert rows["random_init"].all() and (rows["model"] == "random:smollm2-135m").all()
     assert rows["run_key"].str.contains("random:smollm2-135m").all() and rows["run_key"].str.endswith("tf32@cpu").all()
+
+
+def test_dequantised_copy_computes_the_gguf_weights_bit_for_bit(tmp_path, monkeypatch):
+    """The first load of the embedded model de-quantises its GGUF file and keeps a float32 copy; a later load
+    reads the copy: the same tensors (name, dtype, bytes), the same weights sha256, the same tokenizer."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    first = models.load_model("smollm2-135m", device="cpu")
+    assert first.info["loaded_from"] == "gguf"
+    folder = models.embedded_cache_dir("smollm2-135m")
+    assert folder.parent == tmp_path / "embedded" and (folder / "model.safetensors").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    second = models.load_model("smollm2-135m", device="cpu")
+    assert second.info["loaded_from"] == "cache"
+    ref = first.model.state_dict()  # transformers' own GGUF load (models._dequantise)
+    got = second.model.state_dict()
+    assert list(got) == list(ref)
+    assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in ref)
+    assert second.model.lm_head.weight.data_ptr() == second.model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert models.weights_sha256(second) == models.weights_sha256(first) == models.state_sha256(first.model)
+    texts = ["A man sat, 12  3 question: is ½ OK? Yes or No? answer: Yes", "Costs rose 1,250% in 2003 ²."]
+    assert second.tokenizer(texts)["input_ids"] == first.tokenizer(texts)["input_ids"]
+    assert second.tokenizer.backend_tokenizer.to_str() == first.tokenizer.backend_tokenizer.to_str()
+    assert second.tokenizer.pad_token == first.tokenizer.pad_token
+    bf16 = models.load_model("smollm2-135m", device="cpu", dtype="bfloat16")  # the cast of the same float32 tensors
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(bf16.model.lm_head.weight, ref["lm_head.weight"].to(torch.bfloat16))
+
+
+def test_a_damaged_dequantised_copy_is_found_and_rebuilt(tmp_path, monkeypatch):
+    """Weights that are not the recorded ones (here: one weight changed in the copy) are never used: the
+    load warns, de-quantises the GGUF file again and replaces the copy. With the cache off nothing is written."""
+    import safetensors.torch as st
+
+    calls = []
+
+    def dequantise(name, path):  # stands in for the 15-s GGUF read: a tiny model with fixed weights
+        calls.append(name)
+        tok = models.tiny_tokenizer()
+        return models.tiny_model("llama", tok, seed=0), tok
+
+    monkeypatch.setattr(models, "_dequantise", dequantise)
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    a = models.load_model("smollm2-135m", device="cpu")
+    folder = models.embedded_cache_dir("smollm2-135m")
+    b = models.load_model("smollm2-135m", device="cpu")
+    assert (a.info["loaded_from"], b.info["loaded_from"], len(calls)) == ("gguf", "cache", 1)
+    weights = st.load_file(folder / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    st.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="damaged"):
+        c = models.load_model("smollm2-135m", device="cpu")
+    assert c.info["loaded_from"] == "gguf" and len(calls) == 2
+    assert models.weights_sha256(c) == models.weights_sha256(a)
+    assert models.load_model("smollm2-135m", device="cpu").info["loaded_from"] == "cache"  # the rebuilt copy
+    monkeypatch.setenv(models.CACHE_ENV, "off")
+    assert models.embedded_cache_dir("smollm2-135m") is None
+    assert models.load_model("smollm2-135m", device="cpu").info["loaded_from"] == "gguf" and len(calls) == 3
