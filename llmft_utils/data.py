@@ -405,14 +405,22 @@ def read_split(out_dir: str | os.PathLike, info: dict) -> pd.DataFrame:
     return read_prepared(Path(out_dir) / info["file"], info.get("sha256"))
 
 
+_FILE_SHA: dict = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (remembered for this process while its inode, size and mtime stay the same)."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
 
 
 STUDY_EVAL_SETS = ("mnli/validation_matched", "rte/validation", "hans/validation")

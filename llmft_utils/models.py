@@ -100,7 +100,6 @@ def _gguf_tokenizer(name: str, path: Path):
 # are the GGUF file's, bit for bit (tests/test_models.py), and so are the rows' ``model_weights_sha256``.
 CACHE_ENV = "LLMFT_CACHE_DIR"
 _CACHE_META = "llmft_cache.json"
-_FILE_SHA: dict = {}
 
 
 def cache_root() -> Path | None:
@@ -116,17 +115,10 @@ def cache_root() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llmft"
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (remembered per path, size and mtime for this process)."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _FILE_SHA[key] = h.hexdigest()
-    return _FILE_SHA[key]
+def _file_sha256(path: Path) -> str:
+    from .data import file_sha256
+
+    return file_sha256(path)
 
 
 def _versions(*dists: str) -> str:
@@ -145,7 +137,7 @@ def embedded_cache_dir(name: str, path: Path | None = None) -> Path | None:
     if root is None:
         return None
     path = path or embedded_gguf_path(name)
-    return root / "embedded" / f"{name}-{file_sha256(path)[:16]}-{_versions('transformers', 'gguf', 'torch')}"
+    return root / "embedded" / f"{name}-{_file_sha256(path)[:16]}-{_versions('transformers', 'gguf', 'torch')}"
 
 
 def _cache_meta(folder: Path) -> dict | None:
@@ -222,7 +214,7 @@ def _embedded_float32(name: str, path: Path):
     model, tok = _dequantise(name, path)
     sha = state_sha256(model)
     if folder is not None:
-        meta = {"model": name, "gguf_file": path.name, "gguf_sha256": file_sha256(path), "weights_sha256": sha,
+        meta = {"model": name, "gguf_file": path.name, "gguf_sha256": _file_sha256(path), "weights_sha256": sha,
                 "versions": _versions("transformers", "gguf", "torch", EMBEDDED[name].package.replace("_", "-"))}
         try:
             _write_cache(folder, model, tok, meta)
