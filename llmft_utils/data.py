@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,19 +217,46 @@ def _load_hub(task: TaskSpec, split: SplitSpec) -> list[dict]:
     return rows
 
 
+# C0 control characters and DEL (NUL, BEL, ESC, ...) never belong in a premise or hypothesis; tab, newline and
+# carriage return are whitespace. C1 characters (U+0080-U+009F) are allowed: GLUE's own RTE files hold them as
+# mojibake of a UTF-8 apostrophe ("\u00e2\u0080\u0099"), 2 in train and 2 in validation.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def text_problem(value) -> str | None:
+    """Why ``value`` cannot be a premise or hypothesis (None if it can): not a string (a JSON null, a number),
+    empty or whitespace only, or holding a C0 control character (named by its code point)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {'null' if value is None else type(value).__name__} {value!r}"
+    bad = _CONTROL.search(value)
+    if bad:
+        return f"holds the control character U+{ord(bad.group()):04X} at position {bad.start()} ({value[:40]!r})"
+    if not value.strip():
+        return f"must be a non-empty string, got {value!r}"
+    return None
+
+
 def validate_rows(rows: list[dict], task: TaskSpec, source: str, lines: list | None = None) -> pd.DataFrame:
     """Check every row and map labels to the binary scheme; raise DataError naming the first bad row
-    (``file:line`` when ``lines`` gives the records' line numbers, else the record's 0-based position)."""
+    (``file:line`` when ``lines`` gives the records' line numbers, else the record's 0-based position).
+
+    Duplicate (premise, hypothesis) pairs (:func:`pair_key`: the same texts up to surrounding whitespace) are
+    **dropped and counted**: the first occurrence stays, each later one is dropped, and
+    ``df.attrs["duplicates"]`` lists every dropped row as ``{"at": file:line, "first": file:line, "idx": id}``
+    (:func:`prepare_study_data` writes them into the manifest). Twins with different labels are refused:
+    which label is gold cannot be told. Duplicate ids are refused, naming both lines."""
     required = ("premise", "hypothesis", "label") + tuple(task.extra_columns)
-    out = []
+    out, first_at, dropped, id_at = [], {}, [], {}
     for n, r in enumerate(rows):
-        where = (f"{source}:{lines[n]}" if lines else f"{source}, record {n}") + f" (idx={r.get('idx', '?')})"
+        at = f"{source}:{lines[n]}" if lines else f"{source}, record {n}"
+        where = at + f" (idx={r.get('idx', '?')})"
         missing = [c for c in required if c not in r]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}; expected {list(required)}")
         for c in ("premise", "hypothesis"):
-            if not isinstance(r[c], str) or not r[c].strip():
-                raise DataError(f"{where}: field {c!r} must be a non-empty string, got {r[c]!r}")
+            problem = text_problem(r[c])
+            if problem:
+                raise DataError(f"{where}: field {c!r} {problem}")
         lab = r["label"]
         if lab not in task.label_map:
             raise DataError(f"{where}: label {lab!r} is not one of {sorted(task.label_map)} for task {task.name!r}")
@@ -236,15 +264,26 @@ def validate_rows(rows: list[dict], task: TaskSpec, source: str, lines: list | N
             continue  # e.g. MNLI neutral in the binary task
         row = {"idx": int(r.get("idx", n)), "premise": r["premise"], "hypothesis": r["hypothesis"],
                "label": task.label_map[lab], "orig_label": lab}
+        if row["idx"] in id_at:
+            raise DataError(f"{where}: duplicate idx {row['idx']} (first at {id_at[row['idx']]}); ids must be unique "
+                            "within a split")
+        id_at[row["idx"]] = at
+        key = pair_key(row["premise"], row["hypothesis"])
+        if key in first_at:
+            first, first_label = first_at[key]
+            if first_label != row["label"]:
+                raise DataError(f"{where}: the same premise and hypothesis as {first} with another label "
+                                f"({lab!r} here, binary {row['label']} vs {first_label}); fix or remove one of them")
+            dropped.append({"at": at, "first": first, "idx": row["idx"]})
+            continue
+        first_at[key] = (at, row["label"])
         for c in task.extra_columns:
             row[c] = r[c]
         out.append(row)
     if not out:
         raise DataError(f"{source}: no usable rows")
     df = pd.DataFrame(out)
-    if df["idx"].duplicated().any():
-        dup = df.loc[df["idx"].duplicated(), "idx"].iloc[0]
-        raise DataError(f"{source}: duplicate idx {dup}; ids must be unique within a split")
+    df.attrs["duplicates"] = dropped
     return df
 
 
@@ -344,7 +383,12 @@ def sample_demonstrations(pool: pd.DataFrame, k: int, seed: int, exclude: pd.Dat
             raise DataError(f"the demonstration pool has only {len(ix)} examples of label {lab}, need {want[lab]}")
         picks.append(rng.choice(ix, size=want[lab], replace=False))
     order = rng.permutation(np.concatenate(picks))
-    return pool.loc[order]
+    out = pool.loc[order]
+    keys = [pair_key(p, h) for p, h in zip(out["premise"], out["hypothesis"])]
+    if len(set(keys)) < len(keys):  # a pool that did not come through validate_rows (which drops duplicates)
+        raise DataError(f"the demonstration pool holds the same (premise, hypothesis) pair more than once, and it was "
+                        f"drawn twice into one set of k={k}; load the pool with data.load_split, which drops repeated pairs")
+    return out
 
 
 def demonstration_sets(pool: pd.DataFrame, k: int, m: int, seed: int, exclude=()) -> list[pd.DataFrame]:
@@ -454,6 +498,39 @@ def _swap_in_folder(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_REPORTED = 50  # rows listed per split in the manifest (the count is always complete)
+
+
+def _relative(at: str, root: Path | None) -> str:
+    """``file:line`` relative to the data directory (the manifest holds no machine's absolute paths)."""
+    return at.removeprefix(f"{root}/") if root is not None else at
+
+
+def _duplicates_info(df: pd.DataFrame, root: Path | None) -> dict:
+    """The manifest's record of the duplicate pairs :func:`validate_rows` dropped from ``df``'s file."""
+    dups = [{**d, "at": _relative(d["at"], root), "first": _relative(d["first"], root)}
+            for d in df.attrs.get("duplicates", [])[:_REPORTED]]
+    return {"duplicates_dropped": len(df.attrs.get("duplicates", [])), "duplicates": dups}
+
+
+def source_lines(source: str, ids) -> list[str]:
+    """``file:line`` of each id in ``ids`` within a JSONL ``source`` (one pass over the file; ``source, idx=..``
+    for a Hub source or an id not found)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    found: dict = {}
+    path = Path(source)
+    if path.is_file():
+        lines: list = []
+        want = set(ids)
+        for n, (r, line) in enumerate(zip(_read_jsonl(path, lines), lines)):
+            i = int(r.get("idx", n))  # as validate_rows numbers records without an id
+            if i in want:
+                found.setdefault(i, f"{source}:{line}")
+    return [found.get(i, f"{source}, idx={i}") for i in ids]
+
+
 def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, eval_sizes: dict | None = None,
                        data_dir: str | os.PathLike | None = None, seed: int = 0, dev_n: int = 0):
     """Load, validate and subsample the evaluation sets and their demonstration pools; write them to
@@ -464,6 +541,12 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     by label (seed ``seed``), written as ``<task>__<split>_dev.jsonl`` (manifest ``dev_sets``) and *removed*
     from the pool that is written, so no demonstration or transfer query can be a development example.
     Recipe choices are made on it (:mod:`llmft_utils.selection`); the evaluation sets are for reporting.
+
+    Duplicates: within a file, later copies of a (premise, hypothesis) pair are dropped (:func:`validate_rows`);
+    across files, a pool row with the pair of an evaluation row that uses the pool is dropped from the pool.
+    The manifest records both per split (``duplicates_dropped``/``duplicates``, ``eval_twins_removed``/
+    ``eval_twins``, each with ``file:line``), so no demonstration set holds a pair twice and no development or
+    evaluation row has a twin among the demonstrations and transfer queries.
 
     All-or-nothing: every split is loaded and validated before anything is written, the files go to a
     temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
@@ -476,9 +559,11 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
 
     out_dir = Path(out_dir)
     eval_sizes = eval_sizes or {}
+    root = resolve_data_dir(data_dir)
     manifest: dict = {"eval_sets": {}, "demo_pools": {}, "eval_seed": seed}
     stats, pools, frames = [], {}, {}
     held: dict = {}  # pool -> ids of evaluation rows drawn from it (a split held out of the training file)
+    subs: dict = {}  # evaluation set -> its (subsampled) rows
     for name in eval_sets:
         task, _, split = name.partition("/")
         spec = get_task(task)
@@ -495,7 +580,9 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         frames[rel] = sub
         pool = f"{spec.demo_task}/{spec.demo_split}"
         pools.setdefault(pool, set()).add(name)
+        subs[name] = sub
         info = {"file": rel, "task": task, "split": split, "full_size": len(full), "subsampled": len(sub) < len(full),
+                **_duplicates_info(full, root),
                 **({"held_out_of": f"{task}/{sspec.held_out_of}"} if sspec.held_out_of else {}),
                 "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
                 "ids_digest": ids_digest(sub["idx"]), "demo_pool": pool, **label_stats(sub)}
@@ -507,8 +594,17 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         df = load_split(task, split, data_dir)
         rel = f"prepared/{task}__{split}.jsonl"
         src = df.attrs["source"]
+        dups = _duplicates_info(df, root)
         if pool in held:  # evaluation rows drawn from this file never serve as demonstrations or transfer queries
             df = df[~df["idx"].isin(held[pool])]
+        # nor does a row with the same pair as an evaluation row (a twin in another file): dropped, reported
+        twin_of = {pair_key(p, h): es for es in sorted(pools[pool]) if es in subs
+                   for p, h in zip(subs[es]["premise"], subs[es]["hypothesis"])}
+        twin = np.array([pair_key(p, h) in twin_of for p, h in zip(df["premise"], df["hypothesis"])], dtype=bool)
+        twins = [{"at": _relative(at, root), "idx": int(i), "twin_in": twin_of[pair_key(p, h)]} for (i, p, h), at in zip(
+            df.loc[twin, ["idx", "premise", "hypothesis"]].itertuples(index=False),
+            source_lines(src, df.loc[twin, "idx"]))]
+        df = df[~twin]
         if dev_n:
             if dev_n >= len(df) // 2:
                 raise DataError(f"dev_n={dev_n} would take half or more of the {len(df)} rows of {pool}; use fewer")
@@ -525,7 +621,8 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
                           **{k: dstats[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
         frames[rel] = df
         info = {"file": rel, "task": task, "split": split, "source": src, "used_by": sorted(pools[pool]),
-                "dev_held_out": int(dev_n), **label_stats(df)}
+                "dev_held_out": int(dev_n), **dups, "eval_twins_removed": len(twins),
+                "eval_twins": twins[:_REPORTED], **label_stats(df)}
         if task == "mnli" and len(df) < 100_000:
             info["note"] = "MNLI train subset (the local mirror holds 9,999 train examples), binarised"
         manifest["demo_pools"][pool] = info
@@ -546,6 +643,51 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         info["sha256"] = digests[info["file"]]
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest, pd.DataFrame(stats)
+
+
+def size_checks(manifest: dict, values: dict) -> list[str]:
+    """What the prepared pools cannot supply for these parameters, known from ``manifest.json``'s counts alone
+    (no draw, no model): every k needs ⌈k/2⌉ rows of each label; a CD transfer set of ``n_transfer`` queries
+    must be disjoint from the largest k's demonstrations; a teacher ensemble of ``ensemble_m`` disjoint sets
+    of k needs ⌈k/2⌉·m rows of each label, and m·k + n_transfer rows in all. Necessary conditions: a plan that
+    passes can still meet a draw that fails (with its own error), one that fails here cannot run."""
+    pool_of = {}  # training task -> (pool name, its counts)
+    for info in manifest.get("eval_sets", {}).values():
+        pool = info.get("demo_pool")
+        if pool in manifest.get("demo_pools", {}):
+            pool_of.setdefault(info["task"], (pool, manifest["demo_pools"][pool]))
+    ints = lambda v: [int(x) for x in v] if isinstance(v, (list, tuple)) else []  # noqa: E731
+    ks, cd_ks, ens_ks = ints(values.get("ks")), ints(values.get("cd_ks")), ints(values.get("ensemble_ks"))
+    errs = []
+    for pool, info in sorted({p: i for p, i in pool_of.values()}.items()):
+        n, per_label = int(info.get("n", 0)), min(int(info.get("n_label0", 0)), int(info.get("n_label1", 0)))
+        for k in sorted(set(ks + cd_ks)):
+            if -(-k // 2) > per_label:
+                errs.append(f"ks: k={k} needs {-(-k // 2)} demonstrations of each label, but the {pool} pool has "
+                            f"{per_label} of its rarer label; use k <= {2 * per_label}")
+    tasks = values.get("cd_tasks") if isinstance(values.get("cd_tasks"), (list, tuple)) else []
+    n_transfer = values.get("n_transfer") if isinstance(values.get("n_transfer"), int) else 0
+    for task in tasks:
+        if task not in pool_of:
+            continue
+        pool, info = pool_of[task]
+        n = int(info.get("n", 0))
+        kmax = max(ks + cd_ks, default=0)
+        if n_transfer + kmax > n:
+            errs.append(f"n_transfer: {n_transfer} transfer queries for {task} must be disjoint from its k={kmax} "
+                        f"demonstrations, but the {pool} pool has {n} rows; use n_transfer <= {max(n - kmax, 0)}")
+        m = values.get("ensemble_m")
+        ens_tasks = values.get("ensemble_tasks") if isinstance(values.get("ensemble_tasks"), (list, tuple)) else []
+        if isinstance(m, int) and not isinstance(m, bool) and m >= 2 and task in ens_tasks:
+            per_label = min(int(info.get("n_label0", 0)), int(info.get("n_label1", 0)))
+            for k in ens_ks:
+                need = m * -(-k // 2)
+                if need > per_label or m * k + n_transfer > n:
+                    errs.append(f"ensemble_m: {m} disjoint sets of k={k} for {task} need {need} rows of each label "
+                                f"and {m * k + n_transfer} in all (with the {n_transfer} transfer queries); the {pool} "
+                                f"pool has {per_label} of its rarer label and {n} in all; use ensemble_m <= "
+                                f"{max(min(per_label // max(-(-k // 2), 1), (n - n_transfer) // max(k, 1)), 0)}")
+    return errs
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:

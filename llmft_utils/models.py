@@ -369,6 +369,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                         package_version=importlib.metadata.version(spec.package.replace("_", "-")), note=spec.note)
         elif Path(resolved).expanduser().is_dir():
             path = Path(resolved).expanduser().resolve()
+            check_model_name(str(path))  # config.json and tokenizer files, named, before transformers' own errors
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
             source = f"dir:{path}"
@@ -396,6 +397,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                        n_params=sum(p.numel() for p in model.parameters()), info=info)
 
 
+# a folder's tokenizer is one of these (or vocab.json + merges.txt: GPT-2 style BPE without tokenizer.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tiktoken.model",
+                   "vocab.txt")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -420,6 +424,11 @@ def check_model_name(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a directory without config.json; pass a folder written by save_pretrained")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES) and not (
+                (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            raise ModelError(f"{path} has a model but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}, nor "
+                             "vocab.json + merges.txt); save the tokenizer into the same folder "
+                             "(tokenizer.save_pretrained(folder))")
         return "dir"
     known = ", ".join(sorted(EMBEDDED) + sorted(ALIASES) + [RANDOM_PREFIX + s for s in SHAPES])
     looks_like_path = resolved.startswith((".", "/", "~")) or resolved.count("/") > 1

@@ -9,6 +9,7 @@ probes that need the outside world: whether a model name can be resolved without
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,9 +273,21 @@ def validate(values: dict, *, check_model: bool = True, notebooks=None, strict_n
 
 def validate_namespace(namespace: dict, **kw) -> dict:
     """:func:`validate` the parameters found in a notebook's namespace (``globals()``): every name of
-    :func:`spec` that it defines. For a notebook's first code cell, before any model load."""
+    :func:`spec` that it defines, and, where the results folder already holds notebook 01's manifest, what its
+    pools cannot supply (:func:`data.size_checks`). For a notebook's first code cell, before any model load."""
     params = spec()
-    return validate({k: namespace[k] for k in params if k in namespace}, strict_names=False, **kw)
+    values = validate({k: namespace[k] for k in params if k in namespace}, strict_names=False, **kw)
+    if "cd_tasks" in values or "ks" in values:  # notebooks 02 and 03 (01 writes the manifest; it is not checked)
+        from .data import size_checks
+        from .results import results_dir
+
+        path = results_dir(values.get("results_dir", ""), values.get("profile", "smoke"), create=False) / "manifest.json"
+        if path.is_file():
+            errs = size_checks(json.loads(path.read_text()), values)
+            if errs:
+                raise ParameterError(f"{len(errs)} parameter{'s' if len(errs) > 1 else ''} the prepared data in "
+                                     f"{path.parent} cannot supply:\n  - " + "\n  - ".join(errs))
+    return values
 
 
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}

@@ -176,6 +176,17 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
             return 1
         manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1), "git_commit": prov.get("git_commit")}
         print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
+        if nb.startswith("01") and nb != nbs[-1]:  # the pools' sizes are known now, before any model loads
+            from .data import load_manifest, size_checks
+
+            errs = size_checks(load_manifest(out_dir), params)
+            if errs:
+                msg = (f"{len(errs)} parameter{'s' if len(errs) > 1 else ''} the prepared data cannot supply (the data "
+                       "is prepared; no model was loaded, nothing scored or trained):\n  - " + "\n  - ".join(errs))
+                print(f"[pipeline] stopped after {nb}: {msg}", file=sys.stderr, flush=True)
+                manifest["stopped"] = msg
+                atomic_write_json(mpath, manifest)
+                return 2
     manifest["wall_s"] = round(time.perf_counter() - total, 1)  # this invocation
     manifest["notebooks_wall_s"] = round(sum(v.get("wall_s", 0.0) for v in manifest["notebooks"].values()), 1)
     atomic_write_json(mpath, manifest)

@@ -10,7 +10,9 @@ from llmft_utils import data
 
 def test_rte_labels_and_sizes(data_dir):
     tr, va = data.load_split("rte", "train", data_dir), data.load_split("rte", "validation", data_dir)
-    assert (len(tr), len(va)) == (2490, 277)
+    assert (len(tr), len(va)) == (2490 - 2, 277)  # GLUE's train file repeats 2 pairs (dropped, counted)
+    assert [(d["at"].rsplit("/", 1)[-1], d["first"].rsplit("/", 1)[-1]) for d in tr.attrs["duplicates"]] == [
+        ("train.jsonl:527", "train.jsonl:421"), ("train.jsonl:2242", "train.jsonl:460")]
     assert va["label"].value_counts().to_dict() == {0: 146, 1: 131}
     assert set(va.loc[va.label == 0, "orig_label"]) == {"entailment"}
     assert set(va.loc[va.label == 1, "orig_label"]) == {"not_entailment"}
@@ -22,7 +24,7 @@ def test_mnli_is_binary_like_llmft(data_dir):
     assert set(m["orig_label"]) == {"entailment", "contradiction"}
     assert (m.loc[m.orig_label == "contradiction", "label"] == 1).all()
     mm = data.load_split("mnli", "validation_mismatched", data_dir)
-    assert len(mm) == 3463 + 3240
+    assert len(mm) == 3463 + 3240 - 2  # two entailment pairs repeated in the file (dropped, counted)
     assert data.label_stats(m)["majority_acc"] == pytest.approx(3479 / 6692)
 
 
@@ -103,7 +105,13 @@ GOOD = json.dumps({"idx": 0, "premise": "A man sleeps.", "hypothesis": "A man re
     ('{"idx": 1, "premise": "  ", "hypothesis": "y", "label": "entailment"}', "non-empty"),
     ('{"idx": 1, "premise": "x", "label": "entailment"}', "missing field"),
     ('{"idx": 1, "premise": "x", "hypothesis": "y", "label": ', "not valid JSON"),
-    ('{"idx": 0, "premise": "x", "hypothesis": "y", "label": "entailment"}', "duplicate idx"),
+    ('{"idx": 0, "premise": "x", "hypothesis": "y", "label": "entailment"}', r"validation.jsonl:2 \(idx=0\): duplicate idx 0 \(first at .*validation.jsonl:1\)"),
+    ('{"idx": 1, "premise": "\\u0000\\u0001\\u0007\\u001b", "hypothesis": "y", "label": "entailment"}', r"validation.jsonl:2 .*'premise' holds the control character U\+0000"),
+    ('{"idx": 1, "premise": "x", "hypothesis": "a\\u001bb", "label": "entailment"}', "control character U\\+001B"),
+    ('{"idx": 1, "premise": null, "hypothesis": "y", "label": "entailment"}', "'premise' must be a string, got null"),
+    ('{"idx": 1, "premise": "x", "hypothesis": 7, "label": "entailment"}', "must be a string, got int"),
+    ('{"idx": 1, "premise": "A man sleeps. ", "hypothesis": "A man rests.", "label": "not_entailment"}',
+     r"validation.jsonl:2 \(idx=1\): the same premise and hypothesis as .*validation.jsonl:1 with another label"),
 ])
 def test_malformed_rows_fail_clearly(tmp_path, bad, match):
     d = _write(tmp_path, "rte/validation.jsonl", [GOOD, bad])
@@ -188,7 +196,8 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     llmft's label conventions; QQP's in-domain set is held out of its train subset (disjoint from the pool that
     is written); each training task's students are scored out of domain on the sets that name it."""
     mm = data.load_split("mnli_mismatched", "validation", data_dir)
-    assert len(mm) == 3463 + 3240 and mm["label"].value_counts().to_dict() == {0: 3463, 1: 3240}
+    assert len(mm) == 3461 + 3240 and mm["label"].value_counts().to_dict() == {0: 3461, 1: 3240}  # 2 pairs repeated
+    assert len(mm.attrs["duplicates"]) == 2
     q = data.load_split("qqp", "train", data_dir)
     assert q["label"].value_counts().to_dict() == {1: 6370, 0: 3629}
     assert set(q.loc[q["label"] == 0, "orig_label"]) == {"duplicate"}
@@ -196,7 +205,8 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     assert {r: len(a) for r, a in anli.items()} == {1: 667, 2: 667, 3: 798}
     assert set(anli[3].loc[anli[3]["label"] == 1, "orig_label"]) == {"contradiction"}
     paws = data.load_split("paws_qqp", "dev_and_test", data_dir)
-    assert len(paws) == 677 and paws["label"].value_counts().to_dict() == {1: 486, 0: 191}
+    assert len(paws) == 671 and paws["label"].value_counts().to_dict() == {1: 481, 0: 190}  # 6 pairs repeated
+    assert len(paws.attrs["duplicates"]) == 6
     assert set(paws.loc[paws["label"] == 0, "orig_label"]) == {"paraphrase"}
     sets = data.STUDY_EVAL_SETS + data.EXTRA_EVAL_SETS
     manifest, stats = data.prepare_study_data(tmp_path, sets, {"mnli": 40, "hans": 30, "rte": 20, "qqp": 100,
@@ -255,3 +265,78 @@ def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):
     cd = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4),
                               1, progress=False)
     assert len(cd) == 1 and cd["k"].item() == 1 and cd["teacher_same_demos"].item()
+
+
+def test_repeated_pairs_are_dropped_counted_and_never_reach_a_pool_dev_split_or_prompt(tmp_path):
+    """A pair repeated within a file is dropped (first copy kept) and listed with file:line; a pool row with
+    the pair of an evaluation row is dropped from the pool and listed; so the development split has no twin
+    in the pool, and no demonstration set holds a pair twice. Tabs, newlines and C1 mojibake (GLUE's RTE has
+    it) stay allowed."""
+    rows = [{"idx": i, "premise": f"Premise number {i} here.", "hypothesis": f"Hypothesis {i}.",
+             "label": "entailment" if i % 2 else "not_entailment"} for i in range(60)]
+    train = rows + [{**rows[3], "idx": 100, "premise": rows[3]["premise"] + "  "},  # the same pair (whitespace)
+                    {**rows[8], "idx": 101}, {"idx": 102, "premise": "Twin of\tvalidation row.",
+                                              "hypothesis": "It is \u00e2\u0080\u0099 here.", "label": "entailment"}]
+    val = [{"idx": 0, "premise": "Twin of\tvalidation row.", "hypothesis": "It is \u00e2\u0080\u0099 here.",
+            "label": "entailment"}, {"idx": 1, "premise": "Another.", "hypothesis": "Fine.", "label": "not_entailment"}]
+    _write(tmp_path, "rte/train.jsonl", [json.dumps(r) for r in train])
+    _write(tmp_path, "rte/validation.jsonl", [json.dumps(r) for r in val])
+    tr = data.load_split("rte", "train", tmp_path)
+    assert len(tr) == 61 and [d["idx"] for d in tr.attrs["duplicates"]] == [100, 101]
+    assert tr.attrs["duplicates"][0]["at"].endswith("train.jsonl:61") and tr.attrs["duplicates"][0]["first"].endswith(":4")
+    out = tmp_path / "out"
+    manifest, _ = data.prepare_study_data(out, eval_sets=("rte/validation",), data_dir=tmp_path, dev_n=20)
+    pool_info = manifest["demo_pools"]["rte/train"]
+    assert pool_info["duplicates_dropped"] == 2 and pool_info["duplicates"][1] == {
+        "at": "rte/train.jsonl:62", "first": "rte/train.jsonl:9", "idx": 101}  # relative to the data directory
+    assert pool_info["eval_twins_removed"] == 1 and pool_info["eval_twins"] == [
+        {"at": "rte/train.jsonl:63", "idx": 102, "twin_in": "rte/validation"}]
+    assert manifest["eval_sets"]["rte/validation"]["duplicates_dropped"] == 0
+    pool = data.read_split(out, pool_info)
+    dev = data.read_split(out, manifest["dev_sets"]["rte/train_dev"])
+    ev = data.read_split(out, manifest["eval_sets"]["rte/validation"])
+    keys = lambda f: {data.pair_key(p, h) for p, h in zip(f["premise"], f["hypothesis"])}  # noqa: E731
+    assert len(pool) + len(dev) == 60 and not keys(pool) & keys(dev) and not keys(pool) & keys(ev)
+    assert len(keys(pool)) == len(pool)
+    for seed in range(20):  # every row drawn: no pair twice
+        d = data.sample_demonstrations(pool, 40, seed)
+        assert len(keys(d)) == 40
+    twice = pd.concat([pool, pool.assign(idx=pool["idx"] + 1000)], ignore_index=True)  # not through load_split
+    with pytest.raises(data.DataError, match="same \\(premise, hypothesis\\) pair more than once"):
+        data.sample_demonstrations(twice, 60, 0)
+
+
+def test_sizes_the_pools_cannot_supply_are_refused_from_the_manifest_alone(data_dir, tmp_path, monkeypatch):
+    """ensemble_m, n_transfer and k against the prepared pools' counts: refused right after notebook 01 by
+    the pipeline (no model loaded, no ICL row written) and in a notebook's first cell."""
+    from llmft_utils import params, pipeline
+
+    manifest, _ = data.prepare_study_data(tmp_path, eval_sizes={"mnli": 40, "hans": 30, "rte": 20},
+                                          data_dir=data_dir, dev_n=16)
+    ok = {**pipeline.PROFILES["smoke"]}
+    assert data.size_checks(manifest, ok) == []
+    errs = data.size_checks(manifest, {**ok, "ensemble_m": 2000})
+    assert len(errs) == 1 and errs[0].startswith("ensemble_m: 2000 disjoint sets of k=4 for mnli") and "use ensemble_m <=" in errs[0]
+    rte_n = manifest["demo_pools"]["rte/train"]["n"]
+    errs = data.size_checks(manifest, {**ok, "n_transfer": rte_n})
+    assert [e.split(" for ")[1][:3] for e in errs] == ["rte"] and f"use n_transfer <= {rte_n - 4}" in errs[0]
+    assert data.size_checks(manifest, {**ok, "ks": [0, 4, 100_000]})[0].startswith("ks: k=100000")
+    # a notebook's first cell (params.validate_namespace) reads the manifest of its results folder
+    with pytest.raises(params.ParameterError, match="cannot supply:\n  - ensemble_m: 2000"):
+        params.validate_namespace({"results_dir": str(tmp_path), "profile": "smoke", "model": "random:opt-125m",
+                                   **{k: ok[k] for k in ("cd_tasks", "ks", "cd_ks", "n_transfer", "ensemble_ks",
+                                                         "ensemble_tasks")}, "ensemble_m": 2000})
+    # the pipeline: after notebook 01 (here its data preparation alone), before 02 loads a model
+    ran = []
+
+    def fake_run(src, dest, p):
+        ran.append(src.name)
+        if src.name.startswith("01"):
+            data.prepare_study_data(p["results_dir"], eval_sizes={"mnli": 40, "hans": 30, "rte": 20}, data_dir=data_dir)
+        return 0.1
+
+    monkeypatch.setattr(pipeline, "run_notebook", fake_run)
+    out = tmp_path / "run"
+    assert pipeline.run_profile("smoke", {"results_dir": str(out), "ensemble_m": 2000}) == 2
+    assert ran == ["01_data_prep.ipynb"] and not (out / "icl.csv").exists()
+    assert "ensemble_m: 2000" in json.loads((out / "run_manifest.json").read_text())["stopped"]

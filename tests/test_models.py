@@ -148,3 +148,15 @@ def test_a_damaged_dequantised_copy_is_found_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, "off")
     assert models.embedded_cache_dir("smollm2-135m") is None
     assert models.load_model("smollm2-135m", device="cpu").info["loaded_from"] == "gguf" and len(calls) == 3
+
+
+def test_a_model_folder_without_tokenizer_files_is_named_before_loading(tmp_path):
+    from llmft_utils import params
+
+    models.tiny_model("opt", models.tiny_tokenizer()).save_pretrained(tmp_path)  # weights and config, no tokenizer
+    with pytest.raises(models.ModelError, match="no tokenizer files.*tokenizer.save_pretrained"):
+        models.check_model_name(str(tmp_path))
+    with pytest.raises(models.ModelError, match="no tokenizer files"):
+        models.load_model(str(tmp_path), device="cpu")
+    with pytest.raises(params.ParameterError, match="model: .*no tokenizer files"):
+        params.validate({"model": str(tmp_path)})
