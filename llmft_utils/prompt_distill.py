@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import text_problem
+
 
 def read_queries(path) -> list[dict]:
     """The queries of a JSONL file; a clear error naming ``file:line`` for a line that is not one."""
@@ -39,6 +41,10 @@ def read_queries(path) -> list[dict]:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not ("text" in obj or {"premise", "hypothesis"} <= set(obj)):
             raise ValueError(f'{path}:{n}: expected {{"text": ...}} or {{"premise": ..., "hypothesis": ...}}')
+        for field in ("text",) if "text" in obj else ("premise", "hypothesis"):
+            problem = text_problem(obj[field])  # the study's rule: a null is refused, not distilled as "None"
+            if problem:
+                raise ValueError(f"{path}:{n}: {field!r} {problem}")
         out.append(obj)
     if len(out) < 4:
         raise ValueError(f"{path}: {len(out)} queries; need at least 4 (some are held out for the report)")
@@ -171,8 +177,9 @@ Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by 
 
 def main(argv=None) -> int:
     from .distill import DistillConfig
-    from .models import load_model
+    from .models import ModelError, check_model_name, load_model
     from .patterns import PATTERNS, get_pattern
+    from .results import ensure_writable
 
     ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,10 +200,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not 0 < a.holdout < 1:
         ap.error("--holdout must be between 0 and 1")
-    try:
+    try:  # everything that can be told without the model, before it loads
         prefix = Path(a.prefix).read_text()
+        problem = text_problem(prefix)
+        if problem:
+            raise ValueError(f"{a.prefix}: the prefix {problem}; there is nothing to distil")
         queries = read_queries(a.queries)
-    except (OSError, ValueError) as e:
+        check_model_name(a.model)
+        out = Path(a.out).expanduser().resolve()
+        ensure_writable(out if out.exists() else out.parent)
+    except (OSError, ValueError, ModelError) as e:
         print(f"distill: {e}", file=sys.stderr)
         return 2
     pattern = get_pattern(a.pattern)

@@ -50,3 +50,30 @@ def test_distill_command_refuses_bad_queries_before_loading_a_model(tmp_path, ca
     (tmp_path / "few.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(ValueError, match="need at least 4"):
         prompt_distill.read_queries(tmp_path / "few.jsonl")
+
+
+def test_distill_refuses_nulls_control_characters_an_empty_prefix_and_a_read_only_out_before_the_model(
+        tmp_path, capsys, monkeypatch):
+    from llmft_utils import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    good = "\n".join(json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}"}) for i in range(6)) + "\n"
+    (tmp_path / "p.txt").write_text("A demonstration. Yes\n")
+    (tmp_path / "q.jsonl").write_text(good)
+    args = lambda **kw: ["distill", "--model", kw.get("model", "smollm2-135m"), "--prefix",  # noqa: E731
+                         str(tmp_path / kw.get("prefix", "p.txt")), "--queries", str(tmp_path / kw.get("q", "q.jsonl")),
+                         "--out", str(kw.get("out", tmp_path / "o"))]
+    (tmp_path / "null.jsonl").write_text(good + '{"premise": null, "hypothesis": "h"}\n')
+    assert pipeline.main(args(q="null.jsonl")) == 2
+    assert "null.jsonl:7: 'premise' must be a string, got null" in capsys.readouterr().err
+    (tmp_path / "ctl.jsonl").write_text('{"text": "\\u0000\\u0001\\u0007\\u001b"}\n' + good)
+    assert pipeline.main(args(q="ctl.jsonl")) == 2 and "ctl.jsonl:1: 'text' holds the control character U+0000" in \
+        capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert pipeline.main(args(prefix="empty.txt")) == 2 and "nothing to distil" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # an --out under a file cannot be written (as a read-only folder, even for root)
+    assert pipeline.main(args(out=tmp_path / "a_file" / "student")) == 2 and "not writable" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
