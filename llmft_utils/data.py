@@ -658,35 +658,35 @@ def size_checks(manifest: dict, values: dict) -> list[str]:
             pool_of.setdefault(info["task"], (pool, manifest["demo_pools"][pool]))
     ints = lambda v: [int(x) for x in v] if isinstance(v, (list, tuple)) else []  # noqa: E731
     ks, cd_ks, ens_ks = ints(values.get("ks")), ints(values.get("cd_ks")), ints(values.get("ensemble_ks"))
+    half = lambda k: -(-k // 2)  # noqa: E731  (rows of each label that k balanced demonstrations take)
+    rarer = lambda info: min(int(info.get("n_label0", 0)), int(info.get("n_label1", 0)))  # noqa: E731
     errs = []
     for pool, info in sorted({p: i for p, i in pool_of.values()}.items()):
-        n, per_label = int(info.get("n", 0)), min(int(info.get("n_label0", 0)), int(info.get("n_label1", 0)))
         for k in sorted(set(ks + cd_ks)):
-            if -(-k // 2) > per_label:
-                errs.append(f"ks: k={k} needs {-(-k // 2)} demonstrations of each label, but the {pool} pool has "
-                            f"{per_label} of its rarer label; use k <= {2 * per_label}")
+            if half(k) > rarer(info):
+                errs.append(f"ks: k={k} needs {half(k)} demonstrations of each label, but the {pool} pool has "
+                            f"{rarer(info)} of its rarer label; use k <= {2 * rarer(info)}")
     tasks = values.get("cd_tasks") if isinstance(values.get("cd_tasks"), (list, tuple)) else []
     n_transfer = values.get("n_transfer") if isinstance(values.get("n_transfer"), int) else 0
+    m = values.get("ensemble_m")
+    ens_tasks = values.get("ensemble_tasks") if isinstance(values.get("ensemble_tasks"), (list, tuple)) else []
+    kmax = max(ks + cd_ks, default=0)
     for task in tasks:
         if task not in pool_of:
             continue
         pool, info = pool_of[task]
-        n = int(info.get("n", 0))
-        kmax = max(ks + cd_ks, default=0)
+        n, per_label = int(info.get("n", 0)), rarer(info)
         if n_transfer + kmax > n:
             errs.append(f"n_transfer: {n_transfer} transfer queries for {task} must be disjoint from its k={kmax} "
                         f"demonstrations, but the {pool} pool has {n} rows; use n_transfer <= {max(n - kmax, 0)}")
-        m = values.get("ensemble_m")
-        ens_tasks = values.get("ensemble_tasks") if isinstance(values.get("ensemble_tasks"), (list, tuple)) else []
         if isinstance(m, int) and not isinstance(m, bool) and m >= 2 and task in ens_tasks:
-            per_label = min(int(info.get("n_label0", 0)), int(info.get("n_label1", 0)))
             for k in ens_ks:
-                need = m * -(-k // 2)
+                need = m * half(k)
                 if need > per_label or m * k + n_transfer > n:
                     errs.append(f"ensemble_m: {m} disjoint sets of k={k} for {task} need {need} rows of each label "
                                 f"and {m * k + n_transfer} in all (with the {n_transfer} transfer queries); the {pool} "
                                 f"pool has {per_label} of its rarer label and {n} in all; use ensemble_m <= "
-                                f"{max(min(per_label // max(-(-k // 2), 1), (n - n_transfer) // max(k, 1)), 0)}")
+                                f"{max(min(per_label // max(half(k), 1), (n - n_transfer) // max(k, 1)), 0)}")
     return errs
 
 

@@ -570,6 +570,8 @@ def training_step_memory(base_model, tokenizer, examples: list[dict], cfg: Disti
     student that :func:`train_student` trains is not touched."""
     from .probes import tensor_memory
 
+    if warm_step not in ("zero_grad", "real"):
+        raise ValueError(f"warm_step must be 'zero_grad' or 'real', got {warm_step!r}")
     device = next(base_model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[:cfg.batch_size]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

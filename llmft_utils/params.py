@@ -9,7 +9,6 @@ probes that need the outside world: whether a model name can be resolved without
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,15 +277,15 @@ def validate_namespace(namespace: dict, **kw) -> dict:
     params = spec()
     values = validate({k: namespace[k] for k in params if k in namespace}, strict_names=False, **kw)
     if "cd_tasks" in values or "ks" in values:  # notebooks 02 and 03 (01 writes the manifest; it is not checked)
-        from .data import size_checks
+        from .data import load_manifest, size_checks
         from .results import results_dir
 
-        path = results_dir(values.get("results_dir", ""), values.get("profile", "smoke"), create=False) / "manifest.json"
-        if path.is_file():
-            errs = size_checks(json.loads(path.read_text()), values)
+        out = results_dir(values.get("results_dir", ""), values.get("profile", "smoke"), create=False)
+        if (out / "manifest.json").is_file():
+            errs = size_checks(load_manifest(out), values)
             if errs:
                 raise ParameterError(f"{len(errs)} parameter{'s' if len(errs) > 1 else ''} the prepared data in "
-                                     f"{path.parent} cannot supply:\n  - " + "\n  - ".join(errs))
+                                     f"{out} cannot supply:\n  - " + "\n  - ".join(errs))
     return values
 
 
