@@ -32,7 +32,7 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
     prefix = patterns.build_prefix(pattern, demos)
     student = copy.deepcopy(lm.model).train()
     device_type = lm.device.split(":")[0]
-    opt = distill.make_optimizer(list(student.parameters()), cfg)  # the same optimizer as the kit's loop
+    opt = distill.training.make_optimizer(list(student.parameters()), cfg)  # the same optimizer as the kit's loop
     tok = lm.tokenizer
     items = list(zip(examples["premise"], examples["hypothesis"]))
 
@@ -42,7 +42,7 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
             z = lm.model(t_ids.to(lm.device), logits_to_keep=1).logits[:, -1].float()
             t_logp = torch.log_softmax(distill.support_logits(z / cfg.temperature, cfg.target, vids), -1)
         s_ids = tok(patterns.query_text(pattern, p, h, False), return_tensors="pt").input_ids.to(lm.device)
-        with distill.student_autocast(device_type, cfg.mixed_precision):  # as in train_student
+        with distill.training.student_autocast(device_type, cfg.mixed_precision):  # as in train_student
             logits = student(s_ids, logits_to_keep=1).logits[:, -1].float()
         loss = distill.distill_loss(logits, t_logp, cfg.loss, cfg.temperature, cfg.target, vids)
         loss.backward()
@@ -51,7 +51,7 @@ def online_loop(lm, pattern, demos, examples, cfg, vids, epochs, warmup=1):
         opt.step()
         opt.zero_grad()
 
-    with distill.training_attention(student, cfg.train_attention, device_type):  # as in train_student
+    with distill.training.training_attention(student, cfg.train_attention, device_type):  # as in train_student
         for p, h in items[:warmup]:
             step(p, h)
         _sync(lm.device)
@@ -92,10 +92,10 @@ def main() -> None:
     ev = data.load_split(a.task, ev_name, a.data_dir)
     pool = data.load_split(spec.demo_task, spec.demo_split, a.data_dir)
     demos = data.sample_demonstrations(pool, a.k, 0, exclude=ev)
-    examples = distill.transfer_set(pool, a.n, 0, [demos, ev])
+    examples = data.transfer_set(pool, a.n, 0, [demos, ev])
     pat = patterns.get_pattern(a.pattern)
     lm = models.load_model(a.model)
-    vids = distill._verbalizer_ids(lm.tokenizer, pat)
+    vids = distill.answer_token_ids(lm.tokenizer, pat)
     cfg = distill.DistillConfig(epochs=a.epochs, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
     warm = distill.DistillConfig(epochs=1, batch_size=a.batch_size, lr=1e-5, mixed_precision=a.mixed_precision)
     cached_loop(lm, pat, demos, examples.head(a.batch_size), warm, vids, a.teacher_batch_size)  # warm-up

@@ -1,7 +1,7 @@
 """Throughput of the kit's own code paths on random-init models of real shapes (speed does not depend on
 the weights' values), for a GPU (runs on CPU too, slowly: use --n to shrink it).
 
-Per shape, through ``icl.evaluate``, ``distill.teacher_targets`` and ``distill.train_student``:
+Per shape, through ``scoring.evaluation.evaluate``, ``distill.teacher.teacher_targets`` and ``distill.training.train_student``:
 
 * ICL scoring of ``--n`` MNLI-binary validation_matched queries at k = 0 (= zero-shot and student
   scoring), 16 and 32, on the reused demonstration prefix, in batches of ``--max-tokens`` padded tokens;
@@ -14,7 +14,7 @@ Per shape, through ``icl.evaluate``, ``distill.teacher_targets`` and ``distill.t
 ``--only icl|teacher|train`` narrows a run; ``--kernels N`` prints the N CUDA kernels that take the most
 time in zero-shot and k = 16 scoring (torch profiler, 2,048 queries); ``--compile`` also times zero-shot
 scoring with ``torch.compile``d forwards (compile time reported apart); ``--split-kernel fused`` runs the prefix
-part of the split attention in CUDA's memory-efficient kernel (``icl.SPLIT_KERNEL``). ``--n-teacher`` larger than
+part of the split attention in CUDA's memory-efficient kernel (``scoring.attention.SPLIT_KERNEL``). ``--n-teacher`` larger than
 the pool examples left after the demonstrations and queries uses all of them (and says so).
 
 Each measurement follows an untimed warm-up of the same path and is a synchronised wall clock
@@ -41,7 +41,7 @@ import time
 import numpy as np
 import torch
 
-from llmft_utils import data, distill, icl, models, patterns
+from llmft_utils import data, distill, models, patterns, scoring
 from llmft_utils.probes import _sync, hardware, probe
 
 # Dense bf16 tensor-core peak (TFLOP/s, SXM parts); the reference for "share of the card".
@@ -90,7 +90,7 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
     peak = card_peak()
     res = {"shape": shape, "model": lm.name, "source": lm.source, "dtype": lm.dtype, "device": lm.device,
            "hardware": hardware(), "tf32": torch.backends.cuda.matmul.allow_tf32, "n_params": dims["n_params"],
-           "max_tokens": a.max_tokens, "split_kernel": icl.SPLIT_KERNEL, "load_s": load_s, "card_peak_bf16_tflops": peak, "runs": []}
+           "max_tokens": a.max_tokens, "split_kernel": scoring.attention.SPLIT_KERNEL, "load_s": load_s, "card_peak_bf16_tflops": peak, "runs": []}
 
     def record(what, n, seconds, mem_mb, flops, unit="queries", **extra):
         tflops = flops / seconds / 1e12
@@ -105,16 +105,16 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
     demos[0] = pool.iloc[0:0]
     # warm-up: every path once, on a few queries
     for k in (0, 16):
-        icl.evaluate(lm, ev.head(64), pat, demos[k], max_tokens=a.max_tokens, progress=False)
+        scoring.evaluate(lm, ev.head(64), pat, demos[k], max_tokens=a.max_tokens, progress=False)
     if a.kernels:
         res["kernels"] = kernel_tables(lm, ev.head(2048), pat, demos, a)
     for k in sorted(a.ks) if a.only in ("", "icl") else ():
         prefix = patterns.build_prefix(pat, demos[k])
         queries = [patterns.query_text(pat, p, h, bool(prefix)) for p, h in zip(ev.premise, ev.hypothesis)]
         t0 = time.perf_counter()
-        icl.build_rows(lm.tokenizer, prefix, queries, pat.verbalizers)
+        scoring.build_rows(lm.tokenizer, prefix, queries, pat.verbalizers)
         tok_s = time.perf_counter() - t0
-        (m, _), s, mem = _measure(lambda: icl.evaluate(lm, ev, pat, demos[k], max_tokens=a.max_tokens, progress=False),
+        (m, _), s, mem = _measure(lambda: scoring.evaluate(lm, ev, pat, demos[k], max_tokens=a.max_tokens, progress=False),
                                   lm.device)
         lengths = np.full(len(ev), m["query_tokens_mean"])
         record(f"icl k={k}" + (" (zero-shot/student)" if k == 0 else " prefix reuse"), len(ev), s, mem,
@@ -126,8 +126,8 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
         return _done(res, lm)
     if a.only == "":
         sub = ev.head(a.n_full)
-        icl.evaluate(lm, sub.head(8), pat, demos[16], reuse_prefix=False, max_tokens=a.max_tokens, progress=False)
-        (m, _), s, mem = _measure(lambda: icl.evaluate(lm, sub, pat, demos[16], reuse_prefix=False,
+        scoring.evaluate(lm, sub.head(8), pat, demos[16], reuse_prefix=False, max_tokens=a.max_tokens, progress=False)
+        (m, _), s, mem = _measure(lambda: scoring.evaluate(lm, sub, pat, demos[16], reuse_prefix=False,
                                                        max_tokens=a.max_tokens, progress=False), lm.device)
         record("icl k=16 full prompts", len(sub), s, mem,
                forward_flops(dims, np.full(len(sub), m["query_tokens_mean"]), 0))
@@ -136,7 +136,7 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
     free = len(data.disjoint_rows(pool, [demos[16], ev]))
     if a.n_teacher > free:  # the MNLI train subset minus the demonstrations and the queries
         print(f"  --n-teacher {a.n_teacher} > the {free} pool examples left: using {free}", flush=True)
-    transfer = distill.transfer_set(pool, min(a.n_teacher, free), 0, [demos[16], ev])
+    transfer = data.transfer_set(pool, min(a.n_teacher, free), 0, [demos[16], ev])
     distill.teacher_targets(lm, pat, demos[16], transfer.head(64), cfg, max_tokens=a.max_tokens)
     t, s, mem = _measure(lambda: distill.teacher_targets(lm, pat, demos[16], transfer, cfg, max_tokens=a.max_tokens),
                          lm.device)
@@ -148,7 +148,7 @@ def bench_shape(shape: str, a, frames: dict) -> dict:
         return _done(res, lm)
 
     rows = distill.student_examples(lm.tokenizer, pat, transfer, t, lm.max_context)
-    vids = distill._verbalizer_ids(lm.tokenizer, pat)
+    vids = distill.answer_token_ids(lm.tokenizer, pat)
     s_len = float(np.mean([len(r["input_ids"]) for r in rows]))
     for variant in a.train:
         bs, mp, ckpt = variant
@@ -194,7 +194,7 @@ def kernel_tables(lm, ev, pat, demos, a) -> dict:
     for k in (0, 16):
         cuda = torch.cuda.is_available()
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            icl.evaluate(lm, ev, pat, demos[k], max_tokens=a.max_tokens, progress=False)
+            scoring.evaluate(lm, ev, pat, demos[k], max_tokens=a.max_tokens, progress=False)
             _sync(lm.device)
         table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
                                           row_limit=a.kernels, max_name_column_width=60)
@@ -210,10 +210,10 @@ def compiled_zero_shot(lm, ev, pat, demos0, a, dims, record) -> dict:
     lm.model.forward = torch.compile(forward, dynamic=True)
     try:
         t0 = time.perf_counter()
-        icl.evaluate(lm, ev.head(2048), pat, demos0, max_tokens=a.max_tokens, progress=False)
+        scoring.evaluate(lm, ev.head(2048), pat, demos0, max_tokens=a.max_tokens, progress=False)
         _sync(lm.device)
         first = time.perf_counter() - t0
-        (m, _), s, mem = _measure(lambda: icl.evaluate(lm, ev, pat, demos0, max_tokens=a.max_tokens, progress=False),
+        (m, _), s, mem = _measure(lambda: scoring.evaluate(lm, ev, pat, demos0, max_tokens=a.max_tokens, progress=False),
                                   lm.device)
         record("icl k=0 compiled", len(ev), s, mem, forward_flops(dims, np.full(len(ev), m["query_tokens_mean"]), 0),
                compile_and_first_s=round(first, 1))
@@ -241,10 +241,10 @@ def main() -> None:
     ap.add_argument("--only", default="", choices=["", "icl", "teacher", "train"])
     ap.add_argument("--kernels", type=int, default=0, help="print the N CUDA kernels that take the most time")
     ap.add_argument("--compile", action="store_true", help="also time zero-shot scoring with torch.compile")
-    ap.add_argument("--split-kernel", default=icl.SPLIT_KERNEL, choices=icl.SPLIT_KERNELS,
+    ap.add_argument("--split-kernel", default=scoring.attention.SPLIT_KERNEL, choices=scoring.attention.SPLIT_KERNELS,
                     help="icl.SPLIT_KERNEL: the prefix part of the split attention (fused = CUDA's memory-efficient kernel)")
     ap.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per evaluation batch")
-    ap.add_argument("--mixed-precision", default="no", choices=list(distill.MIXED_PRECISION))
+    ap.add_argument("--mixed-precision", default="no", choices=list(distill.config.MIXED_PRECISION))
     ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the embedded SmolLM2 one)")
     ap.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV, ""))
     ap.add_argument("--json", default="")
@@ -252,7 +252,7 @@ def main() -> None:
     a.ks = [int(k) for k in a.ks.split(",")]
     a.train = [(int(b), mp, c == "ckpt") for b, mp, c in (v.split(":") for v in a.train.split(",") if v)]
     a.device = models.pick_device(a.device)
-    icl.SPLIT_KERNEL = a.split_kernel
+    scoring.attention.SPLIT_KERNEL = a.split_kernel
     if a.tokenizer:
         os.environ[models.RANDOM_TOKENIZER_ENV] = a.tokenizer
     ev = data.load_split("mnli", "validation_matched", a.data_dir or None)

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from llmft_utils import data, icl, models, patterns
+from llmft_utils import data, models, patterns, scoring
 from llmft_utils.probes import hardware, probe
 
 
@@ -41,9 +41,9 @@ def main() -> None:
     warm = ev.head(min(len(ev), a.batch_size))
     res = {}
     for mode, reuse in (("reuse", True), ("naive", False)):
-        icl.evaluate(lm, warm, pat, demos, batch_size=a.batch_size, reuse_prefix=reuse, progress=False)
+        scoring.evaluate(lm, warm, pat, demos, batch_size=a.batch_size, reuse_prefix=reuse, progress=False)
         with probe(lm.device) as pr:
-            m, p = icl.evaluate(lm, ev, pat, demos, batch_size=a.batch_size, reuse_prefix=reuse, progress=False)
+            m, p = scoring.evaluate(lm, ev, pat, demos, batch_size=a.batch_size, reuse_prefix=reuse, progress=False)
         res[mode] = (pr.wall_s, m, p)
     (tr, mr, pr_), (tn, mn, pn) = res["reuse"], res["naive"]
     diff = float(np.nanmax(np.abs(pr_[["logp_label0", "logp_label1"]].to_numpy() - pn[["logp_label0", "logp_label1"]].to_numpy())))

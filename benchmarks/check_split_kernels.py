@@ -1,8 +1,8 @@
 """Is the fused prefix-attention kernel of the split-prefix path right, and how much faster is it?
 
 1. Random tensors of the k = 16 scoring shape (SmolLM2: 3 key/value heads, 3 query heads each, head dim 64;
-   a batch of 256 queries × 50 tokens folded into 38,400 query rows; a 769-token prefix): ``icl._attend``
-   with the fused kernel (CUDA: memory-efficient attention; CPU: flash) against ``icl._math_lse`` (float32
+   a batch of 256 queries × 50 tokens folded into 38,400 query rows; a 769-token prefix): ``scoring.attention._attend``
+   with the fused kernel (CUDA: memory-efficient attention; CPU: flash) against ``scoring.attention._math_lse`` (float32
    matmuls): max |Δ| of output and log-sum-exp, and the time of each (warm-up, synchronised, median of 10).
 2. A random-init SmolLM2-shaped model scores ``--n`` MNLI queries at k = 16 with ``SPLIT_KERNEL="fused"`` and
    with ``"math"``: share of equal predictions, max |Δ log-prob|, both runs' prefix-reuse self-check.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from llmft_utils import data, icl, models, patterns
+from llmft_utils import data, models, patterns, scoring
 from llmft_utils.probes import _sync
 
 
@@ -41,9 +41,9 @@ def tensors(a) -> dict:
     k = torch.randn(1, 3, a.prefix, 64, generator=g).to(a.device)
     v = torch.randn(1, 3, a.prefix, 64, generator=g).to(a.device)
     scale = 64 ** -0.5
-    icl.SPLIT_KERNEL = "fused"
-    fused = lambda: icl._attend(q, k, v, None, scale)  # noqa: E731
-    math_ = lambda: icl._math_lse(q, k, v, None, scale)  # noqa: E731
+    scoring.attention.SPLIT_KERNEL = "fused"
+    fused = lambda: scoring.attention._attend(q, k, v, None, scale)  # noqa: E731
+    math_ = lambda: scoring.attention._math_lse(q, k, v, None, scale)  # noqa: E731
     (o1, l1), (o2, l2) = fused(), math_()
     res = {"rows": a.rows, "prefix": a.prefix, "fused_kernel": "efficient" if a.device == "cuda" else "cpu flash",
            "max_abs_diff_out": float((o1 - o2).abs().max()), "max_abs_diff_lse": float((l1 - l2).abs().max()),
@@ -65,15 +65,15 @@ def model_check(a) -> dict:
         lm = models.load_model(models.RANDOM_PREFIX + "smollm2-135m", device=a.device, dtype=dtype)
         got = {}
         for kernel in ("fused", "math"):
-            icl.SPLIT_KERNEL = kernel
-            icl._rows_cache.clear()
-            icl.evaluate(lm, ev.head(16), pat, demos, progress=False, memory=False)  # warm-up
+            scoring.attention.SPLIT_KERNEL = kernel
+            scoring.tokens._rows_cache.clear()
+            scoring.evaluate(lm, ev.head(16), pat, demos, progress=False, memory=False)  # warm-up
             _sync(a.device)
             t0 = time.perf_counter()
-            m, p = icl.evaluate(lm, ev, pat, demos, progress=False, memory=False, max_tokens=a.max_tokens)
+            m, p = scoring.evaluate(lm, ev, pat, demos, progress=False, memory=False, max_tokens=a.max_tokens)
             _sync(a.device)
             got[kernel] = (m, p, time.perf_counter() - t0)
-        icl.SPLIT_KERNEL = "auto"
+        scoring.attention.SPLIT_KERNEL = "auto"
         (ma, pa, ta), (mm, pm, tm) = got["fused"], got["math"]
         d = np.abs(pa[["logp_label0", "logp_label1"]].to_numpy() - pm[["logp_label0", "logp_label1"]].to_numpy())
         out[dtype] = {"n": len(ev), "same_pred": float((pa["pred"] == pm["pred"]).mean()),

@@ -13,7 +13,7 @@ prediction is
   queries themselves (the whole evaluation set as one batch).
 
 Both only move the decision threshold between the labels: what survives them in a method's accuracy is
-not label bias. ``icl.evaluate`` reports both beside the raw numbers for every scorer (zero-shot, ICL, CD,
+not label bias. ``scoring.evaluation.evaluate`` reports both beside the raw numbers for every scorer (zero-shot, ICL, CD,
 PBFT students).
 """
 from __future__ import annotations

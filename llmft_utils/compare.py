@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import results
+from . import store
+from .analysis import tables
 
 INFERENCE_METHODS = ("zero-shot", "icl", "icl_ensemble")
 # Students whose training signal is zero up to rounding: the self-distillation control learns the zero-shot
@@ -173,9 +174,9 @@ def load_runs(folder) -> pd.DataFrame:
     if not (folder / "icl.csv").is_file():
         raise FileNotFoundError(f"{folder}: no icl.csv here; give a results folder written by the study "
                                 "(e.g. results/default)")
-    icl = results.ResultTable(folder / "icl.csv").read()
-    cd = results.ResultTable(folder / "cd.csv").read()
-    return results.evaluated(results.unify(icl, cd if len(cd) else None))[0]
+    icl = store.ResultTable(folder / "icl.csv").read()
+    cd = store.ResultTable(folder / "cd.csv").read()
+    return tables.evaluated(tables.unify(icl, cd if len(cd) else None))[0]
 
 
 def row_kind(method: str) -> str:
@@ -214,8 +215,8 @@ def compare_rows(runs_a: pd.DataFrame, runs_b: pd.DataFrame, root_a, root_b, tol
     for key in [k for k in runs_a["run_key"] if k in kb]:
         ra, rb = runs_a.loc[ka[key]], runs_b.loc[kb[key]]
         kind = row_kind(ra["method"])
-        pa = results.read_predictions(root_a, ra.get("predictions_file"))
-        pb = results.read_predictions(root_b, rb.get("predictions_file"))
+        pa = tables.read_predictions(root_a, ra.get("predictions_file"))
+        pb = tables.read_predictions(root_b, rb.get("predictions_file"))
         cmp = compare_predictions(pa, pb)
         bound = {"inference": tol.inference_logp, "trained": tol.trained_logp, "noise": tol.noise_logp}[kind]
         within = cmp["predictions"] == "ok" and cmp["max_dlogp"] <= bound
@@ -232,25 +233,25 @@ def compare_rows(runs_a: pd.DataFrame, runs_b: pd.DataFrame, root_a, root_b, tol
 
 # Per claim table: the columns that identify a claim, and the verdict columns compared.
 def _verdict_frames(runs: pd.DataFrame, root) -> dict:
-    tables = {}
-    tables["transfer_checks"] = (results.transfer_checks(runs), ["model", "pattern", "eval_set", "train_task", "k", "seed", "config"],
+    out = {}
+    out["transfer_checks"] = (tables.transfer_checks(runs), ["model", "pattern", "eval_set", "train_task", "k", "seed", "config"],
                                  ["beats_controls"])
-    dist = results.distribution_checks(runs, root)
-    tables["distribution_checks"] = (dist, ["model", "pattern", "eval_set", "train_task", "k", "seed", "config"],
+    dist = tables.distribution_checks(runs, root)
+    out["distribution_checks"] = (dist, ["model", "pattern", "eval_set", "train_task", "k", "seed", "config"],
                                      [c for c in dist if c.startswith("closer_than_")])
-    tables["calibrated_checks"] = (results.calibrated_checks(runs, root),
+    out["calibrated_checks"] = (tables.calibrated_checks(runs, root),
                                    ["eval_set", "train_task", "k", "seed", "a", "b", "calibration"], ["direction"])
-    ens = results.ensemble_checks(runs)
-    tables["ensemble_checks"] = (ens, ["eval_set", "train_task", "k", "m", "seed"],
+    ens = tables.ensemble_checks(runs)
+    out["ensemble_checks"] = (ens, ["eval_set", "train_task", "k", "m", "seed"],
                                  [c for c in ("cd_ensemble_vs_cd", "cd_ensemble_vs_icl", "cd_ensemble_vs_teacher",
                                               "icl_ensemble_vs_icl") if c in ens])
-    be = results.break_even(runs)
+    be = tables.break_even(runs)
     if len(be):  # the verdict is whether the student answers cheaper than ICL (then CD pays off at some volume)
         be = be.assign(student_cheaper_than_cached_icl=be["s_per_query_student"] < be["s_per_query_icl"],
                        student_cheaper_than_full_prompt=be["s_per_query_student"] < be["s_per_query_full_prompt"])
-    tables["break_even"] = (be, ["model", "pattern", "eval_set", "train_task", "k", "config"],
+    out["break_even"] = (be, ["model", "pattern", "eval_set", "train_task", "k", "config"],
                             ["student_cheaper_than_cached_icl", "student_cheaper_than_full_prompt"])
-    return tables
+    return out
 
 
 def _text(v) -> str:
@@ -350,5 +351,5 @@ def main(argv=None) -> int:
         return 2
     print(c.report(all_rows=a.all_rows))
     if a.json:
-        results.atomic_write_json(a.json, c.to_json())
+        store.atomic_write_json(a.json, c.to_json())
     return 0 if c.ok else 1

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .store import atomic_write, atomic_write_json, ids_digest, repo_root
+
 DATA_DIR_ENV = "LLMFT_DATA_DIR"
 LABEL_NAMES = ("entailment", "not_entailment")  # binary label ids 0, 1
 
@@ -161,7 +163,6 @@ def get_split_spec(task: str, split: str) -> SplitSpec:
 
 def mirror_beside_checkout() -> Path | None:
     """``../shared/data`` next to the checkout (the layout of this project's machines), if it holds the data."""
-    from .results import repo_root
 
     p = (repo_root().parent / "shared" / "data").resolve()
     return p if (p / "rte").is_dir() else None
@@ -421,8 +422,7 @@ def label_stats(df: pd.DataFrame) -> dict:
 
 
 def write_jsonl(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Atomic JSONL write (:func:`llmft_utils.results.atomic_write`: unique temporary file, fsync, rename)."""
-    from .results import atomic_write
+    """Atomic JSONL write (:func:`llmft_utils.store.atomic_write`: unique temporary file, fsync, rename)."""
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -552,10 +552,9 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
     records each file's sha256, which :func:`read_split` checks. A data error leaves the previous
     ``prepared/`` and manifest as they were."""
-    import shutil
     import secrets
+    import shutil
 
-    from .results import atomic_write_json, ids_digest
 
     out_dir = Path(out_dir)
     eval_sizes = eval_sizes or {}
@@ -695,3 +694,13 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"{path} not found: run notebooks/01_data_prep (or the pipeline) first")
     return json.loads(path.read_text())
+
+
+def transfer_set(pool, n: int, seed: int, exclude_frames) -> pd.DataFrame:
+    """``n`` unlabelled training queries from ``pool`` (labels kept only for bookkeeping), disjoint from
+    every frame in ``exclude_frames`` (the demonstrations and the evaluation queries)."""
+    cand = disjoint_rows(pool, exclude_frames)
+    if len(cand) < n:
+        raise DataError(f"only {len(cand)} pool examples are disjoint from the demonstrations and queries; need {n}")
+    rng = np.random.default_rng(10_000 + seed)
+    return cand.loc[np.sort(rng.choice(cand.index.to_numpy(), size=n, replace=False))]

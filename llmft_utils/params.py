@@ -39,7 +39,9 @@ def _study_tasks() -> tuple:
 def spec() -> dict[str, Param]:
     """Every parameter; built on call, from the modules that own the choices (patterns, tasks, dtypes, the
     distillation kinds), which are imported only then."""
-    from . import distill, models, students
+    from . import models
+    from .distill import config as recipe
+    from .distill.export import SAVE_STUDENTS
     from .patterns import PATTERNS
 
     tasks = _study_tasks()
@@ -94,13 +96,13 @@ def spec() -> dict[str, Param]:
                                 choices=tasks),
         "ensemble_ood": Param("bool", "score the teacher ensembles (at inference and distilled) out of domain too"),
         "ensemble_combine": Param("str", "the ensemble's mean: of probabilities (prob) or of log-probabilities (logprob)",
-                                  choices=distill.ENSEMBLE_COMBINE),
+                                  choices=recipe.ENSEMBLE_COMBINE),
         "n_transfer": Param("int", "unlabelled transfer queries per CD student", min=1),
         "pbft_n": Param("int", "labelled examples per PBFT student (the ICL demonstrations of k = pbft_n); 0 skips PBFT",
                         min=0),
-        "target": Param("str", "distillation support", choices=distill.TARGET_KINDS),
+        "target": Param("str", "distillation support", choices=recipe.TARGET_KINDS),
         "topk": Param("int", "support size when target is topk", min=1),
-        "loss": Param("str", "distillation divergence", choices=distill.LOSS_KINDS),
+        "loss": Param("str", "distillation divergence", choices=recipe.LOSS_KINDS),
         "temperature": Param("float", "distillation temperature (> 0)", min=0.0, positive_open=True),
         "alpha": Param("float", "weight of the gold-label cross-entropy in CD (1.0 is PBFT)", min=0.0, max=1.0),
         "epochs": Param("int", "passes over the transfer set", min=1),
@@ -108,14 +110,14 @@ def spec() -> dict[str, Param]:
         "pbft_lr": Param("float", "AdamW peak learning rate for PBFT (> 0)", min=0.0, positive_open=True),
         "train_batch_size": Param("int", "examples per optimisation step", min=1),
         "lr": Param("float", "AdamW peak learning rate for CD (> 0)", min=0.0, positive_open=True),
-        "lr_schedule": Param("str", "learning-rate schedule", choices=distill.LR_SCHEDULES),
-        "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=distill.MIXED_PRECISION),
+        "lr_schedule": Param("str", "learning-rate schedule", choices=recipe.LR_SCHEDULES),
+        "mixed_precision": Param("str", "student forward under bf16 autocast, or no", choices=recipe.MIXED_PRECISION),
         "lora_r": Param("int", "LoRA rank; 0 is full fine-tuning", min=0),
         "log_with": Param("str", "experiment tracker for training curves (tensorboard, wandb, mlflow, ...; must be "
-                                 "installed); empty: none (train_log.csv is always written)", choices=distill.TRACKERS),
+                                 "installed); empty: none (train_log.csv is always written)", choices=recipe.TRACKERS),
         "save_students": Param("str", "students kept under <results>/students/ as Hugging Face folders with a model "
                                       "card: none, first (per task: first seed, largest k), first_seed, all",
-                               choices=students.SAVE_STUDENTS),
+                               choices=SAVE_STUDENTS),
     }
 
 
@@ -172,7 +174,7 @@ def _cross_checks(values: dict) -> list[str]:
     errs = []
     tracker = values.get("log_with")
     if isinstance(tracker, str) and tracker:
-        from .distill import check_tracker
+        from .distill.training import check_tracker
 
         try:
             check_tracker(tracker)
@@ -259,7 +261,7 @@ def validate(values: dict, *, check_model: bool = True, notebooks=None, strict_n
         if not (Path(values["compare_with"]).expanduser() / "icl.csv").is_file():
             errs.append(f"compare_with: {values['compare_with']!r} is not a results folder (no icl.csv in it)")
     if not errs and "results_dir" in values:
-        from .results import ensure_writable, results_dir
+        from .store import ensure_writable, results_dir
 
         try:
             ensure_writable(results_dir(values.get("results_dir", ""), values.get("profile", "smoke"), create=False))
@@ -278,7 +280,7 @@ def validate_namespace(namespace: dict, **kw) -> dict:
     values = validate({k: namespace[k] for k in params if k in namespace}, strict_names=False, **kw)
     if "cd_tasks" in values or "ks" in values:  # notebooks 02 and 03 (01 writes the manifest; it is not checked)
         from .data import load_manifest, size_checks
-        from .results import results_dir
+        from .store import results_dir
 
         out = results_dir(values.get("results_dir", ""), values.get("profile", "smoke"), create=False)
         if (out / "manifest.json").is_file():

@@ -60,8 +60,8 @@ def query_texts(pattern, queries: list[dict], with_prefix: bool) -> list[str]:
 
 
 def _scores(lm, prefix: str, texts: list[str], verbalizers, max_tokens: int):
-    from .icl import score_prompts
     from .probes import probe
+    from .scoring import score_prompts
 
     with probe(lm.device) as pr:
         s = score_prompts(lm, prefix, texts, verbalizers, max_tokens=max_tokens)
@@ -81,12 +81,11 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
     """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
     Returns the report (also written to ``out_dir/report.json`` and ``report.md``; the student is saved in
     ``out_dir/student/``)."""
-    from .distill import DistillConfig, _verbalizer_ids, support_logits, train_student
-    from .icl import answer_logits
+    from .distill import DistillConfig, answer_token_ids, save_student, support_logits, train_student
     from .models import wrap
-    from .results import atomic_write_json, provenance
+    from .scoring import answer_logits
     from .stats import constant_agreement
-    from .students import save_student
+    from .store import atomic_write_json, provenance
 
     cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
     if cfg.alpha > 0:
@@ -97,7 +96,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
     order = rng.permutation(len(queries))
     n_ho = max(2, int(round(holdout * len(queries))))
     ho, tr = [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
-    vids = _verbalizer_ids(lm.tokenizer, pattern)
+    vids = answer_token_ids(lm.tokenizer, pattern)
 
     t0 = time.perf_counter()
     T = cfg.temperature
@@ -176,10 +175,10 @@ Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by 
 
 
 def main(argv=None) -> int:
-    from .distill import DistillConfig
+    from .distill.config import DistillConfig
     from .models import ModelError, check_model_name, load_model
     from .patterns import PATTERNS, get_pattern
-    from .results import ensure_writable
+    from .store import ensure_writable
 
     ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    from . import distill, models, params, pipeline, results
+    from . import models, params, pipeline, store
+    from .study import cd_sweep
 
     ap = argparse.ArgumentParser(prog="python -m llmft_utils.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +39,9 @@ def main(argv=None) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the launcher's process group, if any
     if state.num_processes > 1 and p["device"] == "auto":
         p["device"] = str(state.device)  # each process on its own GPU
-    out = results.results_dir(p["results_dir"], p["profile"])
+    out = store.results_dir(p["results_dir"], p["profile"])
     lm = models.load_model(p["model"], device=p["device"], dtype=p["dtype"])
-    distill.sweep_from_params(lm, out, p)
+    cd_sweep.sweep_from_params(lm, out, p)
     return 0
 
 

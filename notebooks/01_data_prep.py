@@ -42,10 +42,11 @@ dev_n: int = 16  # development rows held out of each demonstration pool (recipe 
 
 # %%
 import pandas as pd
-from llmft_utils import data, params, results
+
+from llmft_utils import data, params, store
 
 params.validate_namespace(globals(), check_model=False)  # every bad value at once, before anything is written
-out = results.results_dir(results_dir, profile)
+out = store.results_dir(results_dir, profile)
 sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n, "mnli_mismatched": mnli_eval_n, "qqp": qqp_eval_n}
 manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS + tuple(extra_eval_sets), sizes,
                                             data_dir=data_dir or None, seed=eval_seed, dev_n=dev_n)

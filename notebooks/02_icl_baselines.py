@@ -41,15 +41,18 @@ force: bool = False  # recompute rows that already exist
 
 # %%
 import pandas as pd
-from llmft_utils import icl, models, params, results
+
+from llmft_utils import models, params, store
+from llmft_utils.analysis import tables
+from llmft_utils.study import icl_sweep
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
-out = results.results_dir(results_dir, profile)
+out = store.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device, dtype=dtype)
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, {lm.dtype} on {lm.device} ({lm.source})")
 
 # %%
-table = icl.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too_long=on_too_long,
+table = icl_sweep.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too_long=on_too_long,
                       force=force, model_name=model, profile=profile, max_tokens=max_batch_tokens)
 
 # %% [markdown]
@@ -74,7 +77,7 @@ rows[cost].sort_values(["task", "k", "seed"]).round(4)
 # ## Mean over seeds with 95% t-intervals (one run for k = 0)
 
 # %%
-summary = results.summarize(rows, ["task", "split", "k"], ["score_acc", "majority_acc", "s_per_query", "peak_mem_mb"])
+summary = tables.summarize(rows, ["task", "split", "k"], ["score_acc", "majority_acc", "s_per_query", "peak_mem_mb"])
 summary.round(4)
 
 # %%

@@ -72,16 +72,19 @@ force: bool = False  # retrain students whose rows already exist
 
 # %%
 import pandas as pd
-from llmft_utils import data, distill, models, params, results
+
+from llmft_utils import data, models, params, store
+from llmft_utils.analysis import tables
+from llmft_utils.study import cd_sweep, plan
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
-out = results.results_dir(results_dir, profile)
+out = store.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device, dtype=dtype)
-cfg = distill.config_from_params(globals())  # the recipe: target, loss, temperature, alpha, epochs, lr, ...
+cfg = plan.config_from_params(globals())  # the recipe: target, loss, temperature, alpha, epochs, lr, ...
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
 
 # %%
-table = distill.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
+table = cd_sweep.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
                              eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
                              ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens,
                              controls=controls, control_tasks=control_tasks,
@@ -123,7 +126,7 @@ cost = ["method", "train_task", "task", "k", "seed", "teacher_cache_s", "teacher
 rows[cost].sort_values(["method", "train_task", "task", "k", "seed"]).round(4)
 
 # %%
-summary = results.summarize(rows, ["method", "train_task", "task", "k"],
+summary = tables.summarize(rows, ["method", "train_task", "task", "k"],
                             ["score_acc", "zeroshot_acc", "teacher_acc", "agree_teacher_student", "train_s"])
 summary.round(4)
 

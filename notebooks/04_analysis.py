@@ -30,17 +30,19 @@ compare_with: str = ""  # another results folder: every row, example and verdict
 
 # %%
 import pandas as pd
-from llmft_utils import params, plots, results
+
+from llmft_utils import params, store
+from llmft_utils.analysis import plots, tables
 
 params.validate_namespace(globals(), check_model=False)
-out = results.results_dir(results_dir, profile)
-icl = results.ResultTable(out / "icl.csv").read()
-cd = results.ResultTable(out / "cd.csv").read()
-all_runs, skipped = results.evaluated(results.unify(icl, cd))
+out = store.results_dir(results_dir, profile)
+icl = store.ResultTable(out / "icl.csv").read()
+cd = store.ResultTable(out / "cd.csv").read()
+all_runs, skipped = tables.evaluated(tables.unify(icl, cd))
 if len(skipped):  # every prompt longer than the context: recorded in the tables, left out of every mean
     print(f"left out: {len(skipped)} runs that evaluated nothing:", ", ".join(skipped["run_key"]))
-summary_all = results.summary_table(all_runs)
-results.atomic_write_csv(summary_all, out / "summary.csv")
+summary_all = tables.summary_table(all_runs)
+store.atomic_write_csv(summary_all, out / "summary.csv")
 runs = all_runs[(all_runs["model"] == model) & (all_runs["pattern"] == pattern)]
 summary = summary_all[(summary_all["model"] == model) & (summary_all["pattern"] == pattern)]
 assert len(runs), f"no rows for model={model!r}, pattern={pattern!r}; have {sorted(set(all_runs['model']))}"
@@ -102,8 +104,8 @@ else:
 # McNemar test at p < 0.05 (`beats_controls`, `controls_checked`; `transfer_checks.csv`).
 
 # %%
-checks = results.transfer_checks(runs)
-results.atomic_write_csv(checks, out / "transfer_checks.csv")
+checks = tables.transfer_checks(runs)
+store.atomic_write_csv(checks, out / "transfer_checks.csv")
 decided = checks["beats_controls"].dropna()
 print(f"CD beats both controls in {int(decided.astype(bool).sum())} of {len(decided)} student × evaluation-set checks"
       + (f" ({len(checks) - len(decided)} predate the controls: not decided)" if len(decided) < len(checks) else ""))
@@ -120,9 +122,9 @@ print(checks[show].round(3).to_string(index=False))
 # control without agreeing with more of its *labels*.
 
 # %%
-dist = results.distribution_checks(runs, out)
+dist = tables.distribution_checks(runs, out)
 if len(dist):
-    results.atomic_write_csv(dist, out / "distribution_checks.csv")
+    store.atomic_write_csv(dist, out / "distribution_checks.csv")
     print(dist.drop(columns=["model", "pattern", "config"]).round(4).to_string(index=False))
 elif (out / "distribution_checks.csv").is_file():  # tables without prediction files: the stored result
     print(pd.read_csv(out / "distribution_checks.csv").round(4).to_string(index=False))
@@ -137,9 +139,9 @@ else:
 # (`calibrated_checks.csv`). Counts of seeds significantly above / below at p < 0.05.
 
 # %%
-cal = results.calibrated_checks(runs, out)
+cal = tables.calibrated_checks(runs, out)
 if len(cal):
-    results.atomic_write_csv(cal, out / "calibrated_checks.csv")
+    store.atomic_write_csv(cal, out / "calibrated_checks.csv")
     counts = (cal.groupby(["eval_set", "a", "b", "calibration"])["direction"].value_counts().unstack(fill_value=0))
     print(counts.to_string())
 elif (out / "calibrated_checks.csv").is_file():
@@ -172,13 +174,13 @@ if paired:
 # against single-prompt ICL (`ensemble_checks.csv`). The finding below is written from these numbers.
 
 # %%
-ens = results.ensemble_checks(runs)
+ens = tables.ensemble_checks(runs)
 if len(ens):
-    results.atomic_write_csv(ens, out / "ensemble_checks.csv")
+    store.atomic_write_csv(ens, out / "ensemble_checks.csv")
     show = ["eval_set", "train_task", "k", "m", "seed", "acc_zeroshot", "acc_icl", "acc_icl_ensemble", "acc_cd",
             "acc_cd_ensemble", "cd_ensemble_vs_cd", "cd_ensemble_vs_icl", "cd_ensemble_vs_teacher", "icl_ensemble_vs_icl"]
     print(ens[show].round(3).to_string(index=False))
-print(results.ensemble_finding(ens))
+print(tables.ensemble_finding(ens))
 
 # %% [markdown]
 # ## Accuracy against the number of demonstrations
@@ -217,8 +219,8 @@ figs["cost_vs_k"] = plots.cost_vs_k(runs)
 # saving, in queries (`break_even.csv`; means over seeds; wall time on this run's hardware).
 
 # %%
-breakeven = results.break_even(runs)
-results.atomic_write_csv(breakeven, out / "break_even.csv")
+breakeven = tables.break_even(runs)
+store.atomic_write_csv(breakeven, out / "break_even.csv")
 if len(breakeven):
     print(breakeven[["eval_set", "k", "s_per_query_icl", "s_per_query_full_prompt", "s_per_query_student",
                      "cd_once_s", "break_even_cached", "break_even_full"]].round(4).to_string(index=False))
@@ -230,8 +232,8 @@ figs["break_even"] = plots.cost_break_even(breakeven)
 # %%
 sub_path = out / "hans_subcases.csv"
 try:
-    subcases = results.hans_subcases(runs, out)
-    results.atomic_write_csv(subcases, sub_path)
+    subcases = tables.hans_subcases(runs, out)
+    store.atomic_write_csv(subcases, sub_path)
 except FileNotFoundError as e:  # a checkout with the committed tables but without prediction files
     print(f"prediction files not found ({e}); using {sub_path.name}")
     subcases = pd.read_csv(sub_path)
@@ -243,7 +245,7 @@ figs["hans_subcases"] = plots.hans_heatmap(subcases)
 # %%
 figs["training_cost"] = plots.training_cost(runs)
 if (out / "train_log.csv").is_file():  # written by notebook 03 (per batch: loss, lr, gradient norm)
-    figs["loss_curves"] = plots.loss_curves(results.ResultTable(out / "train_log.csv").read())
+    figs["loss_curves"] = plots.loss_curves(store.ResultTable(out / "train_log.csv").read())
 else:
     print("no train_log.csv (notebook 03 writes it): no loss curves")
 for name, fig in figs.items():
@@ -256,6 +258,7 @@ print("figures:", ", ".join(sorted(p.name for p in (out / "figures").glob("*.png
 # %%
 import ipywidgets as w
 import matplotlib.pyplot as plt
+
 
 def explore(eval_set, method, metric):
     g = runs[(runs["eval_set"] == eval_set) & (runs["method_label"].str.startswith(method) | (method == "all"))]
@@ -288,8 +291,8 @@ if compare_with:
 
 # %%
 # Checks: the summary is exactly recomputable from the raw rows, and every figure was written.
-again = results.summary_table(results.unify(results.ResultTable(out / "icl.csv").read(),
-                                            results.ResultTable(out / "cd.csv").read()))
+again = tables.summary_table(tables.unify(store.ResultTable(out / "icl.csv").read(),
+                                            store.ResultTable(out / "cd.csv").read()))
 pd.testing.assert_frame_equal(again, pd.read_csv(out / "summary.csv"), check_dtype=False, atol=1e-12)
 assert len(summary) == len(again[(again["model"] == model) & (again["pattern"] == pattern)])
 assert {p.stem for p in (out / "figures").glob("*.png")} >= set(figs)

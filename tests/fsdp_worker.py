@@ -26,8 +26,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
-
 from ddp_worker import rows
+
 from llmft_utils import distill, models
 
 

@@ -1,5 +1,5 @@
 """Run by the tests under torchrun: ICL scoring and teacher targets on a tiny model, sharded over the
-processes (icl._run_groups); rank 0 writes what every process got back.
+processes (scoring.forward.run_groups); rank 0 writes what every process got back.
 
     python -m torch.distributed.run --nproc_per_node N tests/shard_worker.py OUT.pt
 """
@@ -11,7 +11,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import toy_data  # noqa: E402
-from llmft_utils import data, distill, icl, models, patterns  # noqa: E402
+
+from llmft_utils import (  # noqa: E402
+    data,
+    distill,  # noqa: E402
+    models,
+    patterns,
+    scoring,  # noqa: E402
+)
 
 
 def compute():
@@ -21,10 +28,10 @@ def compute():
     ev.loc[5, "premise"] = " ".join(["doctor"] * 30)
     pat = patterns.get_pattern("gpt-3")
     demos = data.sample_demonstrations(pool, 4, seed=0, exclude=ev)
-    m, preds = icl.evaluate(lm, ev, pat, demos, batch_size=4, progress=False)
+    m, preds = scoring.evaluate(lm, ev, pat, demos, batch_size=4, progress=False)
     teacher = distill.teacher_targets(lm, pat, demos, ev, distill.DistillConfig(target="topk", topk=5), batch_size=3)
     # one query: one batch for two processes, so one of them scores nothing and gets the other's result
-    lone = icl.answer_logits(lm, patterns.build_prefix(pat, demos), [patterns.query_text(pat, "A b.", "C.", True)],
+    lone = scoring.answer_logits(lm, patterns.build_prefix(pat, demos), [patterns.query_text(pat, "A b.", "C.", True)],
                              lambda z: torch.log_softmax(z, -1))
     return {"lone": lone,
             "logp": preds[["logp_label0", "logp_label1"]].to_numpy(), "pred": preds["pred"].to_numpy(),

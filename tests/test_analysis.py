@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmft_utils import plots, results
-from llmft_utils.results import repo_root
+from llmft_utils.analysis import plots, tables
+from llmft_utils.store import repo_root
 
 REFERENCE = repo_root() / "results" / "reference"
 
@@ -40,13 +40,13 @@ def _cd_rows():
 
 
 def test_summary_recomputes_from_raw_rows():
-    runs = results.unify(_icl_rows(), _cd_rows())
-    s = results.summary_table(runs)
+    runs = tables.unify(_icl_rows(), _cd_rows())
+    s = tables.summary_table(runs)
     assert set(s["method_label"]) == {"zero-shot", "ICL k=4", "CD k=4", "PBFT n=16"}
     for _, r in s.iterrows():
         g = runs[(runs["eval_set"] == r["eval_set"]) & (runs["method_label"] == r["method_label"])
                  & (runs["train_task"] == r["train_task"])]
-        m, lo, hi = results.t_ci(g["score_acc"], bounds=(0, 1))
+        m, lo, hi = tables.t_ci(g["score_acc"], bounds=(0, 1))
         assert 0 <= r["acc_label0_ci_lo"] <= r["acc_label0_ci_hi"] <= 1 or np.isnan(r["acc_label0_ci_lo"])
         assert r["score_acc_mean"] == pytest.approx(m) and r["n_seeds"] == g["seed"].nunique()
         assert (np.isnan(lo) and np.isnan(r["score_acc_ci_lo"])) or r["score_acc_ci_lo"] == pytest.approx(lo)
@@ -60,8 +60,8 @@ def test_figures_have_labelled_axes(fn):
     import matplotlib
 
     matplotlib.use("Agg")
-    runs = results.unify(_icl_rows(), _cd_rows())
-    arg = results.summary_table(runs) if fn in ("accuracy_vs_k", "in_vs_out_of_domain") else runs
+    runs = tables.unify(_icl_rows(), _cd_rows())
+    arg = tables.summary_table(runs) if fn in ("accuracy_vs_k", "in_vs_out_of_domain") else runs
     fig = getattr(plots, fn)(arg)
     for ax in fig.axes:
         if ax.get_label() == "<colorbar>":
@@ -76,8 +76,8 @@ def test_figures_before_notebook_03_has_run(fn):
     import matplotlib
 
     matplotlib.use("Agg")
-    runs = results.unify(_icl_rows(), None)
-    arg = results.summary_table(runs) if fn in ("accuracy_vs_k", "in_vs_out_of_domain") else runs
+    runs = tables.unify(_icl_rows(), None)
+    arg = tables.summary_table(runs) if fn in ("accuracy_vs_k", "in_vs_out_of_domain") else runs
     assert getattr(plots, fn)(arg).axes
 
 
@@ -95,7 +95,7 @@ def test_hans_heatmap_from_tidy_subcases():
 @pytest.mark.skipif(not (REFERENCE / "summary.csv").is_file(), reason="no committed reference results")
 def test_committed_reference_summary_matches_its_raw_rows():
     """The committed summary table (and so every number drawn from it) is exactly what the raw rows give."""
-    again = results.summary_table(results.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
+    again = tables.summary_table(tables.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
     pd.testing.assert_frame_equal(again, pd.read_csv(REFERENCE / "summary.csv"), check_dtype=False, atol=1e-12)
     figs = {p.stem for p in (REFERENCE / "figures").glob("*.png")}
     assert figs >= {"accuracy_vs_k", "in_vs_out_of_domain", "cost_vs_k", "hans_subcases", "training_cost"}
@@ -108,14 +108,14 @@ def test_committed_figures_are_reproduced_byte_for_byte(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    runs, _ = results.evaluated(results.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
-    summary = results.summary_table(runs)
+    runs, _ = tables.evaluated(tables.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
+    summary = tables.summary_table(runs)
     figs = {"accuracy_vs_k": plots.accuracy_vs_k(summary), "in_vs_out_of_domain": plots.in_vs_out_of_domain(summary),
             "cost_vs_k": plots.cost_vs_k(runs), "training_cost": plots.training_cost(runs),
             "hans_subcases": plots.hans_heatmap(pd.read_csv(REFERENCE / "hans_subcases.csv")),
-            "break_even": plots.cost_break_even(results.break_even(runs)),
+            "break_even": plots.cost_break_even(tables.break_even(runs)),
             "accuracy_vs_total_demos": plots.accuracy_vs_total_demos(runs)}
-    pd.testing.assert_frame_equal(results.break_even(runs), pd.read_csv(REFERENCE / "break_even.csv"), check_dtype=False)
+    pd.testing.assert_frame_equal(tables.break_even(runs), pd.read_csv(REFERENCE / "break_even.csv"), check_dtype=False)
     for name, fig in figs.items():
         for path in plots.save(fig, tmp_path, name):
             assert path.read_bytes() == (REFERENCE / "figures" / path.name).read_bytes(), path.name
@@ -127,18 +127,18 @@ def test_summary_never_pools_two_recipes_or_precisions():
     cd = _cd_rows().assign(cfg_lr=3e-5)
     two = pd.concat([cd, cd.assign(cfg_lr=cd["cfg_lr"] * 10, run_key=cd["run_key"] + "|lr",
                                    score_acc=cd["score_acc"] - 0.1)], ignore_index=True)
-    s = results.summary_table(results.unify(_icl_rows(), two))
-    one = results.summary_table(results.unify(_icl_rows(), cd))
+    s = tables.summary_table(tables.unify(_icl_rows(), two))
+    one = tables.summary_table(tables.unify(_icl_rows(), cd))
     cd_rows = lambda t: t[t["method_label"].str.startswith("CD")]
     assert len(cd_rows(s)) == 2 * len(cd_rows(one))
     assert sorted(cd_rows(s)["n_seeds"]) == sorted(list(cd_rows(one)["n_seeds"]) * 2)
     assert sorted(cd_rows(s)["score_acc_mean"].round(6)) == sorted(
         list(cd_rows(one)["score_acc_mean"].round(6)) + list((cd_rows(one)["score_acc_mean"] - 0.1).round(6)))
     icl = _icl_rows().assign(dtype="float32")
-    f32 = results.unify(icl, None)
-    mixed = results.unify(pd.concat([icl, icl.assign(dtype="bfloat16", run_key=icl["run_key"] + "|bf16")]), None)
-    assert len(results.summary_table(mixed)) == 2 * len(results.summary_table(f32))
-    assert results.unify(icl, None).groupby(["task", "k"])["config"].nunique().eq(1).all()
+    f32 = tables.unify(icl, None)
+    mixed = tables.unify(pd.concat([icl, icl.assign(dtype="bfloat16", run_key=icl["run_key"] + "|bf16")]), None)
+    assert len(tables.summary_table(mixed)) == 2 * len(tables.summary_table(f32))
+    assert tables.unify(icl, None).groupby(["task", "k"])["config"].nunique().eq(1).all()
 
 
 def test_loss_curves_one_line_per_student_per_method():
@@ -160,14 +160,14 @@ def test_break_even_of_distillation_against_cached_and_uncached_icl():
     import matplotlib
 
     matplotlib.use("Agg")
-    runs = results.unify(_icl_rows().assign(s_per_query_full_prompt=0.5), _cd_rows())
-    t = results.break_even(runs)
+    runs = tables.unify(_icl_rows().assign(s_per_query_full_prompt=0.5), _cd_rows())
+    t = tables.break_even(runs)
     assert set(t["eval_set"]) == {"mnli/validation_matched", "hans/validation"} and (t["k"] == 4).all()
     r = t[t["eval_set"] == "mnli/validation_matched"].iloc[0]
     assert r["cd_once_s"] == pytest.approx(71.0) and r["n_students"] == 3 and r["n_seeds"] == 3
     assert r["break_even_cached"] == pytest.approx(71.0 / (0.09 - 0.05))
     assert r["break_even_full"] == pytest.approx(71.0 / (0.5 - 0.05))
-    slow = results.break_even(results.unify(_icl_rows(), _cd_rows().assign(s_per_query=0.2)))
+    slow = tables.break_even(tables.unify(_icl_rows(), _cd_rows().assign(s_per_query=0.2)))
     assert np.isinf(slow["break_even_cached"]).all() and slow["break_even_full"].isna().all()  # no full-prompt sample
     fig = plots.cost_break_even(t)
     assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)
@@ -180,32 +180,32 @@ def test_break_even_charges_a_cached_teacher_what_computing_it_cost():
     hit = cd["method"] == "cd"
     shuffled = cd[hit].assign(method="cd_shuffled", run_key=lambda d: d["run_key"] + "sh")
     cd.loc[hit, "teacher_cache_s"], cd.loc[hit, "teacher_cache_hit"] = 0.0, True
-    t = results.break_even(results.unify(_icl_rows(), pd.concat([shuffled, cd], ignore_index=True)))
+    t = tables.break_even(tables.unify(_icl_rows(), pd.concat([shuffled, cd], ignore_index=True)))
     assert t.loc[t["eval_set"] == "mnli/validation_matched", "cd_once_s"].item() == pytest.approx(71.0)
-    orphan = results.break_even(results.unify(_icl_rows(), cd))
+    orphan = tables.break_even(tables.unify(_icl_rows(), cd))
     assert orphan["cd_once_s"].isna().all() and orphan["break_even_cached"].isna().all()
 
 
 def test_transfer_checks_table_never_passes_undecided_rows():
-    runs = results.unify(_icl_rows(), _cd_rows())
-    old = results.transfer_checks(runs)  # rows from before the controls existed
+    runs = tables.unify(_icl_rows(), _cd_rows())
+    old = tables.transfer_checks(runs)  # rows from before the controls existed
     assert len(old) == 6 and old["beats_controls"].isna().all() and old["agree_teacher_bias_matched"].isna().all()
     cd = _cd_rows().assign(agree_teacher_student=0.9, agree_teacher_constant=0.7, agree_teacher_bias_matched=0.75,
                            mcnemar_p_vs_constant_control=0.001, mcnemar_p_vs_bias_matched_control=0.01,
                            beats_controls=True)
-    new = results.transfer_checks(results.unify(_icl_rows(), cd))
+    new = tables.transfer_checks(tables.unify(_icl_rows(), cd))
     assert new["beats_controls"].astype(bool).all() and (new["method"] if "method" in new else new["k"]).notna().all()
-    assert list(new.columns[-len(results.TRANSFER_CHECK_COLUMNS):]) == results.TRANSFER_CHECK_COLUMNS
+    assert list(new.columns[-len(tables.TRANSFER_CHECK_COLUMNS):]) == tables.TRANSFER_CHECK_COLUMNS
 
 
 def test_zero_shot_rows_get_a_wilson_interval():
-    from llmft_utils.icl import wilson_ci
+    from llmft_utils.scoring import wilson_ci
 
     icl = _icl_rows().assign(score_acc_lo=np.nan, score_acc_hi=np.nan, n_eval=1000)
     z = icl["k"] == 0
     icl.loc[z, "score_acc_lo"] = [wilson_ci(round(a * 1000), 1000)[0] for a in icl.loc[z, "score_acc"]]
     icl.loc[z, "score_acc_hi"] = [wilson_ci(round(a * 1000), 1000)[1] for a in icl.loc[z, "score_acc"]]
-    s = results.summary_table(results.unify(icl, _cd_rows()))
+    s = tables.summary_table(tables.unify(icl, _cd_rows()))
     zs = s[s["method_label"] == "zero-shot"]
     assert len(zs) == 2 and (zs["score_acc_interval"] == "Wilson (one run)").all()
     assert (zs["score_acc_ci_lo"] < zs["score_acc_mean"]).all() and (zs["score_acc_mean"] < zs["score_acc_ci_hi"]).all()
@@ -220,7 +220,7 @@ def test_summary_counts_seeds_significantly_above_and_below_teacher_and_pbft():
                          "mcnemar_p_vs_teacher": [0.01, 0.001, 0.2], "student_only_right_vs_teacher": [3, 30, 5],
                          "teacher_only_right": [20, 2, 9], "mcnemar_p_vs_pbft": [0.04, np.nan, 0.5],
                          "student_only_right_vs_pbft": [9, np.nan, 1], "pbft_only_right": [1, np.nan, 2]})
-    c = results.paired_counts(rows, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"]).iloc[0]
+    c = tables.paired_counts(rows, ["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"]).iloc[0]
     assert (c["n_seeds_below_teacher"], c["n_seeds_above_teacher"], c["n_seeds_tested_teacher"]) == (1, 1, 3)
     assert (c["n_seeds_above_pbft"], c["n_seeds_below_pbft"], c["n_seeds_tested_pbft"]) == (1, 0, 2)
 
@@ -230,7 +230,7 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
     """Every CD row of the committed reference is recomputed from the committed per-example predictions: its
     agreement and κ with the teacher, the zero-shot model's, the controls' agreement (constant, bias-matched,
     and the control students') and beats_controls; every row's accuracy from its own file."""
-    from llmft_utils import distill
+    from llmft_utils.study import paired, plan
 
     icl = pd.read_csv(REFERENCE / "icl.csv")
     cd = pd.read_csv(REFERENCE / "cd.csv")
@@ -246,17 +246,17 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
         t = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == r["k"]) & (icl["seed"] == r["seed"])]
         z = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == 0)]
         tp, zp, sp = read(t["predictions_file"].item()), read(z["predictions_file"].item()), read(r["predictions_file"])
-        a = distill.agreement(tp, sp)
+        a = paired.agreement(tp, sp)
         assert a["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
         assert a["kappa"] == pytest.approx(r["kappa_teacher_student"], abs=1e-12, nan_ok=True)  # NaN: both constant
-        assert distill.agreement(tp, zp)["agreement"] == pytest.approx(r["agree_teacher_zeroshot"], abs=1e-12)
+        assert paired.agreement(tp, zp)["agreement"] == pytest.approx(r["agree_teacher_zeroshot"], abs=1e-12)
         ctl = {}
-        for name, method in distill.CONTROL_METHODS.items():
+        for name, method in plan.CONTROL_METHODS.items():
             c = cd[(cd["method"] == method) & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
                    & (cd["task"] + "/" + cd["split"] == es) & (cd["controls_k"] == r["k"])]
             if len(c):
                 ctl[name] = read(c["predictions_file"].item())
-        again = distill.controls_vs(sp, tp, zp, ctl)
+        again = paired.controls_vs(sp, tp, zp, ctl)
         for c in ("constant", "bias_matched", *ctl):
             assert again[f"agree_teacher_{c}"] == pytest.approx(r[f"agree_teacher_{c}"], abs=1e-12)
             assert again[f"mcnemar_p_vs_{c}_control"] == pytest.approx(r[f"mcnemar_p_vs_{c}_control"], rel=1e-9)
@@ -269,17 +269,17 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
         t = cd[(cd["method"] == "icl_ensemble") & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
                & (cd["k"] == r["k"]) & (cd["task"] == r["task"]) & (cd["split"] == r["split"])]
         tp, sp = read(t["predictions_file"].item()), read(r["predictions_file"])
-        assert distill.agreement(tp, sp)["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
+        assert paired.agreement(tp, sp)["agreement"] == pytest.approx(r["agree_teacher_student"], abs=1e-12)
         assert r["teacher_acc"] == t["score_acc"].item() and r["demo_ids"] == t["demo_ids"].item()
         es = r["task"] + "/" + r["split"]  # and the paired tests it carries against single-prompt CD and ICL
         one = cd[(cd["method"] == "cd") & (cd["train_task"] == r["train_task"]) & (cd["seed"] == r["seed"])
                  & (cd["k"] == r["k"]) & (cd["task"] + "/" + cd["split"] == es)]
         icl_k = icl[(icl["task"] + "/" + icl["split"] == es) & (icl["k"] == r["icl_k"]) & (icl["seed"] == r["seed"])]
         for name, other in (("cd", one), ("icl", icl_k), ("teacher", t)):
-            again = distill.paired_vs(sp, read(other["predictions_file"].item()), name)
+            again = paired.paired_vs(sp, read(other["predictions_file"].item()), name)
             assert again[f"mcnemar_p_vs_{name}"] == pytest.approx(r[f"mcnemar_p_vs_{name}"], rel=1e-9), (name, r["run_key"])
         ens += 1
     assert ens == (cd["method"] == "cd_ensemble").sum()
-    runs, _ = results.evaluated(results.unify(icl, cd))  # the ensemble table is what these rows give
-    pd.testing.assert_frame_equal(results.ensemble_checks(runs), pd.read_csv(REFERENCE / "ensemble_checks.csv"),
+    runs, _ = tables.evaluated(tables.unify(icl, cd))  # the ensemble table is what these rows give
+    pd.testing.assert_frame_equal(tables.ensemble_checks(runs), pd.read_csv(REFERENCE / "ensemble_checks.csv"),
                                   check_dtype=False)

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 import toy_data
-from llmft_utils import data, distill, icl, models, patterns
+
+from llmft_utils import data, distill, models, patterns, scoring
 
 GPT3 = patterns.get_pattern("gpt-3")
 MULTI = patterns.Pattern("multi", "{premise} question: {hypothesis} Yes or No? answer:", (" Absolutely", " Nope"))
@@ -36,7 +36,7 @@ def _variants(ev: pd.DataFrame, seed: int = 0) -> dict:
 
 
 def _scores(lm, frame, pattern, demos, **kw) -> pd.DataFrame:
-    _, preds = icl.evaluate(lm, frame, pattern, demos, progress=False, memory=False, calibration=False, **kw)
+    _, preds = scoring.evaluate(lm, frame, pattern, demos, progress=False, memory=False, calibration=False, **kw)
     return preds.set_index("idx")
 
 
@@ -81,14 +81,14 @@ def test_the_check_catches_a_batch_dependent_score(tiny_lms, monkeypatch):
     ev, pool = toy_data.frames(8, 20, seed=5, premise=(2, 30))
     demos = data.sample_demonstrations(pool, 0, seed=0, exclude=ev)
     base = _scores(lm, ev, GPT3, demos, batch_size=1)
-    real = icl.mask_arguments
+    real = scoring.mask_arguments
 
     def leaky(*a, **kw):  # padding neither masked nor skipped by the positions: queries attend to their pads
         out = dict(real(*a, **kw))
         out.pop("attention_mask")
         out["position_ids"] = torch.arange(out["position_ids"].shape[1]).expand_as(out["position_ids"])
         return out
-    monkeypatch.setattr(icl, "mask_arguments", leaky)
+    monkeypatch.setattr(scoring.forward, "mask_arguments", leaky)
     with pytest.raises(AssertionError):
         assert_same_scores(base, _scores(lm, ev, GPT3, demos, batch_size=len(ev)), "leaky padding")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 import toy_data
-from llmft_utils import compare, data, distill, models, patterns, pipeline, probes, results
+
+from llmft_utils import compare, data, distill, models, patterns, pipeline, probes, store
 
 REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
 
@@ -115,7 +115,7 @@ def test_cli_exit_status_table_and_json(ref_copy, tmp_path, capsys):
 
 
 def test_provenance_names_the_kernels_and_threads():
-    prov = results.provenance()
+    prov = store.provenance()
     for field in ("cpu_model", "cpu_capability", "blas", "onednn", "num_threads", "deterministic_algorithms",
                   "cudnn_deterministic", "isa_env", "gpu_name", "cuda", "cudnn", "torch", "transformers", "git_commit"):
         assert field in prov, field
@@ -125,10 +125,10 @@ def test_provenance_names_the_kernels_and_threads():
 
 
 def test_rows_carry_provenance_and_the_weights_hash(tmp_path):
-    from llmft_utils import icl
+    from llmft_utils.study import icl_sweep
 
     lm, out = toy_data.results_folder(tmp_path)
-    rows = icl.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
     r = rows.iloc[0]
     assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and r["num_threads"] == torch.get_num_threads()
     assert r["model_weights_sha256"] == models.weights_sha256(lm) and len(r["model_weights_sha256"]) == 64

@@ -226,7 +226,8 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
         data.prepare_study_data(tmp_path / "b", ("qqp/heldout",), {}, data_dir=data_dir)
     # the sweeps over that grid, on a tiny model: ICL on every set with its own pool's demonstrations; MNLI
     # students scored on MNLI, HANS and MNLI-mismatched; QQP students (and a QQP teacher ensemble) on QQP and PAWS
-    from llmft_utils import distill, icl, models
+    from llmft_utils import distill, models
+    from llmft_utils.study import cd_sweep, icl_sweep
 
     small = tmp_path / "small"
     data.prepare_study_data(small, sets, {"mnli": 8, "hans": 30, "rte": 8, "qqp": 8, "mnli_mismatched": 8},
@@ -240,11 +241,11 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     (small / "manifest.json").write_text(__import__("json").dumps(manifest))
     tok = models.tiny_tokenizer()
     lm = models.wrap(models.tiny_model("llama", tok, max_positions=4096), tok, name="tiny-llama")
-    rows = icl.run_sweep(lm, small, "gpt-3", [0, 2], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, small, "gpt-3", [0, 2], [0], progress=False)
     assert len(rows) == 2 * 6 and (rows["n_eval"] == 8).all()
     pools = rows.set_index(rows["task"] + "/" + rows["split"])["demo_pool"]
     assert pools["paws_qqp/dev_and_test"].iloc[0] == "qqp/train" and pools["mnli_mismatched/validation"].iloc[0] == "mnli/train"
-    cd = distill.run_cd_sweep(lm, small, "gpt-3", ["mnli", "qqp"], [2], [0], 8, 0,
+    cd = cd_sweep.run_cd_sweep(lm, small, "gpt-3", ["mnli", "qqp"], [2], [0], 8, 0,
                               distill.DistillConfig(epochs=1, batch_size=4), 1, progress=False, ensemble_m=2,
                               ensemble_ks=[2], ensemble_tasks=["qqp"])
     sets_of = cd.groupby(["method", "train_task"])["task"].apply(list).to_dict()
@@ -256,13 +257,15 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
 def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):
     """k = 1 end to end on a toy model: an ICL row with one demonstration, and a CD student taught by it."""
     import toy_data
-    from llmft_utils import distill, icl
+
+    from llmft_utils import distill
+    from llmft_utils.study import cd_sweep, icl_sweep
 
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    rows = icl.run_sweep(lm, out, "gpt-3", [0, 1], [3], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 1], [3], progress=False)
     one = rows[rows["k"] == 1].iloc[0]
     assert len(str(one["demo_ids"]).split(";")) == 1 and one["n_eval"] == 8
-    cd = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4),
+    cd = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4),
                               1, progress=False)
     assert len(cd) == 1 and cd["k"].item() == 1 and cd["teacher_same_demos"].item()
 

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
 import toy_data
-from llmft_utils import data, distill, icl, models, patterns, stats
+
+from llmft_utils import data, distill, models, patterns, scoring, stats
+from llmft_utils.study import cd_sweep, icl_sweep, paired
 
 GPT3 = patterns.get_pattern("gpt-3")
 
@@ -89,30 +90,30 @@ def test_config_validation():
 
 
 def test_linear_schedule_warms_up_and_decays_to_zero():
-    f = distill.lr_lambda("linear", 10, 0.2)  # 2 warm-up steps, then 8 decaying ones
+    f = distill.training.lr_lambda("linear", 10, 0.2)  # 2 warm-up steps, then 8 decaying ones
     assert [round(f(t), 4) for t in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     assert f(10) == 0.0
-    assert all(distill.lr_lambda("constant", 10, 0.2)(t) == 1.0 for t in range(10))
-    g = distill.lr_lambda("linear", 4, 0.0)  # no warm-up
+    assert all(distill.training.lr_lambda("constant", 10, 0.2)(t) == 1.0 for t in range(10))
+    g = distill.training.lr_lambda("linear", 4, 0.0)  # no warm-up
     assert [g(t) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]
 
 
 def test_length_grouped_batches_cover_each_example_once_with_little_padding():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 200, size=203).tolist()
-    s = distill.LengthGroupedBatches(lengths, batch_size=8, seed=3, mega=4)
+    s = distill.training.LengthGroupedBatches(lengths, batch_size=8, seed=3, mega=4)
     e0, e1 = list(iter(s)), list(iter(s))
     for ep in (e0, e1):
         flat = [i for b in ep for i in b]
         assert sorted(flat) == list(range(203)) and len(ep) == len(s) == 26
     assert e0 != e1  # a new order every epoch ...
-    assert distill.LengthGroupedBatches(lengths, 8, seed=3, mega=4).batches(0) == e0  # ... and deterministic
+    assert distill.training.LengthGroupedBatches(lengths, 8, seed=3, mega=4).batches(0) == e0  # ... and deterministic
 
     def padded(batches):
         return sum(len(b) * max(lengths[i] for i in b) for b in batches)
     plain = [list(range(i, min(i + 8, 203))) for i in range(0, 203, 8)]
     assert padded(e0) < 0.8 * padded(plain)
-    fixed = distill.LengthGroupedBatches(lengths, 8, shuffle=False, mega=1000)
+    fixed = distill.training.LengthGroupedBatches(lengths, 8, shuffle=False, mega=1000)
     assert [i for b in fixed.batches(0) for i in b] == sorted(range(203), key=lambda i: -lengths[i])
 
 
@@ -150,7 +151,7 @@ def test_teacher_long_prefix_vs_student_short_prompt(tiny, tmp_path):
     demos = data.sample_demonstrations(pool, 8, seed=0)
     cfg = distill.DistillConfig()
     t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, batch_size=4)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     prefix = patterns.build_prefix(GPT3, demos)
     for i, (p, h) in enumerate(zip(ev.premise, ev.hypothesis)):
         ids = tiny.tokenizer(prefix + patterns.query_text(GPT3, p, h, True), return_tensors="pt").input_ids
@@ -180,7 +181,7 @@ def test_teacher_ensemble_is_the_mixture_of_its_prompts_projected_like_one_teach
     assert [(d["label"] == 0).sum() for d in sets] == [2, 2, 2]
     with pytest.raises(data.DataError, match="set 3 of 3"):
         data.demonstration_sets(pool.head(10), 4, 3, seed=0)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
 
     def full(demos):  # one prompt's full-vocabulary log-probs at the answer position, one query at a time
         prefix = patterns.build_prefix(GPT3, demos)
@@ -253,17 +254,17 @@ def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     demos = data.sample_demonstrations(pool, 4, seed=0)
     cfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3)
     t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
-    before = distill.params_digest(tiny.model)
+    before = distill.training.params_digest(tiny.model)
     student, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids)
-    assert distill.params_digest(tiny.model) == before  # the teacher is never the object trained
-    assert distill.params_digest(student) != before
+    assert distill.training.params_digest(tiny.model) == before  # the teacher is never the object trained
+    assert distill.training.params_digest(student) != before
     assert stats["losses"][-1] < stats["losses"][0] / 2 and stats["steps"] == 16
     # LoRA adapters go into the copy too
     lcfg = distill.DistillConfig(epochs=1, batch_size=8, lr=1e-3, lora_r=4)
     student2, _ = distill.train_student(tiny.model, tiny.tokenizer, rows, lcfg, vids)
-    assert distill.params_digest(tiny.model) == before and not hasattr(tiny.model, "peft_config")
+    assert distill.training.params_digest(tiny.model) == before and not hasattr(tiny.model, "peft_config")
     # bf16 autocast of the forward: the student still learns, its weights stay float32
     bcfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3, mixed_precision="bf16", group_by_length=False)
     student3, bstats = distill.train_student(tiny.model, tiny.tokenizer, rows, bcfg, vids)
@@ -278,7 +279,7 @@ def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_stu
     ev, pool = _frames(16)
     cfg = distill.DistillConfig(epochs=2, batch_size=8, lr=3e-3, mixed_precision="no")
     t = distill.teacher_targets(tiny, GPT3, data.sample_demonstrations(pool, 4, seed=0), ev, cfg)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
     real = distill.answer_position_logits
     saved = []
@@ -294,7 +295,7 @@ def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_stu
         saved.append(n[0])
         return out
 
-    monkeypatch.setattr(distill, "answer_position_logits", counted)
+    monkeypatch.setattr(distill.student_data, "answer_position_logits", counted)
     runs, kept = {}, {}
     for ckpt in (False, True):
         saved.clear()
@@ -305,18 +306,18 @@ def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_stu
     assert sc["losses"] == pytest.approx(sp["losses"], rel=1e-5, abs=1e-7) and sc["checkpointing"]
     for (n, a), (_, b) in zip(plain.named_parameters(), ck.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
-    assert not distill.checkpointing_on(ck)  # handed back like the base model: ready to evaluate
+    assert not distill.training.checkpointing_on(ck)  # handed back like the base model: ready to evaluate
 
 
 def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):
     """On CPU the student trains with eager attention (``train_attention="auto"``) and is handed back,
     like the base model, with the model's own kernel, so that evaluation is the same code as notebook 02."""
     ev, _ = _frames(8)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
     seen = []
     real = distill.answer_position_logits
-    monkeypatch.setattr(distill, "answer_position_logits",
+    monkeypatch.setattr(distill.student_data, "answer_position_logits",
                         lambda m, b: seen.append(m.config._attn_implementation) or real(m, b))
     own = tiny.model.config._attn_implementation
     for choice, want in (("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")):
@@ -331,7 +332,7 @@ def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):
 
 def test_pbft_needs_no_teacher_and_nan_stops(tiny):
     ev, _ = _frames(8)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
     _, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(alpha=1.0, epochs=1), vids)
     assert stats["steps"] == 1 and np.isfinite(stats["losses"]).all()
@@ -346,10 +347,10 @@ def test_pbft_needs_no_teacher_and_nan_stops(tiny):
 def test_agreement_metrics():
     t = pd.DataFrame({"idx": [1, 2, 3, 4], "pred": [0, 0, 1, 1], "logp_label0": np.log([0.9, 0.8, 0.2, 0.4]),
                       "logp_label1": np.log([0.1, 0.2, 0.8, 0.6]), "skipped": False})
-    same = distill.agreement(t, t)
+    same = paired.agreement(t, t)
     assert same["agreement"] == 1.0 and same["kappa"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-12)
     o = t.assign(pred=[0, 1, 1, 0])[::-1]  # order does not matter: aligned by idx
-    r = distill.agreement(t, o)
+    r = paired.agreement(t, o)
     assert r["agreement"] == 0.5 and r["kappa"] == pytest.approx(0.0)
 
 
@@ -385,9 +386,9 @@ def test_two_process_losses_match_single_process(tmp_path):
 
 def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
-    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1, progress=False)
+    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1, progress=False)
     assert sorted(rows["method"]) == ["cd", "cd", "pbft"] and rows["n_eval"].eq(8).all()
     cd = rows[(rows["method"] == "cd") & (rows["k"] == 2)].iloc[0]
     # one transfer set per seed, whatever k (no "CD vs k" confound), disjoint from both k's demonstrations
@@ -421,7 +422,7 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     assert cd_log["loss"].iloc[0] == pytest.approx(cd["loss_first"]) and cd_log["loss"].iloc[-1] == pytest.approx(cd["loss_last"])
     assert np.isfinite(cd_log[["loss", "lr", "grad_norm"]].to_numpy()).all() and (cd_log["grad_norm"] > 0).all()
     assert cd_log["lr"].max() == pytest.approx(1e-3)  # the linear schedule peaks at cfg.lr
-    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False)
+    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False)
     assert len(pd.read_csv(out / "train_log.csv")) == len(log) and len(again) == 2  # a rerun replaces, never adds
 
 
@@ -431,12 +432,12 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     trained before CD with its recipe; the CD row at that k is tested against them (agreement with the teacher
     from their prediction files, exact McNemar, beats_controls over all four controls); a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
     cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.student_examples
-    monkeypatch.setattr(distill, "student_examples", lambda tok, pat, ex, teach, mc: seen.append(teach) or real(tok, pat, ex, teach, mc))
-    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
+    monkeypatch.setattr(distill.student_data, "student_examples", lambda tok, pat, ex, teach, mc: seen.append(teach) or real(tok, pat, ex, teach, mc))
+    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
                                 controls=["shuffled", "self"])
     assert list(rows["method"]) == ["cd_self", "cd_shuffled", "cd", "cd"]
     assert rows["train_ids_digest"].nunique() == 1  # one transfer set for the controls and every k
@@ -461,26 +462,26 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     wins = [cd4["agree_teacher_student"] > cd4[f"agree_teacher_{c}"] and cd4[f"mcnemar_p_vs_{c}_control"] < 0.05
             for c in ("constant", "bias_matched", "shuffled", "self")]
     assert cd4["beats_controls"] == all(wins)
-    from llmft_utils import results
+    from llmft_utils.analysis import tables
 
-    dist = results.distribution_checks(results.unify(icl_rows, rows), out)  # in distribution, per example
+    dist = tables.distribution_checks(tables.unify(icl_rows, rows), out)  # in distribution, per example
     d4 = dist[dist["k"] == 4].iloc[0]
     assert d4["kl_student"] == pytest.approx(cd4["kl_teacher_student"]) and len(dist) == 1  # k=2 has no control
     for name in ("shuffled", "self"):
         assert d4[f"kl_{name}"] == pytest.approx(cd4[f"kl_teacher_{name}"]) and 0 <= d4[f"kl_p_vs_{name}"] <= 1
         assert d4[f"closer_than_{name}"] == (d4["kl_student"] < d4[f"kl_{name}"] and d4[f"kl_p_vs_{name}"] < 0.05)
-    cal = results.calibrated_checks(results.unify(icl_rows, rows), out)  # paired tests after calibration
+    cal = tables.calibrated_checks(tables.unify(icl_rows, rows), out)  # paired tests after calibration
     c4 = cal[(cal["a"] == "cd") & (cal["b"] == "cd_shuffled") & (cal["calibration"] == "batch")].iloc[0]
     assert c4["acc_a"] == pytest.approx(cd4["score_acc_batch"]) and c4["k"] == 4
     assert c4["acc_b"] == pytest.approx(ctl.loc["cd_shuffled", "score_acc_batch"])
     assert round(c4["n"] * (c4["acc_a"] - c4["acc_b"])) == c4["only_a"] - c4["only_b"]
     assert set(cal["b"]) == {"zero-shot", "cd_shuffled", "cd_self"}  # no PBFT in this sweep
     seen.clear()
-    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
+    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
                                  controls=["shuffled", "self"])
     assert not seen and len(again) == 4  # resumed: nothing retrained
     with pytest.raises(ValueError, match="controls"):
-        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, progress=False, controls=["gold"])
+        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, progress=False, controls=["gold"])
 
 
 def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt(tmp_path, monkeypatch):
@@ -489,12 +490,12 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     disjoint, set 0 is the ICL/CD teacher's, none meets the transfer set; the student is tested against its
     ensemble teacher, single-prompt CD and the largest-k ICL run; a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=1024, n_pool=60)
-    icl_rows = icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
     cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.teacher_targets
-    monkeypatch.setattr(distill, "teacher_targets", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
-    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
+    monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
                                 ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
     assert list(rows["method"]) == ["cd_self", "cd", "icl_ensemble", "cd_ensemble"]
     ens, student, cd = (rows[rows["method"] == m].iloc[0] for m in ("icl_ensemble", "cd_ensemble", "cd"))
@@ -513,7 +514,7 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     pool = pool.set_index(pool["idx"].astype(str), drop=False)
     member_lp = []
     for ids in sets:
-        _, p = icl.evaluate(lm, ev, GPT3, pool.loc[ids], progress=False, memory=False, calibration=False)
+        _, p = scoring.evaluate(lm, ev, GPT3, pool.loc[ids], progress=False, memory=False, calibration=False)
         member_lp.append(p[["logp_label0", "logp_label1"]].to_numpy())
     mix = np.log(np.mean(np.exp(member_lp), 0))
     got = pd.read_parquet(out / ens["predictions_file"])
@@ -529,28 +530,28 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
         assert 0 < student[f"mcnemar_p_vs_{other}"] <= 1
     assert student["controls_checked"] == "constant;bias_matched;self"
     # the summary names them, and counts the paired tests against single-prompt CD and ICL
-    from llmft_utils import results
+    from llmft_utils.analysis import tables
 
-    runs = results.unify(pd.read_csv(out / "icl.csv"), rows)
+    runs = tables.unify(pd.read_csv(out / "icl.csv"), rows)
     assert {"ICL ensemble 3x2", "CD ensemble 3x2"} <= set(runs["method_label"])
-    summ = results.summary_table(runs)
+    summ = tables.summary_table(runs)
     s_row = summ[summ["method_label"] == "CD ensemble 3x2"].iloc[0]
     assert s_row["n_seeds_tested_cd"] == 1 and s_row["n_seeds_tested_icl"] == 1
-    chk = results.ensemble_checks(runs).iloc[0]  # the ICL accuracy beside the tests is that of the run they used
+    chk = tables.ensemble_checks(runs).iloc[0]  # the ICL accuracy beside the tests is that of the run they used
     k4 = icl_rows[icl_rows["k"] == 4].iloc[0]
     assert chk["icl_k"] == 4 and chk["acc_icl"] == k4["score_acc"] and chk["acc_icl_batch"] == k4["score_acc_batch"]
     assert chk["p_cd_ensemble_vs_icl"] == student["mcnemar_p_vs_icl"]
-    again = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
+    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
                                  ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
     assert len(again) == 4 and len(pd.read_csv(out / "cd.csv")) == 4  # resumed, nothing added
     with pytest.raises(ValueError, match="ensemble_m"):
-        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, ensemble_m=1,
+        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, ensemble_m=1,
                              ensemble_ks=[2])
 
 
 def test_training_log_rows():
     stats = {"losses": [1.0, 0.9, 0.8, 0.7], "lrs": [1e-3, 5e-4], "grad_norms": [2.0, 1.5]}
-    log = pd.DataFrame(distill.training_log("s", stats, grad_accum=2))
+    log = pd.DataFrame(distill.training.training_log("s", stats, grad_accum=2))
     assert list(log["batch"]) == [0, 1, 2, 3] and list(log["loss"]) == [1.0, 0.9, 0.8, 0.7]
     assert np.isnan(log["lr"][0]) and log["lr"][1] == 1e-3 and log["grad_norm"][3] == 1.5
 
@@ -564,19 +565,19 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmft_utils import data, models, patterns, students
+    from llmft_utils import data, distill, models, patterns
 
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0, 1], progress=False)
+    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0, 1], progress=False)
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
-    rows = distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False, save_students="all")
+    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False, save_students="all")
     assert rows["student_dir"].str.startswith("students/").all()
     ev = data.read_split(out, data.load_manifest(out)["eval_sets"]["toy/validation"])
     for _, row in rows.iterrows():
         folder = out / row["student_dir"]
         model = AutoModelForCausalLM.from_pretrained(folder)
         tok = AutoTokenizer.from_pretrained(folder)
-        m, preds = icl.evaluate(models.wrap(model, tok, name="loaded"), ev, patterns.get_pattern("gpt-3"), ev.iloc[0:0],
+        m, preds = scoring.evaluate(models.wrap(model, tok, name="loaded"), ev, patterns.get_pattern("gpt-3"), ev.iloc[0:0],
                                 progress=False)
         assert m["score_acc"] == row["score_acc"]
         pd.testing.assert_frame_equal(preds, pd.read_parquet(out / row["predictions_file"]))
@@ -585,14 +586,14 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
         assert info["metrics"]["toy/validation"]["score_acc"] == row["score_acc"]
         card = (folder / "README.md").read_text()
         assert f"{row['score_acc']:.4f}" in card and "from_pretrained" in card and info["demo_ids"]
-    distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False,
+    cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False,
                          save_students="all")
     assert len(list((out / "students").iterdir())) == 2  # replaced, no leftovers
     plan = [(m, "toy", k, s) for s in (0, 1) for m, k in (("cd", 2), ("cd", 4), ("pbft", 2))]
-    chosen = [p for p in plan if students.should_save("first", *p, plan)]
+    chosen = [p for p in plan if distill.export.should_save("first", *p, plan)]
     assert chosen == [("cd", "toy", 4, 0)]
-    assert [p for p in plan if students.should_save("first_seed", *p, plan)] == plan[:3]
-    assert not any(students.should_save("none", *p, plan) for p in plan)
+    assert [p for p in plan if distill.export.should_save("first_seed", *p, plan)] == plan[:3]
+    assert not any(distill.export.should_save("none", *p, plan) for p in plan)
 
 
 def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_path):
@@ -614,7 +615,7 @@ def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_pa
     one = tmp_path / "one"
     d.prepare_study_data(one, d.STUDY_EVAL_SETS, {"mnli": 16, "rte": 8, "hans": 30}, seed=0)
     lm = models.load_model(str(model_dir), device="cpu")
-    icl.run_sweep(lm, one, "gpt-3", [0, 4], [0], model_name=str(model_dir), progress=False)
+    icl_sweep.run_sweep(lm, one, "gpt-3", [0, 4], [0], model_name=str(model_dir), progress=False)
     two = tmp_path / "two"
     shutil.copytree(one, two)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,9 +15,11 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-
 import toy_data
-from llmft_utils import data, hub, icl, models, params, patterns, pipeline, results
+
+from llmft_utils import data, hub, models, params, patterns, pipeline, store
+from llmft_utils.analysis import tables
+from llmft_utils.study import icl_sweep
 
 GPT3 = patterns.get_pattern("gpt-3")
 SMOKE_SIZES = {"mnli": 40, "rte": 20, "hans": 30}
@@ -31,14 +33,14 @@ def _files(folder: Path) -> list:
 
 def test_all_skipped_run_is_recorded_as_skipped_not_zero(tmp_path):
     lm, out = toy_data.results_folder(tmp_path)
-    rows = icl.run_sweep(lm, out, "gpt-3", [0, 4], [0], on_too_long="skip", progress=False)
+    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 4], [0], on_too_long="skip", progress=False)
     r = rows.set_index("k").loc[4]
     assert r["n_eval"] == 0 and r["n_skipped_too_long"] == 6
     assert np.isnan(r["score_acc"]) and np.isnan(r["majority_acc"]) and np.isnan(r["score_acc_lo"])
     assert rows.set_index("k").loc[0, "n_eval"] == 6  # the zero-shot prompts fit and are scored
-    summary = results.summary_table(results.unify(rows))
+    summary = tables.summary_table(tables.unify(rows))
     assert list(summary["k"]) == [0], "a run that evaluated nothing must stay out of the summary"
-    kept, skipped = results.evaluated(results.unify(rows))
+    kept, skipped = tables.evaluated(tables.unify(rows))
     assert list(skipped["k"]) == [4] and list(kept["k"]) == [0]
 
 
@@ -77,7 +79,7 @@ def test_profiles_notebooks_and_spec_agree():
     for name, prof in pipeline.PROFILES.items():
         assert set(prof) == spec, (name, set(prof) ^ spec)
         params.validate(dict(prof, results_dir=""), check_model=False, notebooks=pipeline.NOTEBOOKS)
-    nb_names = set().union(*(pipeline.notebook_parameters(results.repo_root() / "notebooks" / n) for n in pipeline.NOTEBOOKS))
+    nb_names = set().union(*(pipeline.notebook_parameters(store.repo_root() / "notebooks" / n) for n in pipeline.NOTEBOOKS))
     assert nb_names == spec
 
 
@@ -90,7 +92,7 @@ def test_notebook_first_cell_validates_before_the_model(tmp_path):
     assert "4 invalid parameters" in msg and "did you mean 'gpt-3'" in msg and "batch_size: 0 must be >= 1" in msg
     assert "device: 'gpu' is not auto, cpu, cuda or cuda:N" in msg
     for name in ("01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"):
-        nb = nbformat.read(results.repo_root() / "notebooks" / name, as_version=4)
+        nb = nbformat.read(store.repo_root() / "notebooks" / name, as_version=4)
         first = next(c.source for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
         assert "params.validate_namespace(globals()" in first, name
         assert first.index("validate_namespace") < first.find("load_model") or "load_model" not in first, name
@@ -111,7 +113,7 @@ def test_read_only_results_folder_is_refused(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     with pytest.raises(PermissionError, match="is not writable"):
-        results.ensure_writable(ro)
+        store.ensure_writable(ro)
 
 
 def test_sweep_checked_whole_before_the_first_run(tmp_path, monkeypatch, capsys):
@@ -156,15 +158,16 @@ def test_ensemble_and_task_grid_parameters_are_checked_together():
 
 def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
     from llmft_utils import distill
+    from llmft_utils.study import cd_sweep
 
     lm, out = toy_data.results_folder(tmp_path, max_positions=512)
-    icl.run_sweep(lm, out, "gpt-3", [0, 4], [0], progress=False)  # no k=2 teacher, no seed 1
-    monkeypatch.setattr(distill, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
-    monkeypatch.setattr(distill, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
+    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 4], [0], progress=False)  # no k=2 teacher, no seed 1
+    monkeypatch.setattr(distill.training, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
+    monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
     cfg = distill.DistillConfig(epochs=1)
     with pytest.raises(FileNotFoundError, match=r"3 ICL runs .*: toy/validation k=2 seed=0, toy/validation k=2 "
                                                 r"seed=1, toy/validation k=4 seed=1"):
-        distill.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1, progress=False)
+        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1, progress=False)
     assert not (out / "cd.csv").exists() and not (out / "teacher_cache").exists()
 
 
@@ -229,7 +232,7 @@ def test_prepared_file_changed_after_manifest_is_refused(tmp_path, data_dir):
 
 
 def _append_many(path, who, n):
-    t = results.ResultTable(path)
+    t = store.ResultTable(path)
     for i in range(n):
         t.append([{"run_key": f"{who}-{i}", "v": i}])
 
@@ -243,7 +246,7 @@ def test_concurrent_table_writers_lose_no_rows(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    df = results.ResultTable(path).read()
+    df = store.ResultTable(path).read()
     assert len(df) == 75 and df["run_key"].is_unique
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -253,12 +256,12 @@ def test_atomic_writer_uses_unique_names_and_fsyncs(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     seen = []
     data.write_jsonl(pd.DataFrame({"a": [1, 2]}), tmp_path / "x.jsonl")
-    results.atomic_write(tmp_path / "y.txt", lambda tmp: seen.append(tmp.name) or tmp.write_text("1"))
-    results.atomic_write(tmp_path / "y.txt", lambda tmp: seen.append(tmp.name) or tmp.write_text("2"))
+    store.atomic_write(tmp_path / "y.txt", lambda tmp: seen.append(tmp.name) or tmp.write_text("1"))
+    store.atomic_write(tmp_path / "y.txt", lambda tmp: seen.append(tmp.name) or tmp.write_text("2"))
     assert len(synced) >= 4  # file and folder, each write
     assert seen[0] != seen[1] and all(n.startswith(".y.txt.") and n.endswith(".tmp") for n in seen)
     with pytest.raises(ZeroDivisionError):
-        results.atomic_write(tmp_path / "y.txt", lambda tmp: (tmp.write_text("partial"), 1 / 0))
+        store.atomic_write(tmp_path / "y.txt", lambda tmp: (tmp.write_text("partial"), 1 / 0))
     assert (tmp_path / "y.txt").read_text() == "2" and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -281,7 +284,7 @@ def test_data_mirror_found_without_the_makefile(monkeypatch, data_dir):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     if data.mirror_beside_checkout() is None:
         pytest.skip("no ../shared/data beside this checkout")
-    assert data.resolve_data_dir() == (results.repo_root().parent / "shared" / "data").resolve()
+    assert data.resolve_data_dir() == (store.repo_root().parent / "shared" / "data").resolve()
     assert data.load_split("rte", "validation").attrs["source"].endswith("rte/validation.jsonl")
 
 
@@ -290,12 +293,12 @@ def test_data_mirror_found_without_the_makefile(monkeypatch, data_dir):
 def test_kernel_of_a_dead_pipeline_writes_nothing(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    monkeypatch.setenv(results.PIPELINE_PID_ENV, str(dead.pid))
+    monkeypatch.setenv(store.PIPELINE_PID_ENV, str(dead.pid))
     with pytest.raises(RuntimeError, match=f"the pipeline \\(pid {dead.pid}\\) .* has exited; not writing"):
-        results.atomic_write_text(tmp_path / "row.csv", "x")
+        store.atomic_write_text(tmp_path / "row.csv", "x")
     assert _files(tmp_path) == []
-    monkeypatch.setenv(results.PIPELINE_PID_ENV, str(os.getpid()))  # alive: writes as usual
-    results.atomic_write_text(tmp_path / "row.csv", "x")
+    monkeypatch.setenv(store.PIPELINE_PID_ENV, str(os.getpid()))  # alive: writes as usual
+    store.atomic_write_text(tmp_path / "row.csv", "x")
     assert _files(tmp_path) == ["row.csv"]
 
 
@@ -315,15 +318,15 @@ def test_killed_pipeline_takes_its_kernel_and_its_rows_along(tmp_path):
     target = tmp_path / "row.csv"
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("path: str = ''", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("import time\ntime.sleep(8)\nfrom llmft_utils import results\n"
-                                  "results.atomic_write_text(path, 'a row')"),
+        nbformat.v4.new_code_cell("import time\ntime.sleep(8)\nfrom llmft_utils import store\n"
+                                  "store.atomic_write_text(path, 'a row')"),
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     src = tmp_path / "slow.ipynb"
     nbformat.write(nb, src)
-    code = ("import os, sys; from pathlib import Path; from llmft_utils import pipeline, results\n"
-            f"os.environ[results.PIPELINE_PID_ENV] = str(os.getpid())\n"
+    code = ("import os, sys; from pathlib import Path; from llmft_utils import pipeline, store\n"
+            f"os.environ[store.PIPELINE_PID_ENV] = str(os.getpid())\n"
             f"pipeline.run_notebook(Path({str(src)!r}), Path({str(tmp_path / 'out.ipynb')!r}), {{'path': {str(target)!r}}})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=results.repo_root())
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=store.repo_root())
     deadline = time.time() + 60
     while not _children(proc.pid) and time.time() < deadline:
         time.sleep(0.2)

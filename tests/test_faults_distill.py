@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 import toy_data
 from ddp_worker import rows as training_rows  # the DDP tests' training rows, with or without NaN targets
+
 from llmft_utils import data, distill, models, patterns
 
 GPT3 = patterns.get_pattern("gpt-3")
@@ -47,7 +47,7 @@ def _resave(path, change):
 
 def _nan_with_valid_checksum(blob):
     blob["logp"][0, 0] = float("nan")
-    blob["sha256"] = distill.tensors_sha256(blob)  # only the values are wrong, so the finiteness check must catch it
+    blob["sha256"] = distill.teacher.tensors_sha256(blob)  # only the values are wrong, so the finiteness check must catch it
 
 
 DAMAGE = {  # name: (damage(path, write_other), reason the warning must give)
@@ -77,11 +77,11 @@ def test_bad_cache_file_is_recomputed_with_a_warning(tiny, tmp_path, caplog, dam
 
     hurt, reason = DAMAGE[damage]
     hurt(path, other)
-    with caplog.at_level(logging.WARNING, logger="llmft_utils.distill"), \
+    with caplog.at_level(logging.WARNING, logger="llmft_utils.distill.teacher"), \
             pytest.warns(RuntimeWarning, match=re.escape(str(path)) + f".*{reason}"):
         got = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path, key)
     assert any(str(path) in r.getMessage() and reason in r.getMessage() for r in caplog.records
-               if r.name == "llmft_utils.distill")
+               if r.name == "llmft_utils.distill.teacher")
     assert not got["cache_hit"]
     assert torch.equal(got["logp"], fresh["logp"]) and torch.equal(got["topk_ids"], fresh["topk_ids"])
     again = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path, key)
@@ -151,7 +151,7 @@ def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm, every):
     model.model.norm.register_forward_hook(poison)
     ev, _ = _frames(8)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, max_grad_norm=max_grad_norm)
     with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at epoch 0, step 0 with a finite loss"):
         distill.train_student(model, tiny.tokenizer, rows, cfg, vids, check_every=every)
@@ -160,12 +160,12 @@ def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm, every):
 def test_stats_record_grad_norms_and_lrs(tiny):
     ev, _ = _frames(16)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.25, max_grad_norm=1e-3)
     _, st = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids)
     assert st["steps"] == len(st["losses"]) == len(st["grad_norms"]) == len(st["lrs"]) == 4
     assert np.isfinite(st["grad_norms"]).all() and min(st["grad_norms"]) > 1e-3  # the norm before clipping
-    f = distill.lr_lambda("linear", 4, 0.25)
+    f = distill.training.lr_lambda("linear", 4, 0.25)
     assert st["lrs"] == pytest.approx([1e-3 * f(t) for t in range(4)])
     _, st0 = distill.train_student(tiny.model, tiny.tokenizer, rows, dataclasses.replace(cfg, max_grad_norm=0.0), vids)
     assert st0["grad_norms"][0] == pytest.approx(st["grad_norms"][0], rel=1e-6)  # same first step, no clipping
@@ -179,7 +179,7 @@ def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
     norms, lrs and trained weights do not depend on ``check_every``."""
     from host_syncs import HostSyncs
 
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = training_rows(tiny.tokenizer)
     counts, runs = {}, {}
     for every in (1, 10**6):
@@ -194,14 +194,14 @@ def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
     for bs in (8, 2):
         (a, sa), (b, sb) = runs[1, bs], runs[10**6, bs]
         assert sa["losses"] == sb["losses"] and sa["grad_norms"] == sb["grad_norms"] and sa["lrs"] == sb["lrs"]
-        assert distill.params_digest(a) == distill.params_digest(b)
+        assert distill.training.params_digest(a) == distill.training.params_digest(b)
 
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_non_finite_loss_found_at_its_step_when_checks_are_sparse(tiny, every):
     """Rows 8-15 have NaN targets: in step order (no shuffling, batches of 2) the first bad step is 4, and
     that is the step named whether it is checked at once or with steps 3-5 together."""
-    vids = distill._verbalizer_ids(tiny.tokenizer, GPT3)
+    vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = training_rows(tiny.tokenizer)[:8] + training_rows(tiny.tokenizer, nan=True)[8:]
     cfg = distill.DistillConfig(epochs=1, batch_size=2, shuffle=False, group_by_length=False, max_grad_norm=1.0)
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0, step 4 on rank\(s\) \[0\] of 1"):

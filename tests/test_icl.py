@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-
 import toy_data
-from llmft_utils import data, icl, models, patterns
+
+from llmft_utils import data, models, patterns, scoring
 
 GPT3 = patterns.get_pattern("gpt-3")
 MULTI = patterns.Pattern("multi", "{premise} question: {hypothesis} Yes or No? answer:", (" Absolutely", " Nope"))
@@ -20,8 +20,8 @@ def test_prefix_reuse_equals_full_prompt(tiny_lms, arch, pattern, k):
     lm = tiny_lms[arch]
     ev, pool = _frames()
     demos = data.sample_demonstrations(pool, k, seed=1, exclude=ev)
-    m1, p1 = icl.evaluate(lm, ev, pattern, demos, batch_size=5, reuse_prefix=True, progress=False)
-    m2, p2 = icl.evaluate(lm, ev, pattern, demos, batch_size=3, reuse_prefix=False, progress=False)
+    m1, p1 = scoring.evaluate(lm, ev, pattern, demos, batch_size=5, reuse_prefix=True, progress=False)
+    m2, p2 = scoring.evaluate(lm, ev, pattern, demos, batch_size=3, reuse_prefix=False, progress=False)
     for c in ("logp_label0", "logp_label1"):
         assert np.abs(p1[c] - p2[c]).max() <= 1e-4
     assert (p1["top1_token"] == p2["top1_token"]).all()
@@ -45,19 +45,19 @@ def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, kernel, m
     demos = data.sample_demonstrations(pool, 6, seed=2, exclude=ev)
     prefix = patterns.build_prefix(GPT3, demos)
     queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
-    prefix_ids, rows, _, _ = icl.build_rows(lm.tokenizer, prefix, queries, GPT3.verbalizers)
-    kv = icl._prefix_kv(lm.model, prefix_ids, "cpu")
+    prefix_ids, rows, _, _ = scoring.build_rows(lm.tokenizer, prefix, queries, GPT3.verbalizers)
+    kv = scoring.reuse.encode_prefix(lm.model, prefix_ids, "cpu")
     calls = []
     name = "_flash_lse" if kernel == "auto" else "_math_lse"
-    real = getattr(icl, name)
-    monkeypatch.setattr(icl, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(icl, "SPLIT_KERNEL", kernel)
+    real = getattr(scoring.attention, name)
+    monkeypatch.setattr(scoring.attention, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(scoring.attention, "SPLIT_KERNEL", kernel)
     if kernel == "math":
-        monkeypatch.setattr(icl, "MATH_MAX_SCORES", 3 * len(prefix_ids) * lm.model.config.num_attention_heads)
-    assert icl.uses_split_attention(lm.model, "cpu") and icl.uses_split_attention(lm.model, "cuda")
-    split = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=True)
+        monkeypatch.setattr(scoring.attention, "MATH_MAX_SCORES", 3 * len(prefix_ids) * lm.model.config.num_attention_heads)
+    assert scoring.uses_split_attention(lm.model, "cpu") and scoring.uses_split_attention(lm.model, "cuda")
+    split = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=True)
     assert len(calls) == 2 * lm.model.config.num_hidden_layers * 3  # 2 partial attentions per layer and batch
-    cache = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=False)
+    cache = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=False)
     assert np.abs(split[0] - cache[0]).max() < 1e-5 and (split[1] == cache[1]).all()
     assert lm.model.config._attn_implementation == "sdpa"  # restored after the split forward
 
@@ -73,15 +73,15 @@ def test_token_budget_batches_and_device_side_gather_match_fixed_batches(tiny_lm
     prefix = patterns.build_prefix(GPT3, demos)
     queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
     multi = ("  maybe so", " no way at all")  # several tokens per label: one row per (query, label)
-    prefix_ids, rows, single, _ = icl.build_rows(lm.tokenizer, prefix, queries, multi)
+    prefix_ids, rows, single, _ = scoring.build_rows(lm.tokenizer, prefix, queries, multi)
     assert not single
     budget = 3 * max(len(r.ids) for r in rows)
-    batches = icl._batches(rows, 4, budget)
+    batches = scoring.forward.plan_batches(rows, 4, budget)
     assert sorted(i for b in batches for i in b) == list(range(len(rows)))
     assert all(len(b) * max(len(rows[i].ids) for i in b) <= budget for b in batches) and len(batches) > 2
-    kv = icl._prefix_kv(lm.model, prefix_ids, "cpu")
-    fixed = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4)
-    tok = icl._forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, max_tokens=budget)
+    kv = scoring.reuse.encode_prefix(lm.model, prefix_ids, "cpu")
+    fixed = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4)
+    tok = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, max_tokens=budget)
     assert np.abs(fixed[0] - tok[0]).max(where=~np.isnan(fixed[0]), initial=0) < 1e-5
     assert (np.isnan(fixed[0]) == np.isnan(tok[0])).all() and (fixed[1] == tok[1]).all()
     for r, sc in zip(rows, fixed[0]):  # each label set's log-prob: summed over its tokens on the full prompt
@@ -110,7 +110,7 @@ def test_scoring_and_teacher_make_no_host_sync_per_batch(tiny_lms, k):
     counts = {}
     for bs in (16, 2):
         with HostSyncs() as s:
-            icl.evaluate(lm, ev, GPT3, demos, batch_size=bs, progress=False)
+            scoring.evaluate(lm, ev, GPT3, demos, batch_size=bs, progress=False)
             if k:
                 distill.teacher_targets(lm, GPT3, demos, ev, distill.DistillConfig(), batch_size=bs)
         counts[bs] = s.total, dict(s.calls)
@@ -119,7 +119,7 @@ def test_scoring_and_teacher_make_no_host_sync_per_batch(tiny_lms, k):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_mask_arguments_give_the_same_logits(tiny_lms, arch):
-    """The 4D mask of :func:`icl.mask_arguments` (no host read of the mask) gives the logits of the 2D mask
+    """The 4D mask of :func:`scoring.attention.mask_arguments` (no host read of the mask) gives the logits of the 2D mask
     that transformers expands itself, bit for bit, on a padded and an unpadded batch, with SDPA and eager."""
     lm = tiny_lms[arch]
     ids = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -130,7 +130,7 @@ def test_mask_arguments_give_the_same_logits(tiny_lms, arch):
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         for impl in ("sdpa", "eager"):
             with torch.no_grad(), models.attention_implementation(lm.model, impl):
-                kw = icl.mask_arguments(lm.model, mask, pos)
+                kw = scoring.mask_arguments(lm.model, mask, pos)
                 assert (kw["attention_mask"].dim() == 4) == (impl == "sdpa")
                 want = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
                 got = lm.model(input_ids=ids, **kw).logits
@@ -139,13 +139,13 @@ def test_mask_arguments_give_the_same_logits(tiny_lms, arch):
 
 
 def test_split_kernel_from_the_environment():
-    """``$LLMFT_SPLIT_KERNEL`` sets ``icl.SPLIT_KERNEL`` at import; an unknown name stops the import with the choices."""
+    """``$LLMFT_SPLIT_KERNEL`` sets ``scoring.attention.SPLIT_KERNEL`` at import; an unknown name stops the import with the choices."""
     import os
     import subprocess
     import sys
 
-    run = lambda v: subprocess.run([sys.executable, "-c", "from llmft_utils import icl; print(icl.SPLIT_KERNEL)"],
-                                   capture_output=True, text=True, env={**os.environ, icl.SPLIT_KERNEL_ENV: v})
+    run = lambda v: subprocess.run([sys.executable, "-c", "from llmft_utils import scoring; print(scoring.attention.SPLIT_KERNEL)"],
+                                   capture_output=True, text=True, env={**os.environ, scoring.attention.SPLIT_KERNEL_ENV: v})
     ok, bad = run("math"), run("flash")
     assert ok.returncode == 0 and ok.stdout.strip() == "math", ok.stderr[-500:]
     assert bad.returncode != 0 and "LLMFT_SPLIT_KERNEL='flash': use one of ('auto', 'fused', 'math')" in bad.stderr
@@ -156,7 +156,7 @@ def test_naive_reference_is_independent_forward(tiny_lms):
     lm = tiny_lms["opt"]
     ev, pool = _frames(4)
     demos = data.sample_demonstrations(pool, 2, seed=0)
-    _, preds = icl.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False)
+    _, preds = scoring.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False)
     prefix = patterns.build_prefix(GPT3, demos)
     for i, (p, h) in enumerate(zip(ev.premise, ev.hypothesis)):
         text = prefix + patterns.query_text(GPT3, p, h, True)
@@ -173,18 +173,18 @@ def test_too_long_prompts_error_or_skip():
     lm = models.wrap(models.tiny_model("llama", tok, max_positions=64), tok)
     ev, pool = _frames(6)
     ev.loc[0, "premise"] = " ".join(["doctor"] * 200)
-    with pytest.raises(icl.PromptTooLongError, match="exceed the model's context of 64"):
-        icl.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
-    m, p = icl.evaluate(lm, ev, GPT3, pool.iloc[0:0], on_too_long="skip", progress=False)
+    with pytest.raises(scoring.PromptTooLongError, match="exceed the model's context of 64"):
+        scoring.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
+    m, p = scoring.evaluate(lm, ev, GPT3, pool.iloc[0:0], on_too_long="skip", progress=False)
     assert m["n_skipped_too_long"] == 1 and m["n_eval"] == 5 and p["skipped"].sum() == 1
     with pytest.raises(ValueError, match="on_too_long"):
-        icl.evaluate(lm, ev, GPT3, pool.iloc[0:0], on_too_long="truncate", progress=False)
+        scoring.evaluate(lm, ev, GPT3, pool.iloc[0:0], on_too_long="truncate", progress=False)
 
 
 def test_metrics_consistent(tiny_lms):
     lm = tiny_lms["llama"]
     ev, pool = _frames(10)
-    m, p = icl.evaluate(lm, ev, GPT3, data.sample_demonstrations(pool, 2, 0), progress=False)
+    m, p = scoring.evaluate(lm, ev, GPT3, data.sample_demonstrations(pool, 2, 0), progress=False)
     assert m["score_acc"] == pytest.approx((p.pred == p.label).mean())
     assert m["majority_acc"] == 0.5 and m["n_eval"] == 10
     assert m["non_verbalizer_frac"] == pytest.approx(1 - p.top1_is_verbalizer.mean())
@@ -194,7 +194,7 @@ def test_metrics_consistent(tiny_lms):
 
 
 def test_wilson_reference():
-    lo, hi = icl.wilson_ci(50, 100)
+    lo, hi = scoring.wilson_ci(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
 
 
@@ -215,15 +215,15 @@ def test_tail_tokenisation_equals_whole_prompt_tokenisation(which, smollm2_token
     rows), digits, whitespace runs and non-ASCII text."""
     tok = {"tiny-bos": models.tiny_tokenizer(add_bos=True), "tiny": models.tiny_tokenizer(),
            "smollm2": smollm2_tokenizer}[which]
-    assert icl._local_tokenizer(tok)
+    assert scoring.tokens._local_tokenizer(tok)
     ev, pool = _frames(80, 40)
     odd = ["\n\nQuestion: x", "12345 cats", "  spaced  out", "Ünïcödé — text?", "", "es no", ":", "\t\n 7", "terday"]
     for pattern in patterns.PATTERNS:
         pat = patterns.get_pattern(pattern)
         prefix = patterns.build_prefix(pat, data.sample_demonstrations(pool, 8, seed=3))
         queries = [patterns.query_text(pat, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)] + odd
-        fast = icl._tail_split(tok, prefix, tok([prefix])["input_ids"][0], queries)
-        assert fast is not None and (prefix_ids_and := icl.split_prefix(tok, prefix, queries))[1] == fast
+        fast = scoring.tokens._tail_split(tok, prefix, tok([prefix])["input_ids"][0], queries)
+        assert fast is not None and (prefix_ids_and := scoring.split_prefix(tok, prefix, queries))[1] == fast
         assert prefix_ids_and == _whole_split(tok, prefix, queries)
     if which == "smollm2":  # "... answer: Yes" + "terday": the query merges with the prefix's last token
         assert fast[-1][1] and fast[-1][0] == smollm2_tokenizer([prefix + "terday"])["input_ids"][0]
@@ -237,16 +237,16 @@ def test_tail_tokenisation_is_refused_where_not_exact(monkeypatch):
     tok = models.tiny_tokenizer()
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok._llmft_local = None
-    assert not icl._local_tokenizer(tok)
+    assert not scoring.tokens._local_tokenizer(tok)
     ev, pool = _frames(80, 40)
     prefix = patterns.build_prefix(GPT3, data.sample_demonstrations(pool, 8, seed=3))
     queries = [patterns.query_text(GPT3, p, h, True) for p, h in zip(ev.premise, ev.hypothesis)]
-    assert icl.split_prefix(tok, prefix, queries) == _whole_split(tok, prefix, queries)
+    assert scoring.split_prefix(tok, prefix, queries) == _whole_split(tok, prefix, queries)
     tok = models.tiny_tokenizer()
-    real = icl._tok
-    monkeypatch.setattr(icl, "_tok", lambda t, texts, special: [ids[:-1] if not special and len(texts) > 1 else ids
+    real = scoring.tokens._tok
+    monkeypatch.setattr(scoring.tokens, "_tok", lambda t, texts, special: [ids[:-1] if not special and len(texts) > 1 else ids
                                                                   for ids in real(t, texts, special)])
-    assert icl._tail_split(tok, prefix, real(tok, [prefix], True)[0], queries) is None
+    assert scoring.tokens._tail_split(tok, prefix, real(tok, [prefix], True)[0], queries) is None
 
 
 def test_build_rows_is_cached_by_texts_and_tokenizer(monkeypatch):
@@ -254,18 +254,18 @@ def test_build_rows_is_cached_by_texts_and_tokenizer(monkeypatch):
     object does not."""
     tok, other = models.tiny_tokenizer(), models.tiny_tokenizer()
     calls = []
-    real = icl._build_rows
-    monkeypatch.setattr(icl, "_build_rows", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(icl, "_rows_cache", [])
+    real = scoring.tokens._build_rows
+    monkeypatch.setattr(scoring.tokens, "_build_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(scoring.tokens, "_rows_cache", [])
     qs = ["A cat sat. question: a cat? Yes or No? answer:", "A dog ran. question: a dog? Yes or No? answer:"]
-    first = icl.build_rows(tok, "", qs, GPT3.verbalizers)
-    assert icl.build_rows(tok, "", list(qs), GPT3.verbalizers) is first and len(calls) == 1
-    icl.build_rows(tok, "", [qs[0], qs[1] + " "], GPT3.verbalizers)
-    icl.build_rows(tok, "x", qs, GPT3.verbalizers)
-    icl.build_rows(tok, "", qs, (" True", " False"))
-    icl.build_rows(other, "", qs, GPT3.verbalizers)
+    first = scoring.build_rows(tok, "", qs, GPT3.verbalizers)
+    assert scoring.build_rows(tok, "", list(qs), GPT3.verbalizers) is first and len(calls) == 1
+    scoring.build_rows(tok, "", [qs[0], qs[1] + " "], GPT3.verbalizers)
+    scoring.build_rows(tok, "x", qs, GPT3.verbalizers)
+    scoring.build_rows(tok, "", qs, (" True", " False"))
+    scoring.build_rows(other, "", qs, GPT3.verbalizers)
     assert len(calls) == 5
-    assert icl.build_rows(tok, "", qs, GPT3.verbalizers) is first and len(calls) == 5
+    assert scoring.build_rows(tok, "", qs, GPT3.verbalizers) is first and len(calls) == 5
 
 
 @pytest.mark.parametrize("which", ["tiny-bos", "smollm2"])
@@ -276,18 +276,18 @@ def test_continuations_from_distinct_tails_equal_whole_context_encoding(which, s
     tok = {"tiny-bos": models.tiny_tokenizer(add_bos=True), "smollm2": smollm2_tokenizer}[which]
     ev, _ = _frames(80, 10)
     calls = []
-    real = icl._continuation_ids
-    monkeypatch.setattr(icl, "_continuation_ids", lambda t, ctx, v: calls.append(len(ctx)) or real(t, ctx, v))
+    real = scoring.tokens._continuation_ids
+    monkeypatch.setattr(scoring.tokens, "_continuation_ids", lambda t, ctx, v: calls.append(len(ctx)) or real(t, ctx, v))
     for pattern in patterns.PATTERNS:
         pat = patterns.get_pattern(pattern)
         ctx = [patterns.query_text(pat, p, h, False) for p, h in zip(ev.premise, ev.hypothesis)] + ["Ünï 12 ?  x:"]
         calls.clear()
-        assert icl.continuation_ids(tok, ctx, pat.verbalizers) == real(tok, ctx, pat.verbalizers)
-        assert len(calls) == 2 and calls[1] <= icl.FAST_SPLIT_CHECK  # the distinct tails, then the check
+        assert scoring.continuation_ids(tok, ctx, pat.verbalizers) == real(tok, ctx, pat.verbalizers)
+        assert len(calls) == 2 and calls[1] <= scoring.tokens.FAST_SPLIT_CHECK  # the distinct tails, then the check
         if pattern == "gpt-3":  # every prompt ends "... Yes or No? answer:": one tail (+ the odd context's)
             assert calls[0] <= 2
     with pytest.raises(ValueError, match="merges with the end of the prompt"):
-        icl.continuation_ids(tok, ["Is it so? answer: Y"] * 70, ("es",))
+        scoring.continuation_ids(tok, ["Is it so? answer: Y"] * 70, ("es",))
 
 
 def test_scoring_and_teacher_targets_sharded_over_two_processes_equal_one_process(tmp_path):
@@ -321,13 +321,13 @@ def test_contextual_and_batch_calibration_by_hand(tiny_lms, arch):
     """Calibrate Before Use, recomputed with plain forwards: each content-free input ("N/A", "", "[MASK]" in
     both slots) after the demonstrations, the softmax over the two verbalizer tokens at the answer position,
     averaged; the calibrated prediction is argmax p(y|x) / q(y). Batch calibration divides by the mean of
-    p(·|x) over the evaluation queries instead. Both match ``icl.evaluate``'s columns."""
+    p(·|x) over the evaluation queries instead. Both match ``scoring.evaluation.evaluate``'s columns."""
     from llmft_utils import calibration
 
     lm = tiny_lms[arch]
     ev, pool = _frames(12)
     demos = data.sample_demonstrations(pool, 4, 0)
-    m, preds = icl.evaluate(lm, ev, GPT3, demos, progress=False, memory=False)
+    m, preds = scoring.evaluate(lm, ev, GPT3, demos, progress=False, memory=False)
     prefix = patterns.build_prefix(GPT3, demos)
     vids = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in GPT3.verbalizers]
 

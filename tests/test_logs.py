@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from llmft_utils import distill, icl, logs
+from llmft_utils import logs
+from llmft_utils.study import cd_sweep, icl_sweep
 
 
 @pytest.fixture(autouse=True)
@@ -46,5 +47,5 @@ def test_the_environment_sets_the_level_of_a_fresh_process():
 
 
 def test_sweeps_do_not_print():
-    for fn in (icl.run_sweep, distill.run_cd_sweep):
+    for fn in (icl_sweep.run_sweep, cd_sweep.run_cd_sweep):
         assert "print(" not in inspect.getsource(fn), fn.__name__

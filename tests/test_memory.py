@@ -3,9 +3,9 @@ grow with the number of demonstrations, are the same for a student as for the ze
 from, and are larger for a training step than for inference; the process's RSS, which the kit recorded
 before, cannot attribute memory to a run in a process that has already run larger ones."""
 import pytest
-
 import toy_data
-from llmft_utils import data, distill, icl, models, patterns
+
+from llmft_utils import data, distill, models, patterns, scoring
 
 GPT3 = patterns.get_pattern("gpt-3")
 
@@ -24,17 +24,17 @@ def test_icl_memory_grows_with_k_and_a_student_matches_zero_shot(arch, tiny_lms)
     ev, pool = toy_data.frames(24, 48, 0, premise=(3, 16))
     work = {}
     for k in (0, 4, 16):
-        m, _ = icl.evaluate(lm, ev, GPT3, data.sample_demonstrations(pool, k, 0), progress=False)
+        m, _ = scoring.evaluate(lm, ev, GPT3, data.sample_demonstrations(pool, k, 0), progress=False)
         assert m["mem_method"] == "torch_tensor_bytes"
         assert m["mem_weights_mb"] == pytest.approx(sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20, rel=0.05)
         work[k] = m["mem_work_mb"]
     assert 0 < work[0] < work[4] < work[16], work  # the prefix KV cache and the longer attention
-    zero, _ = icl.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
+    zero, _ = scoring.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
     cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3)
-    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    vids = distill.answer_token_ids(lm.tokenizer, GPT3)
     rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)
     student, _ = distill.train_student(lm.model, lm.tokenizer, rows, cfg, vids)
-    s, _ = icl.evaluate(models.wrap(student, lm.tokenizer, name="student"), ev, GPT3, pool.iloc[0:0], progress=False)
+    s, _ = scoring.evaluate(models.wrap(student, lm.tokenizer, name="student"), ev, GPT3, pool.iloc[0:0], progress=False)
     assert s["mem_tensors_peak_mb"] == pytest.approx(zero["mem_tensors_peak_mb"], rel=0.05)
     # training (weights + gradients + AdamW states + activations) exceeds inference on the same model
     step = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
@@ -47,7 +47,7 @@ def test_checkpointing_lowers_the_measured_training_memory(setup):
     cfg = distill.DistillConfig(epochs=1, batch_size=16, lr=1e-3)
     t = distill.teacher_targets(lm, GPT3, data.sample_demonstrations(pool, 4, 0), ev, cfg)
     rows = distill.student_examples(lm.tokenizer, GPT3, ev, t, lm.max_context)
-    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    vids = distill.answer_token_ids(lm.tokenizer, GPT3)
     plain = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
     ckpt = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids, checkpointing=True)
     assert ckpt.work_mb < plain.work_mb and ckpt.weights_mb == plain.weights_mb
@@ -63,7 +63,7 @@ def test_training_step_memory_after_a_zero_gradient_step_equals_after_a_real_ste
     _, pool = toy_data.frames(8, 48, 0, premise=(3, 16))
     cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3, mixed_precision=mixed_precision,
                                 lora_r=lora_r)
-    vids = distill._verbalizer_ids(lm.tokenizer, GPT3)
+    vids = distill.answer_token_ids(lm.tokenizer, GPT3)
     rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)
     fast = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids)
     real = distill.training_step_memory(lm.model, lm.tokenizer, rows, cfg, vids, warm_step="real")
@@ -79,14 +79,14 @@ def test_batch_memory_depends_on_shapes_not_weights_so_a_kept_measurement_is_exa
     tok = models.tiny_tokenizer(add_bos=True)
     ev, pool = toy_data.frames(24, 48, 0, premise=(3, 16))
     a, b = (models.wrap(models.tiny_model(arch, tok, seed=s, max_positions=4096), tok) for s in (0, 1))
-    monkeypatch.setattr(icl, "_BATCH_MEMORY", {})
+    monkeypatch.setattr(scoring.scorer, "_BATCH_MEMORY", {})
     got = {}
     for k in (0, 4):
         demos = data.sample_demonstrations(pool, k, 0)
-        kept, _ = icl.evaluate(a, ev, GPT3, demos, progress=False, calibration=False)
-        icl._BATCH_MEMORY.clear()
-        fresh, _ = icl.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
-        reused, _ = icl.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
+        kept, _ = scoring.evaluate(a, ev, GPT3, demos, progress=False, calibration=False)
+        scoring.scorer._BATCH_MEMORY.clear()
+        fresh, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
+        reused, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
         cols = ("mem_tensors_peak_mb", "mem_weights_mb", "mem_work_mb", "mem_method")
         assert [kept[c] for c in cols] == [fresh[c] for c in cols] == [reused[c] for c in cols]
         got[k] = fresh["mem_work_mb"]

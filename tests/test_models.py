@@ -79,7 +79,8 @@ def test_random_init_rows_are_marked_and_keyed_apart(tmp_path, monkeypatch):
     """A random-init model's ICL rows carry its ``random:`` name (so their resume keys never match real
     weights' rows) and ``random_init = True``; ``dtype="tf32"`` is recorded as such (its own keys)."""
     import toy_data
-    from llmft_utils import icl
+
+    from llmft_utils.study import icl_sweep
 
     tok = models.tiny_tokenizer()
     monkeypatch.setattr(models, "random_model", lambda shape, device, dtype, seed=0: models.tiny_model("llama", tok))
@@ -87,7 +88,7 @@ def test_random_init_rows_are_marked_and_keyed_apart(tmp_path, monkeypatch):
     lm = models.load_model("random:smollm2-135m", device="cpu", dtype="tf32")
     assert lm.source.startswith("random-init:smollm2-135m") and lm.dtype == "tf32" and lm.info["random_init"]
     _, out = toy_data.results_folder(tmp_path)
-    rows = icl.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
     assert rows["random_init"].all() and (rows["model"] == "random:smollm2-135m").all()
     assert rows["run_key"].str.contains("random:smollm2-135m").all() and rows["run_key"].str.endswith("tf32@cpu").all()
 

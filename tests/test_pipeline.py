@@ -5,7 +5,7 @@ import nbformat
 import pytest
 
 from llmft_utils import pipeline
-from llmft_utils.results import repo_root
+from llmft_utils.store import repo_root
 
 NB = repo_root() / "notebooks"
 
@@ -128,7 +128,7 @@ def test_selection_rule_keeps_the_format_then_takes_agreement():
     flagged."""
     import pandas as pd
 
-    from llmft_utils import selection
+    from llmft_utils.study import selection
 
     rec = {f"recipe_{k}": 0 for k in selection.RECIPE_KEYS}
     rows = []
@@ -147,7 +147,7 @@ def test_selection_rule_keeps_the_format_then_takes_agreement():
 @pytest.mark.skipif(not (repo_root() / "results" / "recipe_selection" / "choice.json").is_file(),
                     reason="no committed recipe selection")
 def test_default_profile_carries_the_recipe_chosen_on_the_dev_split():
-    from llmft_utils import selection
+    from llmft_utils.study import selection
 
     choice = json.loads((repo_root() / "results" / "recipe_selection" / "choice.json").read_text())
     p = pipeline.PROFILES[choice["profile"]]

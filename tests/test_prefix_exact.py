@@ -10,10 +10,10 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+import toy_data
 import transformers
 
-import toy_data
-from llmft_utils import data, icl, models, patterns
+from llmft_utils import data, models, patterns, scoring
 
 GPT3 = patterns.get_pattern("gpt-3")
 WINDOW = 16
@@ -97,11 +97,11 @@ def test_reuse_equals_independent_reference(lms, arch):
     ev, pool = _frames()
     demos = data.sample_demonstrations(pool, 4, seed=1, exclude=ev)
     prefix = patterns.build_prefix(GPT3, demos)
-    m, preds = icl.evaluate(lm, ev, GPT3, demos, batch_size=4, reuse_prefix=True, progress=False)
+    m, preds = scoring.evaluate(lm, ev, GPT3, demos, batch_size=4, reuse_prefix=True, progress=False)
     assert m["prefix_tokens"] > WINDOW
     ref = _reference(lm, prefix, ev)
     _assert_matches_reference(lm, prefix, ev, preds, ref)
-    teacher = icl.answer_logits(lm, prefix, _queries(ev), lambda z: torch.log_softmax(z, -1), batch_size=4)
+    teacher = scoring.answer_logits(lm, prefix, _queries(ev), lambda z: torch.log_softmax(z, -1), batch_size=4)
     assert max(float((t - r).abs().max()) for t, r in zip(teacher, ref)) <= 1e-4
     if arch in SLIDING:
         assert m["n_prefix_fallback"] == len(ev) and "sliding-window attention (window 16)" in m["prefix_reuse_note"]
@@ -116,11 +116,11 @@ def test_sliding_window_reuses_the_rows_that_fit():
     ev, pool = _frames()
     demos = data.sample_demonstrations(pool, 2, seed=1, exclude=ev)
     prefix = patterns.build_prefix(GPT3, demos)
-    prefix_ids, rows, _, _ = icl.build_rows(tok, prefix, _queries(ev), GPT3.verbalizers)
+    prefix_ids, rows, _, _ = scoring.build_rows(tok, prefix, _queries(ev), GPT3.verbalizers)
     lengths = sorted(len(r.ids) for r in rows)
     window = len(prefix_ids) + lengths[-3]  # the two longest queries do not fit
     lm = _lm("mistral", tok, window)
-    m, preds = icl.evaluate(lm, ev, GPT3, demos, batch_size=8, reuse_prefix=True, progress=False)
+    m, preds = scoring.evaluate(lm, ev, GPT3, demos, batch_size=8, reuse_prefix=True, progress=False)
     _assert_matches_reference(lm, prefix, ev, preds, _reference(lm, prefix, ev))
     assert m["n_prefix_fallback"] == 2 and "2 of 9 queries scored on full prompts" in m["prefix_reuse_note"]
 
@@ -134,17 +134,17 @@ def test_sliding_window_reuses_the_rows_that_fit():
 ], ids=lambda x: type(x).__name__ if not isinstance(x, (int, float)) else str(x))
 def test_exact_reuse_length_by_layer_types(config, limit):
     """Full attention: reuse always; sliding windows: within the window; chunked, linear or recurrent layers: never."""
-    got, reason = icl.exact_reuse_length(config)
+    got, reason = scoring.exact_reuse_length(config)
     assert got == limit and (reason == "") == (limit == np.inf)
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_split_kernel_that_did_not_run_raises(lms, arch, monkeypatch):
     """A model that ignores the switch to the split kernel would score without the prefix: it must raise."""
-    monkeypatch.setattr(icl, "attention_implementation", lambda model, name: contextlib.nullcontext())
+    monkeypatch.setattr(scoring.forward, "attention_implementation", lambda model, name: contextlib.nullcontext())
     ev, pool = _frames(4)
     with pytest.raises(RuntimeError, match="AttentionInterface"):
-        icl.evaluate(lms[arch], ev, GPT3, data.sample_demonstrations(pool, 2, seed=0), progress=False)
+        scoring.evaluate(lms[arch], ev, GPT3, data.sample_demonstrations(pool, 2, seed=0), progress=False)
 
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"], ids=["split", "broadcast"])
@@ -152,25 +152,25 @@ def test_split_kernel_that_did_not_run_raises(lms, arch, monkeypatch):
 def test_self_check_catches_a_corrupted_prefix(lms, arch, teacher, monkeypatch):
     """Prefix values off by one position (the reference, run without the prefix cache, is untouched): the
     self-check raises on both prefix paths, for ICL scoring and for the teacher."""
-    real = icl._prefix_kv
-    monkeypatch.setattr(icl, "_prefix_kv", lambda *a: [(k, v.roll(1, dims=2)) for k, v in real(*a)])
+    real = scoring.reuse.encode_prefix
+    monkeypatch.setattr(scoring.forward, "encode_prefix", lambda *a: [(k, v.roll(1, dims=2)) for k, v in real(*a)])
     ev, pool = _frames(6)
     demos = data.sample_demonstrations(pool, 4, seed=0)
     with pytest.raises(RuntimeError, match="differs from the full prompt") as err:
         if teacher:
-            icl.answer_logits(lms[arch], patterns.build_prefix(GPT3, demos), _queries(ev), lambda z: z, batch_size=4)
+            scoring.answer_logits(lms[arch], patterns.build_prefix(GPT3, demos), _queries(ev), lambda z: z, batch_size=4)
         else:
-            icl.evaluate(lms[arch], ev, GPT3, demos, batch_size=4, progress=False)
+            scoring.evaluate(lms[arch], ev, GPT3, demos, batch_size=4, progress=False)
     assert err.type.__name__ == "PrefixReuseMismatch" and "reuse_prefix=False" in str(err.value)
 
 
 def test_self_check_catches_the_sliding_window_error(lms, monkeypatch):
     """Were a sliding-window model's rows reused beyond the window (the reported bug), the self-check's
     most padded row would show it."""
-    monkeypatch.setattr(icl, "exact_reuse_length", lambda config: (np.inf, ""))
+    monkeypatch.setattr(scoring.reuse, "exact_reuse_length", lambda config: (np.inf, ""))
     ev, pool = _frames()
-    with pytest.raises(icl.PrefixReuseMismatch, match="mistral: scoring on the reused prefix differs"):
-        icl.evaluate(lms["mistral"], ev, GPT3, data.sample_demonstrations(pool, 4, seed=1, exclude=ev), batch_size=4,
+    with pytest.raises(scoring.PrefixReuseMismatch, match="mistral: scoring on the reused prefix differs"):
+        scoring.evaluate(lms["mistral"], ev, GPT3, data.sample_demonstrations(pool, 4, seed=1, exclude=ev), batch_size=4,
                      progress=False)
 
 
@@ -179,7 +179,7 @@ def test_self_check_costs_one_forward(lms, arch, monkeypatch):
     """An honest run passes the self-check, which re-scores the most padded row on its full prompt:
     one batch-1 forward per run on top of the prefix and the batches of queries (the memory
     measurement, one more prefix and batch, and the calibration's content-free prompts are switched off here)."""
-    monkeypatch.setattr(icl, "calibrated_scores", lambda *a, **k: ({}, {}))
+    monkeypatch.setattr(scoring.evaluation, "calibrated_scores", lambda *a, **k: ({}, {}))
     lm = lms[arch]
     ev, pool = _frames(9)
     demos = data.sample_demonstrations(pool, 2, seed=0)
@@ -187,7 +187,7 @@ def test_self_check_costs_one_forward(lms, arch, monkeypatch):
     hook = lm.model.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                               with_kwargs=True)
     try:
-        m, _ = icl.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False, memory=False)
+        m, _ = scoring.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False, memory=False)
     finally:
         hook.remove()
     assert [s[0] for s in shapes] == [1, 4, 4, 1, 1]  # prefix, 3 batches of queries, the check

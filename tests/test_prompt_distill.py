@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 import toy_data
+
 from llmft_utils import data, distill, models, patterns, pipeline, prompt_distill
 
 GPT3 = patterns.get_pattern("gpt-3")

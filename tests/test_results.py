@@ -3,11 +3,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from llmft_utils import probes, results
+from llmft_utils import probes, store
+from llmft_utils.analysis import tables
 
 
 def test_result_table_append_replace_resume(tmp_path):
-    t = results.ResultTable(tmp_path / "r.csv")
+    t = store.ResultTable(tmp_path / "r.csv")
     assert t.done() == set()
     t.append([{"run_key": "a", "acc": 0.5}])
     t.append([{"run_key": "b", "acc": 0.6}])
@@ -19,19 +20,19 @@ def test_result_table_append_replace_resume(tmp_path):
 
 def test_t_ci_reference():
     v = [0.50, 0.54, 0.56]
-    m, lo, hi = results.t_ci(v)
+    m, lo, hi = tables.t_ci(v)
     ref = stats.t.interval(0.95, 2, loc=np.mean(v), scale=stats.sem(v))
     assert m == pytest.approx(np.mean(v)) and (lo, hi) == pytest.approx(ref)
-    assert np.isnan(results.t_ci([0.5])[1])
-    m, lo, hi = results.t_ci([0.1, 0.9, 0.95], bounds=(0, 1))  # a wide interval of a proportion stays in [0, 1]
+    assert np.isnan(tables.t_ci([0.5])[1])
+    m, lo, hi = tables.t_ci([0.1, 0.9, 0.95], bounds=(0, 1))  # a wide interval of a proportion stays in [0, 1]
     assert (lo, hi) == (0.0, 1.0) and m == pytest.approx(0.65)
-    assert results.is_proportion("score_acc") and results.is_proportion("acc_label1")
-    assert not results.is_proportion("s_per_query") and not results.is_proportion("peak_mem_mb")
+    assert tables.is_proportion("score_acc") and tables.is_proportion("acc_label1")
+    assert not tables.is_proportion("s_per_query") and not tables.is_proportion("peak_mem_mb")
 
 
 def test_summarize_groups():
     df = pd.DataFrame({"task": ["a"] * 3 + ["b"], "k": [4, 4, 4, 0], "seed": [0, 1, 2, 0], "acc": [0.5, 0.6, 0.7, 0.4]})
-    s = results.summarize(df, ["task", "k"], ["acc"]).set_index("task")
+    s = tables.summarize(df, ["task", "k"], ["acc"]).set_index("task")
     assert s.loc["a", "n_seeds"] == 3 and s.loc["a", "acc_mean"] == pytest.approx(0.6)
     assert s.loc["b", "acc_mean"] == 0.4 and np.isnan(s.loc["b", "acc_ci_lo"])
 
@@ -45,5 +46,5 @@ def test_probe_measures_cpu_peak():
 
 
 def test_provenance_fields():
-    p = results.provenance()
+    p = store.provenance()
     assert {"git_commit", "torch", "transformers", "hardware", "timestamp"} <= set(p)

@@ -21,7 +21,7 @@ def results_folder(tmp_path, n: int = 6, max_positions: int = 48, n_pool: int = 
     """``(lm, folder)``: a tiny random Llama with a ``max_positions`` context and a results folder whose manifest
     holds one toy evaluation set (``toy/validation``, n rows) and its demonstration pool (``toy/train``), laid out
     as notebook 01 writes them."""
-    from llmft_utils import data, models, results
+    from llmft_utils import data, models, store
 
     tok = models.tiny_tokenizer()
     lm = models.wrap(models.tiny_model("llama", tok, max_positions=max_positions), tok, name="tiny-llama")
@@ -37,8 +37,8 @@ def results_folder(tmp_path, n: int = 6, max_positions: int = 48, n_pool: int = 
     data.write_jsonl(pool, out / "prepared/toy__train.jsonl")
     manifest = {"eval_sets": {"toy/validation": {"file": "prepared/toy__validation.jsonl", "task": "toy",
                                                  "split": "validation", "full_size": n, "subsampled": False,
-                                                 "ids_digest": results.ids_digest(ev["idx"]), "demo_pool": "toy/train",
+                                                 "ids_digest": store.ids_digest(ev["idx"]), "demo_pool": "toy/train",
                                                  **data.label_stats(ev)}},
                 "demo_pools": {"toy/train": {"file": "prepared/toy__train.jsonl", **data.label_stats(pool)}}}
-    results.atomic_write_json(out / "manifest.json", manifest)
+    store.atomic_write_json(out / "manifest.json", manifest)
     return lm, out

@@ -80,7 +80,7 @@ def record(dest: Path, profile: str, sets: list) -> None:
 
 def main(argv=None) -> int:
     from llmft_utils import compare
-    from llmft_utils.results import atomic_write_json
+    from llmft_utils.store import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")

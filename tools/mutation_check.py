@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 # name -> (file, old text, new text): one change each
 MUTATIONS = {
-    "lr_x10": ("llmft_utils/distill.py", "torch.optim.AdamW(params, lr=cfg.lr,", "torch.optim.AdamW(params, lr=cfg.lr * 10,"),
-    "kl_swapped": ("llmft_utils/distill.py", "        return forward_kl(student_logp, teacher_logp)\n",
+    "lr_x10": ("llmft_utils/distill/training.py", "torch.optim.AdamW(params, lr=cfg.lr,", "torch.optim.AdamW(params, lr=cfg.lr * 10,"),
+    "kl_swapped": ("llmft_utils/distill/losses.py", "        return forward_kl(student_logp, teacher_logp)\n",
                    "        return reverse_kl(student_logp, teacher_logp)\n"),
-    "targets_permuted": ("llmft_utils/distill.py", '            if method == "cd_shuffled":  # the same targets',
+    "targets_permuted": ("llmft_utils/study/cd_sweep.py", '            if method == "cd_shuffled":  # the same targets',
                          '            if method in ("cd", "cd_shuffled", "cd_ensemble"):  # the same targets'),
 }
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from capability_matrix import SETTINGS, run_profile
 
     from llmft_utils import compare
-    from llmft_utils.results import atomic_write_json
+    from llmft_utils.store import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="*", default=["native", "avx2", "default"], choices=list(SETTINGS))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmft_utils import data, models, pipeline, selection  # noqa: E402
-from llmft_utils.results import atomic_write_json, provenance  # noqa: E402
+from llmft_utils import data, models, pipeline  # noqa: E402
+from llmft_utils.store import atomic_write_json, provenance  # noqa: E402
+from llmft_utils.study import selection  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Notebooks 01-03 of a profile run directly through the library, and two results folders compared run by run.
 
 For machines without Jupyter/papermill (a bare GPU box): the same calls the notebooks make
-(``data.prepare_study_data``, ``icl.run_sweep``, ``distill.run_cd_sweep``), the same rows and files, the
+(``data.prepare_study_data``, ``study.icl_sweep.run_sweep``, ``study.cd_sweep.run_cd_sweep``), the same rows and files, the
 same resume keys. Optional limits narrow a profile (``--ks``, ``--seeds``, ``--cd-ks``, ``--cd-tasks``,
 ``--pbft-n``) and ``--deadline`` stops starting new runs after that many seconds (finished runs are kept;
 the same command resumes). The report ``<out>/direct_run.json`` records what ran, how long each step took
@@ -26,8 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmft_utils import data, distill, icl, models, params, pipeline  # noqa: E402
-from llmft_utils.results import ResultTable, atomic_write_json  # noqa: E402
+from llmft_utils import data, models, params, pipeline  # noqa: E402
+from llmft_utils.store import ResultTable, atomic_write_json  # noqa: E402
+from llmft_utils.study import (
+    cd_sweep,  # noqa: E402
+    icl_sweep,  # noqa: E402
+)
 
 
 def _ints(s: str | None):
@@ -72,19 +76,19 @@ def run(a) -> dict:
     common = dict(batch_size=p["batch_size"], max_tokens=p["max_batch_tokens"], model_name=p["model"],
                   profile=p["profile"], progress=False)
     if 0 in p["ks"]:
-        step("02 icl k=0", lambda: icl.run_sweep(lm, out, p["pattern"], [0], [0], on_too_long=p["on_too_long"], **common))
+        step("02 icl k=0", lambda: icl_sweep.run_sweep(lm, out, p["pattern"], [0], [0], on_too_long=p["on_too_long"], **common))
     for seed in p["seeds"]:  # seed by seed (ICL, then CD and PBFT): a deadline leaves whole seeds done
         for k in [k for k in p["ks"] if k]:
             if late():
                 break
-            step(f"02 icl k={k} seed={seed}", lambda: icl.run_sweep(lm, out, p["pattern"], [k], [seed],
+            step(f"02 icl k={k} seed={seed}", lambda: icl_sweep.run_sweep(lm, out, p["pattern"], [k], [seed],
                                                                      on_too_long=p["on_too_long"], **common))
         for task in p["cd_tasks"]:
             for ks, pbft_n in [([k], 0) for k in p["cd_ks"]] + ([([], p["pbft_n"])] if p["pbft_n"] else []):
                 if late():
                     break
                 step(f"03 {'cd k=' + str(ks[0]) if ks else 'pbft'} {task} seed={seed}",
-                     lambda: distill.sweep_from_params(lm, out, p, train_tasks=[task], ks=ks, seeds=[seed],
+                     lambda: cd_sweep.sweep_from_params(lm, out, p, train_tasks=[task], ks=ks, seeds=[seed],
                                                        pbft_n=pbft_n))
     report["total_s"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / "direct_run.json", report)

@@ -2,8 +2,8 @@
 
 Notebook 01 holds ``dev_n`` rows out of each demonstration pool (``manifest["dev_sets"]``): they are never a
 demonstration or a transfer query. :func:`run_selection` turns those dev sets into the evaluation sets of a
-separate results folder and runs the study's own code there (``icl.run_sweep`` for the teachers and the
-zero-shot model, ``distill.run_cd_sweep`` once per candidate recipe), so a candidate is scored exactly as
+separate results folder and runs the study's own code there (``study.icl_sweep.run_sweep`` for the teachers and the
+zero-shot model, ``study.cd_sweep.run_cd_sweep`` once per candidate recipe), so a candidate is scored exactly as
 the study would score it. :func:`choose` applies the rule below, declared before any candidate ran:
 
     RULE: keep the candidates whose answer format stays within ``FORMAT_GAP`` of the teacher's on every
@@ -20,6 +20,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+
+from ..store import atomic_write_json
+from .cd_sweep import run_cd_sweep
+from .icl_sweep import run_sweep
+from .plan import config_from_params
 
 FORMAT_GAP = 0.05
 # candidate recipes: overrides of the profile's CD parameters, in order of preference on ties
@@ -48,8 +53,6 @@ def run_selection(lm, out_dir, p: dict, candidates: dict = CANDIDATES, tasks=Non
     ``data.prepare_study_data(..., dev_n=...)``; its manifest is kept as ``manifest_study.json``). ``p``: the
     profile's parameters (the recipe each candidate overrides). One CD student per (candidate, task, seed) at
     ``k`` (default: the profile's largest cd_k). Returns one row per student with the candidate's name."""
-    from . import distill, icl
-    from .results import atomic_write_json
 
     out_dir = Path(out_dir)
     study = out_dir / "manifest_study.json"
@@ -58,13 +61,13 @@ def run_selection(lm, out_dir, p: dict, candidates: dict = CANDIDATES, tasks=Non
     atomic_write_json(out_dir / "manifest.json", dev_manifest(json.loads(study.read_text())))
     k = k or max(p["cd_ks"])
     tasks = list(tasks or p["cd_tasks"])
-    icl.run_sweep(lm, out_dir, p["pattern"], [0, k], list(seeds), batch_size=p["batch_size"], model_name=p["model"],
+    run_sweep(lm, out_dir, p["pattern"], [0, k], list(seeds), batch_size=p["batch_size"], model_name=p["model"],
                   profile="selection", progress=progress, full_prompt_sample=0)
     rows = []
     for name, over in candidates.items():
         q = {**p, **over}
-        got = distill.run_cd_sweep(lm, out_dir, q["pattern"], tasks, [k], list(seeds), q["n_transfer"], 0,
-                                   distill.config_from_params(q), q["pbft_epochs"], eval_batch_size=q["batch_size"],
+        got = run_cd_sweep(lm, out_dir, q["pattern"], tasks, [k], list(seeds), q["n_transfer"], 0,
+                                   config_from_params(q), q["pbft_epochs"], eval_batch_size=q["batch_size"],
                                    model_name=q["model"], profile="selection", progress=progress, ood_train_tasks=[])
         rows.append(got.assign(candidate=name, **{f"recipe_{a}": q[a] for a in RECIPE_KEYS}))
     table = pd.concat(rows, ignore_index=True)

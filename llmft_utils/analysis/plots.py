@@ -1,11 +1,12 @@
-"""Figures of the study, each a pure function of the tidy tables in :mod:`llmft_utils.results`."""
+"""Figures of the study, each a pure function of the tidy tables in :mod:`llmft_utils.analysis.tables`."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .results import _order
+from ..store import atomic_write
+from .tables import method_order, teacher_seconds
 
 COLORS = {"zero-shot": "#7f7f7f", "ICL": "#4c72b0", "CD": "#dd8452", "PBFT": "#55a868"}
 
@@ -66,7 +67,7 @@ def accuracy_vs_k(summary: pd.DataFrame):
 
 
 def accuracy_vs_total_demos(runs: pd.DataFrame):
-    """Accuracy against the labelled demonstrations behind each method (``results.total_demonstrations``: k for
+    """Accuracy against the labelled demonstrations behind each method (``tables.total_demonstrations``: k for
     ICL and CD, m·k for a teacher ensemble at inference or distilled, n for PBFT, 0 zero-shot), raw (top row)
     and after batch calibration (bottom row), per evaluation set. Where teacher ensembles exist only the seeds
     that have one are drawn, so every point averages the same seeds; small dots are single seeds, large
@@ -182,7 +183,7 @@ def cost_break_even(table: pd.DataFrame, n_max: float = 1e6):
     """Cumulative wall time against queries served (log-log), one panel per evaluation set: ICL with the
     prefix cached (solid) and without (dotted), CD = its one-off teacher + training cost plus the
     student's per-query cost (dashed), one colour per k; dots mark the break-even points
-    (:func:`results.break_even`)."""
+    (:func:`tables.break_even`)."""
     sets = sorted(table["eval_set"].unique()) if len(table) else []
     fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(4.6 * max(1, len(sets)), 3.6), squeeze=False)
     n = np.logspace(0, np.log10(n_max), 200)
@@ -212,7 +213,7 @@ def hans_heatmap(subcases: pd.DataFrame, train_task: str = "mnli"):
     """HANS accuracy per heuristic/subcase (rows) and method (columns), mean over seeds."""
     s = subcases[subcases["train_task"].isin([train_task, "none"])]
     piv = s.groupby(["heuristic", "subcase", "method_label"])["acc"].mean().unstack("method_label")
-    piv = piv[_order(piv.columns)]
+    piv = piv[method_order(piv.columns)]
     piv = piv.sort_index(level=["heuristic", "subcase"])
     fig, ax = plt.subplots(figsize=(1.1 * piv.shape[1] + 3.5, 0.24 * len(piv) + 1.5))
     im = ax.imshow(piv.to_numpy(), cmap="RdBu", vmin=0, vmax=1, aspect="auto")
@@ -232,8 +233,7 @@ def hans_heatmap(subcases: pd.DataFrame, train_task: str = "mnli"):
 def training_cost(runs: pd.DataFrame):
     """Teacher caching + training time and peak training memory of CD, teacher-ensemble CD and PBFT students. A
     student whose teacher came from the cache (the shuffled control computes CD's first) is charged what
-    computing it cost (:func:`results.teacher_seconds`), as in the break-even table."""
-    from .results import teacher_seconds
+    computing it cost (:func:`tables.teacher_seconds`), as in the break-even table."""
 
     t = runs[runs["method"].isin(["cd", "cd_ensemble", "pbft"])].drop_duplicates(["method", "train_task", "k", "seed"])
     t = t.assign(teacher_cache_s=teacher_seconds(runs, t))
@@ -242,7 +242,7 @@ def training_cost(runs: pd.DataFrame):
                                     ("train_peak_mem_mb", "peak training memory (MB)"))
     g = t.groupby(["train_task", "method_label"])[["teacher_cache_s", "train_s", mem, "n_train"]].mean()
     g = g.reset_index()
-    rank = {m: i for i, m in enumerate(_order(g["method_label"]))}
+    rank = {m: i for i, m in enumerate(method_order(g["method_label"]))}
     g = g.assign(_r=g["method_label"].map(rank)).sort_values(["train_task", "_r"]).reset_index(drop=True)
     labels = [f"{r.train_task}\n{r.method_label.replace(' ensemble ', ' ensemble' + chr(10))}" for r in g.itertuples()]
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(g)), 3.6))
@@ -291,7 +291,6 @@ def save(fig, folder, name: str) -> list:
     (no date, a fixed SVG id salt), so rerunning the analysis on committed results leaves git clean."""
     from pathlib import Path
 
-    from .results import atomic_write
 
     paths = []
     with plt.rc_context({"svg.hashsalt": "llmft"}):

@@ -1,213 +1,14 @@
-"""Tidy result tables: provenance, atomic writes, resume-by-key, seed aggregation."""
+"""Reading written tables: seed aggregation, the summary, and the tables behind every claim (transfer,
+distribution, calibrated and ensemble checks, break-even, HANS subcases).
+"""
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
-import os
-import platform
-import secrets
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-RESULTS_DIR_ENV = "LLMFT_RESULTS_DIR"
-
-
-def repo_root() -> Path:
-    """The checkout this package lives in (falls back to the current directory)."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "notebooks").is_dir():
-        return here
-    return Path.cwd()
-
-
-def results_dir(results_dir: str = "", profile: str = "smoke", create: bool = True) -> Path:
-    """Explicit argument, else $LLMFT_RESULTS_DIR, else ``<repo>/results/<profile>``; created if missing."""
-    d = results_dir or os.environ.get(RESULTS_DIR_ENV, "")
-    p = Path(d).expanduser() if d else repo_root() / "results" / profile
-    if not p.is_absolute():
-        p = repo_root() / p
-    if create:
-        p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-RESULT_SUBFOLDERS = ("prepared", "predictions", "teacher_cache", "executed", "figures")
-
-
-def ensure_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove that it (and its existing result subfolders) can be written, by
-    writing and removing a probe file; raise :class:`PermissionError` naming the folder otherwise. Cheap:
-    meant to run before any model load, so that a read-only folder fails in a second, not after scoring."""
-    folder = Path(folder)
-    targets = [folder] + [folder / s for s in RESULT_SUBFOLDERS if (folder / s).is_dir()]
-    for t in targets:
-        try:
-            t.mkdir(parents=True, exist_ok=True)
-            probe_file = t / f".write_probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            probe_file.write_bytes(b"")
-            probe_file.unlink()
-        except OSError as e:
-            raise PermissionError(f"the results folder {t} is not writable ({type(e).__name__}: {e.strerror or e}); "
-                                  "fix its permissions or choose another results_dir (or $LLMFT_RESULTS_DIR)") from None
-    return folder
-
-
-def git_commit() -> str:
-    try:
-        root = repo_root()
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "unknown") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance() -> dict:
-    """What produced a row: code version, library versions, hardware (CPU model, ATen's CPU capability, BLAS
-    and oneDNN versions, threads, determinism switches, instruction-set restrictions; GPU name and CUDA/cuDNN
-    versions where one is present: :func:`probes.environment`), time."""
-    import torch
-    import transformers
-
-    from . import __version__
-    from .probes import environment, hardware
-
-    return {"git_commit": git_commit(), "llmft_utils": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "hardware": hardware(),
-            **environment(), "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def ids_digest(ids) -> str:
-    """Short stable digest of a list of example ids (identifies an evaluation or demonstration set)."""
-    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-PIPELINE_PID_ENV = "LLMFT_PIPELINE_PID"
-
-
-def check_parent_alive(path) -> None:
-    """In a notebook kernel started by the pipeline (which sets ``$LLMFT_PIPELINE_PID`` to its own pid), refuse
-    to write once the pipeline is gone: a killed pipeline must not leave a kernel that still adds rows.
-    (ipykernel's own parent poller ends such a kernel within about a second; this closes that window.)"""
-    pid = os.environ.get(PIPELINE_PID_ENV, "")
-    if pid.isdigit() and int(pid) not in (os.getpid(), os.getppid()) and not _process_alive(int(pid)):
-        raise RuntimeError(f"the pipeline (pid {pid}) that started this notebook kernel has exited; not writing {path}")
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """The one atomic writer: ``write(tmp)`` fills a temporary file with a unique name beside ``path``
-    (``.<name>.<pid>.<random>.tmp``), which is fsync'ed and renamed over ``path``; the folder is fsync'ed
-    too. A crash or an exception leaves the old file (or none) and no temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        check_parent_alive(path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def atomic_write_csv(df: pd.DataFrame, path) -> None:
-    atomic_write_text(path, df.to_csv(index=False))
-
-
-def atomic_write_parquet(df: pd.DataFrame, path) -> None:
-    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
-
-
-@contextmanager
-def file_lock(path: str | os.PathLike):
-    """An exclusive advisory lock (``fcntl.flock``) on ``.<name>.lock`` beside ``path``, held for the block:
-    concurrent writers of one table (two pipelines on one results folder) take turns instead of losing rows."""
-    import fcntl
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-class ResultTable:
-    """A CSV of result rows keyed by ``run_key``; appends are atomic, so an interrupted run leaves
-    either the old file or the old file plus complete new rows, never a partial row."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def read(self) -> pd.DataFrame:
-        if not self.path.is_file():
-            return pd.DataFrame()
-        # demonstration ids are text ("3;17"): one id alone would come back as a number
-        return pd.read_csv(self.path, dtype={"demo_ids": str})
-
-    def done(self) -> set:
-        df = self.read()
-        return set(df["run_key"]) if "run_key" in df else set()
-
-    def append(self, rows: list[dict], replace: str = "run_key") -> None:
-        """Add rows under the table's lock (the read-modify-write is atomic against other writers of the same
-        file, and the file on disk is always either the old table or the new one). Old rows whose
-        ``replace`` column holds a value of the new rows are dropped: a forced rerun replaces its rows."""
-        new = pd.DataFrame(rows)
-        with file_lock(self.path):
-            old = self.read()
-            if replace in old and len(old):
-                old = old[~old[replace].isin(set(new[replace]))]
-            atomic_write_csv(pd.concat([old, new], ignore_index=True) if len(old) else new, self.path)
+from ..stats import kl_per_example, mcnemar_exact, verbalizer_logp
 
 
 def t_ci(values, confidence: float = 0.95, bounds: tuple | None = None) -> tuple[float, float, float]:
@@ -245,8 +46,6 @@ def summarize(df: pd.DataFrame, by: list, metrics: list) -> pd.DataFrame:
         out.append(row)
     return pd.DataFrame(out)
 
-
-# ----------------------------------------------------------------------------- analysis tables (notebook 04)
 
 def method_label(method: str, k: int, m=None) -> str:
     """The method as the tables and figures name it; ``m``: the sets of a teacher ensemble (``3x16``: 3 × k = 16)."""
@@ -317,7 +116,7 @@ def run_configs(runs: pd.DataFrame) -> pd.Series:
 METHOD_ORDER = ["zero-shot", "ICL k=4", "ICL k=16", "CD k=4", "CD k=16", "CD shuffled k=16", "CD self k=0", "PBFT n=16"]
 
 
-def _order(labels) -> list:
+def method_order(labels) -> list:
     known = [m for m in METHOD_ORDER if m in set(labels)]
     rest = sorted(set(labels) - set(known), key=lambda s: ("ensemble" in s, s))  # ensembles after single prompts
     return known + rest
@@ -387,7 +186,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     paired = paired_counts(runs, key=["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"])
     if len(paired):
         t = t.merge(paired, on=["model", "pattern", "eval_set", "train_task", "method_label", "k", "config"], how="left")
-    t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(_order(t["method_label"]))})
+    t["method_order"] = t["method_label"].map({m: i for i, m in enumerate(method_order(t["method_label"]))})
     t = t.sort_values(["model", "pattern", "eval_set", "train_task", "method_order"]).drop(columns="method_order")
     return t.reset_index(drop=True)
 
@@ -466,7 +265,6 @@ def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
     prediction files are missing are left out (a checkout with the tables only)."""
     from scipy.stats import wilcoxon
 
-    from .stats import kl_per_example, verbalizer_logp
 
     out = []
     for _, r in runs[runs["method"] == "cd"].iterrows():
@@ -500,8 +298,6 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
     :data:`CALIBRATED_PAIRS` (ICL vs zero-shot; CD vs zero-shot, the control students and PBFT of the same
     seed). One row per (pair, kind, seed): both accuracies, the discordant counts, ``p`` and ``direction``
     (``above``/``below`` at p < 0.05, else ``n.s.``). Rows without calibrated predictions are left out."""
-    from .stats import mcnemar_exact
-
     out = []
     for a_method, b_method in CALIBRATED_PAIRS:
         for _, r in runs[runs["method"] == a_method].iterrows():

@@ -1,0 +1,1 @@
+"""Reading written results: tables and figures. Nothing here computes a model output."""
