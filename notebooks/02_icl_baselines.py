@@ -45,6 +45,7 @@ import pandas as pd
 from llmft_utils import models, params, store
 from llmft_utils.analysis import tables
 from llmft_utils.study import icl_sweep
+from llmft_utils.study.plan import EvalOptions, ICLPlan
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = store.results_dir(results_dir, profile)
@@ -52,8 +53,8 @@ lm = models.load_model(model, device=device, dtype=dtype)
 print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters, context {lm.max_context}, {lm.dtype} on {lm.device} ({lm.source})")
 
 # %%
-table = icl_sweep.run_sweep(lm, out, pattern, ks, seeds, batch_size=batch_size, on_too_long=on_too_long,
-                      force=force, model_name=model, profile=profile, max_tokens=max_batch_tokens)
+# the plan (pattern, ks, seeds) and the scoring options (batch size, too-long prompts, force, ...) from the parameters
+table = icl_sweep.run_sweep(lm, out, ICLPlan.from_params(globals()), EvalOptions.from_params(globals()))
 
 # %% [markdown]
 # ## Results per run

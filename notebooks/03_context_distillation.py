@@ -75,22 +75,17 @@ import pandas as pd
 
 from llmft_utils import data, models, params, store
 from llmft_utils.analysis import tables
-from llmft_utils.study import cd_sweep, plan
+from llmft_utils.study import cd_sweep
+from llmft_utils.study.plan import CDPlan, EvalOptions
 
 params.validate_namespace(globals())  # every bad value at once, before the model loads
 out = store.results_dir(results_dir, profile)
 lm = models.load_model(model, device=device, dtype=dtype)
-cfg = plan.config_from_params(globals())  # the recipe: target, loss, temperature, alpha, epochs, lr, ...
-print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {cfg}")
+plan = CDPlan.from_params(globals())  # the students, and their recipe: target, loss, temperature, alpha, epochs, lr, ...
+print(f"{lm.name}: {lm.n_params/1e6:.1f}M parameters on {lm.device}; {plan.recipe}")
 
 # %%
-table = cd_sweep.run_cd_sweep(lm, out, pattern, cd_tasks, cd_ks, seeds, n_transfer, pbft_n, cfg, pbft_epochs,
-                             eval_batch_size=batch_size, force=force, model_name=model, profile=profile,
-                             ood_train_tasks=ood_train_tasks, pbft_lr=pbft_lr, eval_max_tokens=max_batch_tokens,
-                             controls=controls, control_tasks=control_tasks,
-                             ensemble_m=ensemble_m, ensemble_ks=ensemble_ks, ensemble_seeds=ensemble_seeds,
-                             ensemble_tasks=ensemble_tasks, ensemble_combine=ensemble_combine, ensemble_ood=ensemble_ood,
-                             save_students=save_students, log_with=log_with)
+table = cd_sweep.run_cd_sweep(lm, out, plan, EvalOptions.from_params(globals()))
 
 # %% [markdown]
 # ## Students against their teachers and the zero-shot model

@@ -10,6 +10,7 @@ import torch
 import toy_data
 
 from llmft_utils import compare, data, distill, models, patterns, pipeline, probes, store
+from llmft_utils.study.plan import EvalOptions, ICLPlan
 
 REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
 
@@ -128,7 +129,7 @@ def test_rows_carry_provenance_and_the_weights_hash(tmp_path):
     from llmft_utils.study import icl_sweep
 
     lm, out = toy_data.results_folder(tmp_path)
-    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0], [0]), EvalOptions(progress=False))
     r = rows.iloc[0]
     assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and r["num_threads"] == torch.get_num_threads()
     assert r["model_weights_sha256"] == models.weights_sha256(lm) and len(r["model_weights_sha256"]) == 64

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from llmft_utils import data
+from llmft_utils.study.plan import CDPlan, EnsembleSpec, EvalOptions, ICLPlan
 
 
 def test_rte_labels_and_sizes(data_dir):
@@ -241,13 +242,11 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     (small / "manifest.json").write_text(__import__("json").dumps(manifest))
     tok = models.tiny_tokenizer()
     lm = models.wrap(models.tiny_model("llama", tok, max_positions=4096), tok, name="tiny-llama")
-    rows = icl_sweep.run_sweep(lm, small, "gpt-3", [0, 2], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, small, ICLPlan("gpt-3", [0, 2], [0]), EvalOptions(progress=False))
     assert len(rows) == 2 * 6 and (rows["n_eval"] == 8).all()
     pools = rows.set_index(rows["task"] + "/" + rows["split"])["demo_pool"]
     assert pools["paws_qqp/dev_and_test"].iloc[0] == "qqp/train" and pools["mnli_mismatched/validation"].iloc[0] == "mnli/train"
-    cd = cd_sweep.run_cd_sweep(lm, small, "gpt-3", ["mnli", "qqp"], [2], [0], 8, 0,
-                              distill.DistillConfig(epochs=1, batch_size=4), 1, progress=False, ensemble_m=2,
-                              ensemble_ks=[2], ensemble_tasks=["qqp"])
+    cd = cd_sweep.run_cd_sweep(lm, small, CDPlan("gpt-3", ["mnli", "qqp"], [2], [0], 8, 0, distill.DistillConfig(epochs=1, batch_size=4), 1, ensemble=EnsembleSpec(m=2, ks=[2], tasks=["qqp"])), EvalOptions(progress=False))
     sets_of = cd.groupby(["method", "train_task"])["task"].apply(list).to_dict()
     assert sets_of[("cd", "mnli")] == ["mnli", "hans", "mnli_mismatched"]
     assert sets_of[("cd", "qqp")] == sets_of[("cd_ensemble", "qqp")] == sets_of[("icl_ensemble", "qqp")] == ["qqp", "paws_qqp"]
@@ -262,12 +261,36 @@ def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):
     from llmft_utils.study import cd_sweep, icl_sweep
 
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 1], [3], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 1], [3]), EvalOptions(progress=False))
     one = rows[rows["k"] == 1].iloc[0]
     assert len(str(one["demo_ids"]).split(";")) == 1 and one["n_eval"] == 8
-    cd = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4),
-                              1, progress=False)
+    cd = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4), 1), EvalOptions(progress=False))
     assert len(cd) == 1 and cd["k"].item() == 1 and cd["teacher_same_demos"].item()
+
+
+def test_rows_from_another_pool_are_never_reused(tmp_path):
+    """The demonstration pool's digest is in every ICL key at k > 0 and in every student key: after the pool
+    changes (same ids, one word of every premise edited), the ICL run at k = 2 and the CD and PBFT students
+    run again instead of being skipped as done; the zero-shot row, which draws nothing from the pool, is kept."""
+    import toy_data
+
+    from llmft_utils import distill
+    from llmft_utils.study import cd_sweep, icl_sweep
+
+    lm, out = toy_data.results_folder(tmp_path, n=6, max_positions=512, n_pool=30)
+    icl_plan, ev = ICLPlan("gpt-3", [0, 2], [0]), EvalOptions(progress=False)
+    cd_plan = CDPlan("gpt-3", ["toy"], [2], [0], 6, 2, distill.DistillConfig(epochs=1, batch_size=4), 1)
+    first = set(icl_sweep.run_sweep(lm, out, icl_plan, ev)["run_key"])
+    first_cd = set(cd_sweep.run_cd_sweep(lm, out, cd_plan, ev)["run_key"])
+    assert len(first) == 2 and len(first_cd) == 2
+    pool_file = out / "prepared/toy__train.jsonl"
+    pool = data.read_prepared(pool_file)
+    data.write_jsonl(pool.assign(premise="a " + pool["premise"]), pool_file)
+    second = icl_sweep.run_sweep(lm, out, icl_plan, ev)
+    second_cd = cd_sweep.run_cd_sweep(lm, out, cd_plan, ev)
+    assert set(second["run_key"]) & first == {second.loc[second["k"] == 0, "run_key"].item()}
+    assert not set(second_cd["run_key"]) & first_cd and len(second_cd) == 2
+    assert len(pd.read_csv(out / "icl.csv")) == 3 and len(pd.read_csv(out / "cd.csv")) == 4  # the old rows stay
 
 
 def test_repeated_pairs_are_dropped_counted_and_never_reach_a_pool_dev_split_or_prompt(tmp_path):

@@ -9,6 +9,7 @@ import toy_data
 
 from llmft_utils import data, distill, models, patterns, scoring, stats
 from llmft_utils.study import cd_sweep, icl_sweep, paired
+from llmft_utils.study.plan import CDPlan, EnsembleSpec, EvalOptions, ICLPlan
 
 GPT3 = patterns.get_pattern("gpt-3")
 
@@ -386,9 +387,9 @@ def test_two_process_losses_match_single_process(tmp_path):
 
 def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
-    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1, progress=False)
+    rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1), EvalOptions(progress=False))
     assert sorted(rows["method"]) == ["cd", "cd", "pbft"] and rows["n_eval"].eq(8).all()
     cd = rows[(rows["method"] == "cd") & (rows["k"] == 2)].iloc[0]
     # one transfer set per seed, whatever k (no "CD vs k" confound), disjoint from both k's demonstrations
@@ -422,7 +423,7 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     assert cd_log["loss"].iloc[0] == pytest.approx(cd["loss_first"]) and cd_log["loss"].iloc[-1] == pytest.approx(cd["loss_last"])
     assert np.isfinite(cd_log[["loss", "lr", "grad_norm"]].to_numpy()).all() and (cd_log["grad_norm"] > 0).all()
     assert cd_log["lr"].max() == pytest.approx(1e-3)  # the linear schedule peaks at cfg.lr
-    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False)
+    again = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1), EvalOptions(force=True, progress=False))
     assert len(pd.read_csv(out / "train_log.csv")) == len(log) and len(again) == 2  # a rerun replaces, never adds
 
 
@@ -432,13 +433,12 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     trained before CD with its recipe; the CD row at that k is tested against them (agreement with the teacher
     from their prediction files, exact McNemar, beats_controls over all four controls); a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
     cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.student_examples
     monkeypatch.setattr(distill.student_data, "student_examples", lambda tok, pat, ex, teach, mc: seen.append(teach) or real(tok, pat, ex, teach, mc))
-    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
-                                controls=["shuffled", "self"])
+    rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, controls=["shuffled", "self"]), EvalOptions(progress=False))
     assert list(rows["method"]) == ["cd_self", "cd_shuffled", "cd", "cd"]
     assert rows["train_ids_digest"].nunique() == 1  # one transfer set for the controls and every k
     self_t, shuf_t, cd2_t, cd4_t = seen
@@ -477,11 +477,10 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     assert round(c4["n"] * (c4["acc_a"] - c4["acc_b"])) == c4["only_a"] - c4["only_b"]
     assert set(cal["b"]) == {"zero-shot", "cd_shuffled", "cd_self"}  # no PBFT in this sweep
     seen.clear()
-    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, progress=False,
-                                 controls=["shuffled", "self"])
+    again = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0], 8, 0, cfg, 1, controls=["shuffled", "self"]), EvalOptions(progress=False))
     assert not seen and len(again) == 4  # resumed: nothing retrained
     with pytest.raises(ValueError, match="controls"):
-        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, progress=False, controls=["gold"])
+        cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [4], [0], 8, 0, cfg, 1, controls=["gold"]), EvalOptions(progress=False))
 
 
 def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt(tmp_path, monkeypatch):
@@ -490,13 +489,12 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     disjoint, set 0 is the ICL/CD teacher's, none meets the transfer set; the student is tested against its
     ensemble teacher, single-prompt CD and the largest-k ICL run; a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=1024, n_pool=60)
-    icl_rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0], progress=False)
+    icl_rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
     cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.teacher_targets
     monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
-    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
-                                ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
+    rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, controls=["self"], ensemble=EnsembleSpec(m=3, ks=[2], combine="prob")), EvalOptions(progress=False))
     assert list(rows["method"]) == ["cd_self", "cd", "icl_ensemble", "cd_ensemble"]
     ens, student, cd = (rows[rows["method"] == m].iloc[0] for m in ("icl_ensemble", "cd_ensemble", "cd"))
     sets = [s_.split(";") for s_ in ens["demo_ids"].split("|")]
@@ -541,12 +539,10 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     k4 = icl_rows[icl_rows["k"] == 4].iloc[0]
     assert chk["icl_k"] == 4 and chk["acc_icl"] == k4["score_acc"] and chk["acc_icl_batch"] == k4["score_acc_batch"]
     assert chk["p_cd_ensemble_vs_icl"] == student["mcnemar_p_vs_icl"]
-    again = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, controls=["self"],
-                                 ensemble_m=3, ensemble_ks=[2], ensemble_combine="prob")
+    again = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, controls=["self"], ensemble=EnsembleSpec(m=3, ks=[2], combine="prob")), EvalOptions(progress=False))
     assert len(again) == 4 and len(pd.read_csv(out / "cd.csv")) == 4  # resumed, nothing added
     with pytest.raises(ValueError, match="ensemble_m"):
-        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, progress=False, ensemble_m=1,
-                             ensemble_ks=[2])
+        cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 0, cfg, 1, ensemble=EnsembleSpec(m=1, ks=[2])), EvalOptions(progress=False))
 
 
 def test_training_log_rows():
@@ -568,9 +564,9 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
     from llmft_utils import data, distill, models, patterns
 
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
-    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 2, 4], [0, 1], progress=False)
+    icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0, 1]), EvalOptions(progress=False))
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
-    rows = cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, progress=False, save_students="all")
+    rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, save_students="all"), EvalOptions(progress=False))
     assert rows["student_dir"].str.startswith("students/").all()
     ev = data.read_split(out, data.load_manifest(out)["eval_sets"]["toy/validation"])
     for _, row in rows.iterrows():
@@ -586,8 +582,7 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
         assert info["metrics"]["toy/validation"]["score_acc"] == row["score_acc"]
         card = (folder / "README.md").read_text()
         assert f"{row['score_acc']:.4f}" in card and "from_pretrained" in card and info["demo_ids"]
-    cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, force=True, progress=False,
-                         save_students="all")
+    cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, save_students="all"), EvalOptions(force=True, progress=False))
     assert len(list((out / "students").iterdir())) == 2  # replaced, no leftovers
     plan = [(m, "toy", k, s) for s in (0, 1) for m, k in (("cd", 2), ("cd", 4), ("pbft", 2))]
     chosen = [p for p in plan if distill.export.should_save("first", *p, plan)]
@@ -615,7 +610,7 @@ def test_launched_cd_step_on_two_processes_writes_the_rows_of_one_process(tmp_pa
     one = tmp_path / "one"
     d.prepare_study_data(one, d.STUDY_EVAL_SETS, {"mnli": 16, "rte": 8, "hans": 30}, seed=0)
     lm = models.load_model(str(model_dir), device="cpu")
-    icl_sweep.run_sweep(lm, one, "gpt-3", [0, 4], [0], model_name=str(model_dir), progress=False)
+    icl_sweep.run_sweep(lm, one, ICLPlan("gpt-3", [0, 4], [0]), EvalOptions(model_name=str(model_dir), progress=False))
     two = tmp_path / "two"
     shutil.copytree(one, two)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -20,6 +20,7 @@ import toy_data
 from llmft_utils import data, hub, models, params, patterns, pipeline, store
 from llmft_utils.analysis import tables
 from llmft_utils.study import icl_sweep
+from llmft_utils.study.plan import CDPlan, EvalOptions, ICLPlan
 
 GPT3 = patterns.get_pattern("gpt-3")
 SMOKE_SIZES = {"mnli": 40, "rte": 20, "hans": 30}
@@ -33,7 +34,7 @@ def _files(folder: Path) -> list:
 
 def test_all_skipped_run_is_recorded_as_skipped_not_zero(tmp_path):
     lm, out = toy_data.results_folder(tmp_path)
-    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0, 4], [0], on_too_long="skip", progress=False)
+    rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 4], [0]), EvalOptions(on_too_long="skip", progress=False))
     r = rows.set_index("k").loc[4]
     assert r["n_eval"] == 0 and r["n_skipped_too_long"] == 6
     assert np.isnan(r["score_acc"]) and np.isnan(r["majority_acc"]) and np.isnan(r["score_acc_lo"])
@@ -161,13 +162,13 @@ def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
     from llmft_utils.study import cd_sweep
 
     lm, out = toy_data.results_folder(tmp_path, max_positions=512)
-    icl_sweep.run_sweep(lm, out, "gpt-3", [0, 4], [0], progress=False)  # no k=2 teacher, no seed 1
+    icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 4], [0]), EvalOptions(progress=False))  # no k=2 teacher, no seed 1
     monkeypatch.setattr(distill.training, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
     monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
     cfg = distill.DistillConfig(epochs=1)
     with pytest.raises(FileNotFoundError, match=r"3 ICL runs .*: toy/validation k=2 seed=0, toy/validation k=2 "
                                                 r"seed=1, toy/validation k=4 seed=1"):
-        cd_sweep.run_cd_sweep(lm, out, "gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1, progress=False)
+        cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1), EvalOptions(progress=False))
     assert not (out / "cd.csv").exists() and not (out / "teacher_cache").exists()
 
 

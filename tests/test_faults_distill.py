@@ -39,6 +39,17 @@ def _key(lm, demos, ev, cfg, pattern=GPT3, seed=0, dtype=None, device=None):
 
 # ----------------------------------------------------------------------------- teacher cache
 
+def test_the_same_teacher_targets_are_the_same_bytes(tiny, tmp_path):
+    """A teacher cache written twice (two folders, two temporary names) is byte-identical: a copied or
+    regenerated cache can be checked with sha256sum alone."""
+    ev, pool = _frames()
+    demos = data.sample_demonstrations(pool, 2, seed=0, exclude=ev)
+    key = _key(tiny, demos, ev, TOPK)
+    for sub in ("a", "b"):
+        distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path / sub, key)
+    assert (tmp_path / "a" / f"{key}.pt").read_bytes() == (tmp_path / "b" / f"{key}.pt").read_bytes()
+
+
 def _resave(path, change):
     blob = torch.load(path, weights_only=True)
     change(blob)

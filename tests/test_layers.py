@@ -29,13 +29,10 @@ LAYERS = [
 MAX_LINES, MAX_PARAMS = 80, 10
 # functions over the limits today (name: (lines, parameters)); each may only shrink, and leaves the list below both
 OVERSIZED = {
-    "study.cd_sweep.run_cd_sweep": (263, 28),
-    "study.cd_sweep._ensemble_rows": (48, 25),
     "distill.training.train_student": (148, 12),
     "data.prepare_study_data": (111, 6),
     "distill.teacher.teacher_targets": (82, 12),
     "scoring.forward.forward_rows": (79, 13),
-    "study.icl_sweep.run_sweep": (61, 13),
     "distill.teacher.teacher_cache_key": (32, 12),
     "scoring.evaluation.evaluate": (43, 11),
     "params.spec": (83, 0),

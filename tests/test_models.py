@@ -3,6 +3,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from llmft_utils import data, models
+from llmft_utils.study.plan import EvalOptions, ICLPlan
 
 SHARED_TOK = models.Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "smollm2-135m-instruct-tokenizer"
 
@@ -88,7 +89,7 @@ def test_random_init_rows_are_marked_and_keyed_apart(tmp_path, monkeypatch):
     lm = models.load_model("random:smollm2-135m", device="cpu", dtype="tf32")
     assert lm.source.startswith("random-init:smollm2-135m") and lm.dtype == "tf32" and lm.info["random_init"]
     _, out = toy_data.results_folder(tmp_path)
-    rows = icl_sweep.run_sweep(lm, out, "gpt-3", [0], [0], progress=False)
+    rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0], [0]), EvalOptions(progress=False))
     assert rows["random_init"].all() and (rows["model"] == "random:smollm2-135m").all()
     assert rows["run_key"].str.contains("random:smollm2-135m").all() and rows["run_key"].str.endswith("tf32@cpu").all()
 

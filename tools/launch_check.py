@@ -41,6 +41,7 @@ def main() -> int:
     from llmft_utils import data as d
     from llmft_utils import models
     from llmft_utils.study import icl_sweep
+    from llmft_utils.study.plan import EvalOptions, ICLPlan
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:smollm2-135m", help="a model name, or 'tiny' (built in code)")
@@ -63,8 +64,7 @@ def main() -> int:
     sizes = {k: int(v) for k, v in (x.split("=") for x in a.sizes.split(","))}
     d.prepare_study_data(base, d.STUDY_EVAL_SETS, sizes, seed=0)
     lm = models.load_model(model)
-    icl_sweep.run_sweep(lm, base, "gpt-3", [0, 4], [0], model_name=model, progress=False,
-                  max_tokens=32768 if lm.device.startswith("cuda") else 0)
+    icl_sweep.run_sweep(lm, base, ICLPlan("gpt-3", [0, 4], [0]), EvalOptions(model_name=model, progress=False, max_tokens=32768 if lm.device.startswith("cuda") else 0))
     del lm
     common = ["--profile", "smoke", "--set", f"model={model}", "--set", "cd_tasks=['rte']",
               "--set", "ood_train_tasks=['rte']", "--set", f"n_transfer={a.n_transfer}", "--set", "lr=0.001",

@@ -28,10 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmft_utils import data, models, params, pipeline  # noqa: E402
 from llmft_utils.store import ResultTable, atomic_write_json  # noqa: E402
-from llmft_utils.study import (
-    cd_sweep,  # noqa: E402
-    icl_sweep,  # noqa: E402
-)
+from llmft_utils.study import cd_sweep, icl_sweep  # noqa: E402
+from llmft_utils.study.plan import EvalOptions, ICLPlan  # noqa: E402
 
 
 def _ints(s: str | None):
@@ -73,16 +71,15 @@ def run(a) -> dict:
     step("load model", lambda: holder.update(lm=models.load_model(p["model"], device=p["device"], dtype=p["dtype"])))
     lm = holder["lm"]
     report["model"] = {"name": lm.name, "source": lm.source, "dtype": lm.dtype, "device": lm.device}
-    common = dict(batch_size=p["batch_size"], max_tokens=p["max_batch_tokens"], model_name=p["model"],
-                  profile=p["profile"], progress=False)
+    icl_plan, ev = ICLPlan.from_params(p), EvalOptions.from_params(p, progress=False).narrowed(force=False)
     if 0 in p["ks"]:
-        step("02 icl k=0", lambda: icl_sweep.run_sweep(lm, out, p["pattern"], [0], [0], on_too_long=p["on_too_long"], **common))
+        step("02 icl k=0", lambda: icl_sweep.run_sweep(lm, out, icl_plan.narrowed(ks=(0,), seeds=(0,)), ev))
     for seed in p["seeds"]:  # seed by seed (ICL, then CD and PBFT): a deadline leaves whole seeds done
         for k in [k for k in p["ks"] if k]:
             if late():
                 break
-            step(f"02 icl k={k} seed={seed}", lambda: icl_sweep.run_sweep(lm, out, p["pattern"], [k], [seed],
-                                                                     on_too_long=p["on_too_long"], **common))
+            step(f"02 icl k={k} seed={seed}", lambda: icl_sweep.run_sweep(lm, out, icl_plan.narrowed(ks=(k,), seeds=(seed,)),
+                                                                         ev))
         for task in p["cd_tasks"]:
             for ks, pbft_n in [([k], 0) for k in p["cd_ks"]] + ([([], p["pbft_n"])] if p["pbft_n"] else []):
                 if late():

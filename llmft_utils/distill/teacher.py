@@ -243,5 +243,12 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     if path is not None:
 
         if dist.world()[1] == 0:  # under a launcher every process has the same blob; the main one writes it
-            atomic_write(path, lambda tmp: torch.save(blob, tmp))
+            # written through a file object: the archive inside is named "archive", not after the temporary file,
+            # so the same targets give the same bytes in every run
+            atomic_write(path, lambda tmp: _save(blob, tmp))
     return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
+
+
+def _save(blob: dict, path) -> None:
+    with open(path, "wb") as fh:
+        torch.save(blob, fh)

@@ -24,7 +24,7 @@ import pandas as pd
 from ..store import atomic_write_json
 from .cd_sweep import run_cd_sweep
 from .icl_sweep import run_sweep
-from .plan import config_from_params
+from .plan import CDPlan, EnsembleSpec, EvalOptions, ICLPlan
 
 FORMAT_GAP = 0.05
 # candidate recipes: overrides of the profile's CD parameters, in order of preference on ties
@@ -61,14 +61,16 @@ def run_selection(lm, out_dir, p: dict, candidates: dict = CANDIDATES, tasks=Non
     atomic_write_json(out_dir / "manifest.json", dev_manifest(json.loads(study.read_text())))
     k = k or max(p["cd_ks"])
     tasks = list(tasks or p["cd_tasks"])
-    run_sweep(lm, out_dir, p["pattern"], [0, k], list(seeds), batch_size=p["batch_size"], model_name=p["model"],
-                  profile="selection", progress=progress, full_prompt_sample=0)
+    # the study's own plans, narrowed to the dev sets' teachers and one CD student per (candidate, task, seed)
+    ev = EvalOptions.from_params(p, progress).narrowed(profile="selection", force=False, max_tokens=0, on_too_long="error")
+    run_sweep(lm, out_dir, ICLPlan.from_params(p).narrowed(ks=(0, k), seeds=tuple(seeds), full_prompt_sample=0), ev)
     rows = []
     for name, over in candidates.items():
         q = {**p, **over}
-        got = run_cd_sweep(lm, out_dir, q["pattern"], tasks, [k], list(seeds), q["n_transfer"], 0,
-                                   config_from_params(q), q["pbft_epochs"], eval_batch_size=q["batch_size"],
-                                   model_name=q["model"], profile="selection", progress=progress, ood_train_tasks=[])
+        cd = CDPlan.from_params(q).narrowed(train_tasks=tuple(tasks), ks=(k,), seeds=tuple(seeds), pbft_n=0,
+                                            ood_train_tasks=(), controls=(), ensemble=EnsembleSpec(),
+                                            save_students="none", log_with="")
+        got = run_cd_sweep(lm, out_dir, cd, ev.narrowed(batch_size=q["batch_size"], model_name=q["model"]))
         rows.append(got.assign(candidate=name, **{f"recipe_{a}": q[a] for a in RECIPE_KEYS}))
     table = pd.concat(rows, ignore_index=True)
     icl_rows = pd.read_csv(out_dir / "icl.csv")
