@@ -35,7 +35,7 @@ test-unit: venv
 	$(PY) -m pytest -q -rs tests --ignore=tests/test_lab_browser.py
 
 # the notebooks under nbval (smoke profile), then the run they wrote against tests/golden/smoke (tolerances in
-# llmft_utils/compare.py; README "Reproducibility")
+# llmft_utils/compare.py; docs/reproducibility.md)
 test-notebooks: venv
 	@tmp=$$(mktemp -d) && LLMFT_RESULTS_DIR=$$tmp $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks tests/golden_check.py; rc=$$?; rm -rf $$tmp; exit $$rc
 
@@ -73,7 +73,7 @@ lab: venv  ## JupyterLab at the repository root (notebooks/, results/, figures a
 clean:
 	rm -rf $(VENV) results/smoke
 
-# Docker (see README "Docker"): images run as your uid/gid, so files in the mounted results/ stay yours.
+# Docker (see docs/running.md "Docker"): images run as your uid/gid, so files in the mounted results/ stay yours.
 DOCKER_IDS := --build-arg UID=$$(id -u) --build-arg GID=$$(id -g)
 DOCKER_MOUNTS = -v $(SHARED_DATA):/data:ro -v $(CURDIR)/results:/work/results -v $(HOME)/.cache/huggingface:/cache/huggingface
 

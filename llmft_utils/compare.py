@@ -1,6 +1,6 @@
 """Compare two results folders of the same study: per row and per example, and every claim's verdict.
 
-    llmft-study compare RUN_A RUN_B                     # the default tolerances (README "Reproducibility")
+    llmft-study compare RUN_A RUN_B                     # the default tolerances (docs/reproducibility.md)
     llmft-study compare RUN_A RUN_B --tolerance exact   # any difference at all fails
     llmft-study compare RUN_A RUN_B --json out.json     # the whole comparison as JSON too
 
@@ -45,7 +45,7 @@ LOGP_COLUMNS = ("logp_label0", "logp_label1")
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Largest allowed |delta log-prob| of a verbalizer, per row kind (README "Reproducibility")."""
+    """Largest allowed |delta log-prob| of a verbalizer, per row kind (docs/reproducibility.md)."""
     name: str
     inference_logp: float
     trained_logp: float
@@ -53,7 +53,7 @@ class Tolerance:
     noise_logp: float = math.inf  # rows of NOISE_DRIVEN_METHODS (and verdicts resting on them): not gated by default
 
 
-# Measured with tools/capability_matrix.py (README "Reproducibility"): the smoke profile under ATen
+# Measured with tools/capability_matrix.py (docs/reproducibility.md): the smoke profile under ATen
 # default/avx2/avx512, oneDNN with and without AMX and an AVX2-only emulation (MKL, oneDNN and ATen
 # restricted to AVX2) on one Xeon host. The largest spread seen is written beside each bound; the bound
 # keeps a margin for CPUs not run here (aarch64, AMD).

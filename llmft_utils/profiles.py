@@ -28,9 +28,9 @@ PROFILES: dict[str, dict] = {
               "ensemble_m": 2, "ensemble_ks": [4], "ensemble_seeds": [0], "ensemble_tasks": ["mnli"],
               "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4,
               # float32 training: the same students on every CPU to ~2e-4 nats (bf16 autocast: 0.08-3.6 nats
-              # between CPU kernel sets; README "Reproducibility"), so the golden check of `make test` can be tight
+              # between CPU kernel sets; docs/reproducibility.md), so the golden check of `make test` can be tight
               "mixed_precision": "no"},
-    # the main study, sized for <= 45 min on 2 CPU cores (README "Time budget"): k = 4, the RTE students on
+    # the main study, sized for <= 45 min on 2 CPU cores (README "Profiles"): k = 4, the RTE students on
     # HANS, the RTE control students, teacher ensembles beyond seed 0 and on HANS are in "full"
     "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 400, "rte_eval_n": 0,
                 "hans_eval_n": 480, "ks": [0, 16], "seeds": [0, 1, 2], "batch_size": 8, "ood_train_tasks": ["mnli"],

@@ -60,7 +60,7 @@ table = icl_sweep.run_sweep(lm, out, ICLPlan.from_params(globals()), EvalOptions
 # ## Results per run
 
 # %%
-# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, README "Reproducibility")
+# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, docs/reproducibility.md)
 rows = table  # the rows of this notebook's plan (earlier runs with other parameters stay in icl.csv)
 cols = ["task", "split", "k", "seed", "n_eval", "majority_acc", "score_acc", "top1_acc", "non_verbalizer_frac",
         "pred_label1_frac", "prefix_tokens"]

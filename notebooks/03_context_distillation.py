@@ -91,7 +91,7 @@ table = cd_sweep.run_cd_sweep(lm, out, plan, EvalOptions.from_params(globals()))
 # ## Students against their teachers and the zero-shot model
 
 # %%
-# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, README "Reproducibility")
+# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, docs/reproducibility.md)
 rows = table  # the rows of this notebook's plan (runs with other settings stay in cd.csv)
 cols = ["method", "train_task", "task", "k", "seed", "n_train", "majority_acc", "zeroshot_acc", "teacher_acc",
         "score_acc", "agree_teacher_student", "agree_teacher_zeroshot", "agree_teacher_constant",

@@ -57,7 +57,7 @@ print(f"{len(icl)} ICL rows, {len(cd)} CD/PBFT rows -> summary.csv with {len(sum
 # `train_task`: where the labelled signal came from (demonstration pool or training task).
 
 # %%
-# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, README "Reproducibility")
+# numbers vary in their last bits with the CPU: checked in code (tests/golden_check.py, docs/reproducibility.md)
 cols = ["eval_set", "train_task", "method_label", "n_seeds", "score_acc_mean", "score_acc_ci_lo", "score_acc_ci_hi",
         "acc_label0_mean", "acc_label1_mean", "majority_acc_mean"]
 print(summary[cols].round(3).to_string(index=False))
@@ -281,7 +281,7 @@ w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "
 #
 # With `compare_with` set (e.g. `results/reference`, or the same study on another machine): per row both
 # accuracies, per-example agreement and the largest |delta log-prob|, then every claim's verdict in both
-# runs (README "Reproducibility" for the tolerances).
+# runs (docs/reproducibility.md for the tolerances).
 
 # %%
 if compare_with:

@@ -5,7 +5,7 @@ Not collected by ``pytest tests`` (no ``test_`` file name): the Makefile passes 
 ``python tools/capability_matrix.py --record tests/golden/smoke``) holds the tables and per-example
 predictions of one smoke run. Every row must be present, every verbalizer log-prob within the ``cpu``
 tolerance of llmft_utils/compare.py (inference rows: 1e-4; trained rows: measured spread across CPU kernel
-settings, README "Reproducibility"), and every verdict of every claim table the same. A learning rate x10,
+settings, docs/reproducibility.md), and every verdict of every claim table the same. A learning rate x10,
 a swapped KL direction or permuted teacher targets moves the trained rows far past that bound.
 """
 import os

@@ -1,4 +1,4 @@
-"""Scores do not depend on how queries are batched (README "Reproducibility").
+"""Scores do not depend on how queries are batched (docs/reproducibility.md).
 
 Batch size, a token budget (``max_batch_tokens``), the order of the queries and the padding a query gets
 from longer neighbours change no prediction, and no verbalizer log-probability by more than
