@@ -42,7 +42,7 @@ def results_dir(results_dir: str = "", profile: str = "smoke", create: bool = Tr
     return p
 
 
-RESULT_SUBFOLDERS = ("prepared", "predictions", "teacher_cache", "executed", "figures")
+RESULT_SUBFOLDERS = ("prepared", "predictions", "teacher_cache", "executed", "figures", "students", "trackers")
 
 
 def ensure_writable(folder: str | os.PathLike) -> Path:

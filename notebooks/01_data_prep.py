@@ -69,6 +69,22 @@ stats.round(4)
 hans = data.read_prepared(out / manifest["eval_sets"]["hans/validation"]["file"])
 hans.groupby(["heuristic", "label"]).size().unstack("label")
 
+# %% [markdown]
+# ## Repeated pairs
+#
+# A (premise, hypothesis) pair that occurs twice in one file is kept once (the first copy; twins with
+# different labels are refused), and a pool row that is the twin of an evaluation row is dropped from the
+# pool, so no demonstration or transfer query repeats an evaluation query. Counted per split here; every
+# one is listed with file:line in `manifest.json` (`duplicates`, `eval_twins`).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+splits = {**manifest["eval_sets"], **manifest["demo_pools"]}
+first = lambda info: next((d["at"] + " = " + d["first"] for d in info.get("duplicates", [])), "")  # noqa: E731
+pd.DataFrame({"split": list(splits), "repeated pairs dropped": [i.get("duplicates_dropped", 0) for i in splits.values()],
+              "twins of evaluation rows dropped": [i.get("eval_twins_removed", 0) for i in splits.values()],
+              "first repeat (file:line = first copy)": [first(i) for i in splits.values()]})
+
 # %%
 import matplotlib.pyplot as plt
 

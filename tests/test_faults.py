@@ -117,6 +117,24 @@ def test_read_only_results_folder_is_refused(tmp_path):
         store.ensure_writable(ro)
 
 
+@pytest.mark.parametrize("sub", ["prepared", "predictions", "teacher_cache", "executed", "figures", "students",
+                                 "trackers"])
+def test_every_output_subfolder_is_proved_writable(tmp_path, monkeypatch, sub):
+    """Every folder the study writes into is probed before any work (as root too: the write itself is made to
+    fail for the one subfolder, where chmod would not stop root)."""
+    (tmp_path / "res" / sub).mkdir(parents=True)
+    real = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.parent.name == sub:
+            raise PermissionError(13, "Permission denied")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(PermissionError, match=f"the results folder {tmp_path / 'res' / sub} is not writable"):
+        store.ensure_writable(tmp_path / "res")
+
+
 def test_sweep_checked_whole_before_the_first_run(tmp_path, monkeypatch, capsys):
     ran = []
     monkeypatch.setattr(pipeline, "run_profile", lambda *a, **k: ran.append(a) or 0)

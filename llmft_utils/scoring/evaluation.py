@@ -205,3 +205,26 @@ def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame
     m, _ = evaluate(lm, ev.head(n), pattern, demos, batch_size=batch_size, reuse_prefix=False, on_too_long="skip",
                     progress=False, max_tokens=max_tokens, memory=False, calibration=False)
     return {"s_per_query_full_prompt": m["s_per_query"], "n_full_prompt_sample": m["n_eval"]}
+
+
+HALF_DTYPES = ("bfloat16", "float16")  # precisions whose scores are checked against a float32 reference
+
+
+def precision_flips(ref, preds: pd.DataFrame, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, n: int,
+                    batch_size: int = 8, max_tokens: int = 0) -> dict:
+    """How far a run at reduced precision is from float32, measured on its own first ``n`` queries: they are
+    scored again by ``ref`` (the same weights in float32, same prompts and batching) and compared with the
+    run's ``preds``. ``fidelity_flip_rate``: the share of the queries scored by both whose prediction differs;
+    ``fidelity_max_dlogp``: the largest |Δ log-prob| of a verbalizer; ``fidelity_n``: the queries compared.
+    Untimed (not part of the run's cost)."""
+    head = eval_df.head(n)
+    _, rp = evaluate(ref, head, pattern, demos, batch_size=batch_size, on_too_long="skip", progress=False,
+                     max_tokens=max_tokens, memory=False, calibration=False)
+    mine = preds.head(len(head))
+    ok = ~(mine["skipped"].to_numpy(bool) | rp["skipped"].to_numpy(bool))
+    cols = ["logp_label0", "logp_label1"]
+    flips = (mine["pred"].to_numpy() != rp["pred"].to_numpy())[ok]
+    dlogp = np.abs(mine[cols].to_numpy(float) - rp[cols].to_numpy(float))[ok]
+    return {"fidelity_reference": "float32", "fidelity_n": int(ok.sum()),
+            "fidelity_flip_rate": float(flips.mean()) if ok.any() else float("nan"),
+            "fidelity_max_dlogp": float(dlogp.max()) if ok.any() else float("nan")}

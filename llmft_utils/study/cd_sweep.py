@@ -43,10 +43,10 @@ from ..data import transfer_set
 from ..distill import student_data, teacher, training
 from ..distill.export import save_student, should_save
 from ..distill.teacher import answer_token_ids, teacher_cache_key, teacher_runtime
-from ..distill.training import check_tracker, training_log, training_step_memory
+from ..distill.training import check_tracker, float32_copy, training_log, training_step_memory
 from ..models import wrap
 from ..patterns import get_pattern
-from ..scoring.evaluation import evaluate, evaluate_ensemble
+from ..scoring.evaluation import HALF_DTYPES, evaluate, evaluate_ensemble, precision_flips
 from ..store import ResultTable, atomic_write_parquet, ids_digest, provenance
 from .keys import pool_digest, precision_tag
 from .lookup import icl_predictions, icl_runs, missing_icl_runs
@@ -107,6 +107,10 @@ class CDSweep:
     def run(self) -> pd.DataFrame:
         plan, students = self.plan, self.students
         check_tracker(plan.log_with)  # before any work
+        if self.lm.dtype in HALF_DTYPES and self.ev.fidelity_sample > 0 and self.main:
+            log.warning(f"{self.lm.dtype} on {self.lm.device}: teachers and students are scored at 16 bits, which flips "
+                        f"near-tied predictions; each student row records the share of its first "
+                        f"{self.ev.fidelity_sample} queries that its float32 weights answer otherwise (fidelity_flip_rate)")
         order = [(p.method, p.task, p.k, p.seed) for p in students if p.method != "icl_ensemble"]
         keep = [p.method != "icl_ensemble" and should_save(plan.save_students, p.method, p.task, p.k, p.seed, order)
                 for p in students]
@@ -271,7 +275,10 @@ class CDSweep:
         if mkey not in self.step_memory:  # the same inputs and recipe (CD and its control students): the same step
             self.step_memory[mkey] = training_step_memory(lm.model, lm.tokenizer, examples, p.cfg, self.vids)
         tmem = self.step_memory[mkey]
-        # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32)
+        # evaluated at the run's precision, like its teacher and the zero-shot model (trained in float32); at 16 bits
+        # its float32 weights are kept to measure how many predictions the precision flips
+        ref = (wrap(float32_copy(student), lm.tokenizer, name=f"{p.method}-student-float32", device=lm.device)
+               if lm.dtype in HALF_DTYPES and ev.fidelity_sample > 0 else None)
         slm = wrap(student.to(next(lm.model.parameters()).dtype), lm.tokenizer, name=f"{p.method}-student",
                    device=lm.device)
         train_cols = {"n_train": p.n_train, "train_ids_digest": ids_digest(list(map(str, train["idx"])))}
@@ -280,7 +287,7 @@ class CDSweep:
                 "train_mem_delta_mb": st["train_mem_delta_mb"], "train_steps": st["steps"],
                 "train_mem_tensors_peak_mb": tmem.peak_mb, "train_mem_work_mb": tmem.work_mb,
                 "loss_first": st["losses"][0], "loss_last": st["losses"][-1]}
-        new_rows = [self.student_row(p, slm, es, key, demos, demo_text, train_cols, cost)
+        new_rows = [self.student_row(p, slm, es, key, demos, demo_text, train_cols, cost, ref)
                     for es, key in zip(p.eval_sets, p.keys)]
         student_dir = f"students/{p.method}-{p.task}-k{p.k}-s{p.seed}-{ids_digest([p.key_base])}" if save else ""
         if save and self.main:
@@ -293,12 +300,13 @@ class CDSweep:
             self.table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
         self.run_rows.update({r["run_key"]: r for r in new_rows})
         dist.barrier()
-        del student, slm
+        del student, slm, ref
         gc.collect()
 
     def student_row(self, p: PlannedStudent, slm, es: str, key: str, demos, demo_text: str, train_cols: dict,
-                    cost: dict) -> dict:
-        """One student's row on ``es``: its metrics, predictions file and comparisons."""
+                    cost: dict, ref=None) -> dict:
+        """One student's row on ``es``: its metrics, predictions file and comparisons (``ref``: the student in
+        float32, when it is evaluated at 16 bits: the row records how many predictions that flips)."""
         einfo, frame = self.manifest["eval_sets"][es], self.frames[es]
         metrics, preds = evaluate(slm, frame, self.pattern, frame.iloc[0:0], batch_size=self.ev.batch_size,
                                   progress=self.ev.progress, max_tokens=self.ev.max_tokens)
@@ -307,11 +315,13 @@ class CDSweep:
             atomic_write_parquet(preds, self.out_dir / pfile)
         zrow, zpreds = self.icl(es, 0, 0)
         ag_z = self.comparisons(p, es, preds, zpreds, demos)
+        fid = precision_flips(ref, preds, frame, self.pattern, frame.iloc[0:0], self.ev.fidelity_sample,
+                              self.ev.batch_size, self.ev.max_tokens) if ref is not None else {}
         row = {**self.common_columns(key, p.method, p.task, es, p.es_in, p.k, p.seed), **train_cols,
                "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
                "eval_ids_digest": einfo["ids_digest"], "demo_ids": demo_text,
                "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(p.cfg).items()},
-               **cost, **metrics, **ag_z, "predictions_file": pfile, "profile": self.ev.profile, **self.prov}
+               **cost, **metrics, **ag_z, **fid, "predictions_file": pfile, "profile": self.ev.profile, **self.prov}
         self.say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "
                  f"{metrics['majority_acc']:.3f})" + (f"  agree(teacher) {ag_z['agree_teacher_student']:.3f} vs "
                                                       f"zero-shot {ag_z['agree_teacher_zeroshot']:.3f}, constant "

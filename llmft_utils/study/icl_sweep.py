@@ -2,12 +2,14 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .. import data, dist, logs
+from ..distill.training import float32_copy
 from ..models import weights_sha256
 from ..patterns import get_pattern
-from ..scoring.evaluation import evaluate, full_prompt_cost
+from ..scoring.evaluation import HALF_DTYPES, evaluate, full_prompt_cost, precision_flips
 from ..store import ResultTable, atomic_write_parquet, ids_digest, provenance
 from .keys import icl_key, pool_digest, precision_tag
 from .plan import EvalOptions, ICLPlan
@@ -30,6 +32,7 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
     prov = {**provenance(), "model_weights_sha256": weights_sha256(lm)}
     model_name = ev.model_name or lm.name
     pools = {name: data.read_split(out_dir, info) for name, info in manifest["demo_pools"].items()}
+    ref = fidelity_reference(lm, ev.fidelity_sample)
     planned = []
     for es, k, seed in plan.runs(manifest["eval_sets"]):
         info = manifest["eval_sets"][es]
@@ -46,6 +49,8 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
                                   progress=ev.progress, max_tokens=ev.max_tokens)
         cost = full_prompt_cost(lm, frame, pattern, demos, plan.full_prompt_sample, ev.batch_size,
                                 ev.max_tokens) if k else {}
+        fid = precision_flips(ref, preds, frame, pattern, demos, ev.fidelity_sample, ev.batch_size,
+                              ev.max_tokens) if ref is not None else {}
         pfile = f"predictions/icl__{ids_digest([key])}.parquet"
         atomic_write_parquet(preds, out_dir / pfile)
         row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
@@ -56,14 +61,27 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
                "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": ev.batch_size,
                "max_batch_tokens": ev.max_tokens, "random_init": lm.source.startswith("random-init"),
                "n_processes": dist.world()[0], "profile": ev.profile,
-               "predictions_file": pfile, **metrics, **cost, **prov}
+               "predictions_file": pfile, **metrics, **cost, **fid, **prov}
         table.append([row])
-        _report(lm, metrics)
+        _report(lm, metrics, fid)
     out = table.read()
     return out[out["run_key"].isin(planned)].reset_index(drop=True)
 
 
-def _report(lm, metrics: dict) -> None:
+def fidelity_reference(lm, sample: int):
+    """For a bfloat16/float16 model (and ``sample`` > 0): a float32 copy of its weights, against which every run
+    measures how many of its predictions the precision flips (:func:`scoring.evaluation.precision_flips`), with
+    a notice saying so. Otherwise None. The copy costs the weights' memory twice over."""
+    if lm.dtype not in HALF_DTYPES or sample <= 0:
+        return None
+    log.warning(f"{lm.dtype} on {lm.device}: 16-bit scoring flips near-tied predictions (by 3-9% of this study's "
+                f"predictions on a GPU, docs/gpu.md). Each run here scores its first {sample} queries again with a "
+                "float32 copy of the weights and records the share that changed (fidelity_flip_rate in icl.csv); "
+                "dtype=auto keeps float32.")
+    return dataclasses.replace(lm, model=float32_copy(lm.model).eval(), dtype="float32")
+
+
+def _report(lm, metrics: dict, fid: dict) -> None:
     if metrics["n_eval"] == 0:
         log.warning(f"  nothing evaluated: all {metrics['n_skipped_too_long']} prompts exceed the model's context "
                     f"of {lm.max_context} tokens (prefix {metrics['prefix_tokens']}); recorded with NaN metrics and "
@@ -72,3 +90,6 @@ def _report(lm, metrics: dict) -> None:
     skipped = f", {metrics['n_skipped_too_long']} too long and skipped" if metrics["n_skipped_too_long"] else ""
     log.info(f"  acc={metrics['score_acc']:.3f} (majority {metrics['majority_acc']:.3f}{skipped})  "
              f"{metrics['s_per_query']*1000:.1f} ms/query  peak {metrics['peak_mem_mb']:.0f} MB")
+    if fid:
+        log.info(f"  {lm.dtype} vs float32 on {fid['fidelity_n']} queries: {fid['fidelity_flip_rate']:.1%} of the "
+                 f"predictions flipped (largest |d log-prob| {fid['fidelity_max_dlogp']:.3g})")

@@ -41,6 +41,7 @@ class EvalOptions:
     model_name: str | None = None  # the name rows and keys carry (default: the loaded model's)
     profile: str = ""  # recorded in every row
     progress: bool = True  # progress bars
+    fidelity_sample: int = 32  # bfloat16/float16 runs: queries per ICL run scored again in float32 (0: none)
 
     @classmethod
     def from_params(cls, p: dict, progress: bool = True) -> EvalOptions:
