@@ -32,6 +32,7 @@ import pandas as pd
 
 from . import store
 from .analysis import tables
+from .study import schema
 
 INFERENCE_METHODS = ("zero-shot", "icl", "icl_ensemble")
 # Students whose training signal is zero up to rounding: the self-distillation control learns the zero-shot
@@ -174,8 +175,8 @@ def load_runs(folder) -> pd.DataFrame:
     if not (folder / "icl.csv").is_file():
         raise FileNotFoundError(f"{folder}: no icl.csv here; give a results folder written by the study "
                                 "(e.g. results/default)")
-    icl = store.ResultTable(folder / "icl.csv").read()
-    cd = store.ResultTable(folder / "cd.csv").read()
+    icl = schema.read_table(folder / "icl.csv")
+    cd = schema.read_table(folder / "cd.csv")
     return tables.evaluated(tables.unify(icl, cd if len(cd) else None))[0]
 
 
@@ -309,10 +310,7 @@ def environment(runs: pd.DataFrame, folder) -> dict:
     prov = {}
     mpath = Path(folder) / "run_manifest.json"
     if mpath.is_file():
-        try:
-            prov = json.loads(mpath.read_text()).get("provenance", {})
-        except (OSError, json.JSONDecodeError):
-            prov = {}
+        prov = schema.read_run_manifest(mpath).get("provenance", {})
     row = runs.iloc[0] if len(runs) else {}
     return {f: prov.get(f, row.get(f) if len(runs) else None) for f in ENV_FIELDS}
 

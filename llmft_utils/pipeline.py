@@ -32,7 +32,15 @@ from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, r
 NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
 
 class NotebookFailed(RuntimeError):
-    pass
+    """A notebook stopped; ``user_error``: by one of the errors that mean a mistake in the inputs (exit status 2)."""
+    def __init__(self, msg: str, user_error: bool = False):
+        super().__init__(msg)
+        self.user_error = user_error
+
+
+# errors that report a mistake in parameters, data, results files or the model's inputs, not a bug: the pipeline
+# prints their one-line message and exits with status 2 (the traceback stays in the executed copy)
+USER_ERRORS = ("ParameterError", "DataError", "SchemaError", "ModelError", "PromptTooLongError")
 
 
 def notebook_parameters(nb_path: Path) -> set:
@@ -77,7 +85,7 @@ def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
     except pm.PapermillExecutionError as e:
         where = _source_cell(nb_path, out_path, e.cell_index)
         raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
-                             f"  executed copy with the traceback: {out_path}") from None
+                             f"  executed copy with the traceback: {out_path}", e.ename in USER_ERRORS) from None
     return time.perf_counter() - t0
 
 
@@ -106,6 +114,8 @@ def check_run(params: dict, nbs: list) -> None:
 
 def run_profile(profile: str, overrides: dict, only=None, force: bool = False, label: str = "") -> int:
     """Run the notebooks of one parameter set; returns the exit status (0 = all notebooks succeeded)."""
+    from .study import schema
+
     params = resolve_params(profile, overrides, force)
     nbs = select_notebooks(only)
     check_run(params, nbs)
@@ -115,7 +125,8 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
     os.environ.setdefault("LLMFT_PROGRESS", "lines")  # papermill streams text: periodic lines, not frozen widget bars
     prov = provenance()
-    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {}}
+    manifest = {"profile": profile, "label": label, "parameters": params, "provenance": prov, "notebooks": {},
+                "schema_version": schema.RUN_MANIFEST_VERSION, "schemas": schema.versions()}
     mpath = out_dir / (f"run_manifest_{label}.json" if label else "run_manifest.json")
     if only is not None and mpath.is_file():  # a partial rerun keeps the other notebooks' records
         old = json.loads(mpath.read_text())
@@ -130,7 +141,7 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
             print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
             manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
             atomic_write_json(mpath, manifest)
-            return 1
+            return 2 if e.user_error else 1
         manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1), "git_commit": prov.get("git_commit")}
         print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
         if nb.startswith("01") and nb != nbs[-1]:  # the pools' sizes are known now, before any model loads

@@ -33,16 +33,17 @@ import pandas as pd
 
 from llmft_utils import params, store
 from llmft_utils.analysis import plots, tables
+from llmft_utils.study import schema
 
 params.validate_namespace(globals(), check_model=False)
 out = store.results_dir(results_dir, profile)
-icl = store.ResultTable(out / "icl.csv").read()
-cd = store.ResultTable(out / "cd.csv").read()
+icl = schema.read_table(out / "icl.csv")
+cd = schema.read_table(out / "cd.csv")
 all_runs, skipped = tables.evaluated(tables.unify(icl, cd))
 if len(skipped):  # every prompt longer than the context: recorded in the tables, left out of every mean
     print(f"left out: {len(skipped)} runs that evaluated nothing:", ", ".join(skipped["run_key"]))
 summary_all = tables.summary_table(all_runs)
-store.atomic_write_csv(summary_all, out / "summary.csv")
+schema.write_table(summary_all, out / "summary.csv")
 runs = all_runs[(all_runs["model"] == model) & (all_runs["pattern"] == pattern)]
 summary = summary_all[(summary_all["model"] == model) & (summary_all["pattern"] == pattern)]
 assert len(runs), f"no rows for model={model!r}, pattern={pattern!r}; have {sorted(set(all_runs['model']))}"
@@ -105,7 +106,7 @@ else:
 
 # %%
 checks = tables.transfer_checks(runs)
-store.atomic_write_csv(checks, out / "transfer_checks.csv")
+schema.write_table(checks, out / "transfer_checks.csv")
 decided = checks["beats_controls"].dropna()
 print(f"CD beats both controls in {int(decided.astype(bool).sum())} of {len(decided)} student × evaluation-set checks"
       + (f" ({len(checks) - len(decided)} predate the controls: not decided)" if len(decided) < len(checks) else ""))
@@ -124,10 +125,10 @@ print(checks[show].round(3).to_string(index=False))
 # %%
 dist = tables.distribution_checks(runs, out)
 if len(dist):
-    store.atomic_write_csv(dist, out / "distribution_checks.csv")
+    schema.write_table(dist, out / "distribution_checks.csv")
     print(dist.drop(columns=["model", "pattern", "config"]).round(4).to_string(index=False))
 elif (out / "distribution_checks.csv").is_file():  # tables without prediction files: the stored result
-    print(pd.read_csv(out / "distribution_checks.csv").round(4).to_string(index=False))
+    print(schema.read_table(out / "distribution_checks.csv").round(4).to_string(index=False))
 else:
     print("no CD student with control students (or no prediction files) in these rows")
 
@@ -141,11 +142,11 @@ else:
 # %%
 cal = tables.calibrated_checks(runs, out)
 if len(cal):
-    store.atomic_write_csv(cal, out / "calibrated_checks.csv")
+    schema.write_table(cal, out / "calibrated_checks.csv")
     counts = (cal.groupby(["eval_set", "a", "b", "calibration"])["direction"].value_counts().unstack(fill_value=0))
     print(counts.to_string())
 elif (out / "calibrated_checks.csv").is_file():
-    print(pd.read_csv(out / "calibrated_checks.csv").to_string(index=False))
+    print(schema.read_table(out / "calibrated_checks.csv").to_string(index=False))
 else:
     print("no calibrated predictions in these rows (they predate them, or no prediction files)")
 
@@ -176,7 +177,7 @@ if paired:
 # %%
 ens = tables.ensemble_checks(runs)
 if len(ens):
-    store.atomic_write_csv(ens, out / "ensemble_checks.csv")
+    schema.write_table(ens, out / "ensemble_checks.csv")
     show = ["eval_set", "train_task", "k", "m", "seed", "acc_zeroshot", "acc_icl", "acc_icl_ensemble", "acc_cd",
             "acc_cd_ensemble", "cd_ensemble_vs_cd", "cd_ensemble_vs_icl", "cd_ensemble_vs_teacher", "icl_ensemble_vs_icl"]
     print(ens[show].round(3).to_string(index=False))
@@ -220,7 +221,7 @@ figs["cost_vs_k"] = plots.cost_vs_k(runs)
 
 # %%
 breakeven = tables.break_even(runs)
-store.atomic_write_csv(breakeven, out / "break_even.csv")
+schema.write_table(breakeven, out / "break_even.csv")
 if len(breakeven):
     print(breakeven[["eval_set", "k", "s_per_query_icl", "s_per_query_full_prompt", "s_per_query_student",
                      "cd_once_s", "break_even_cached", "break_even_full"]].round(4).to_string(index=False))
@@ -233,10 +234,10 @@ figs["break_even"] = plots.cost_break_even(breakeven)
 sub_path = out / "hans_subcases.csv"
 try:
     subcases = tables.hans_subcases(runs, out)
-    store.atomic_write_csv(subcases, sub_path)
+    schema.write_table(subcases, sub_path)
 except FileNotFoundError as e:  # a checkout with the committed tables but without prediction files
     print(f"prediction files not found ({e}); using {sub_path.name}")
-    subcases = pd.read_csv(sub_path)
+    subcases = schema.read_table(sub_path)
 figs["hans_subcases"] = plots.hans_heatmap(subcases)
 
 # %% [markdown]
@@ -245,7 +246,7 @@ figs["hans_subcases"] = plots.hans_heatmap(subcases)
 # %%
 figs["training_cost"] = plots.training_cost(runs)
 if (out / "train_log.csv").is_file():  # written by notebook 03 (per batch: loss, lr, gradient norm)
-    figs["loss_curves"] = plots.loss_curves(store.ResultTable(out / "train_log.csv").read())
+    figs["loss_curves"] = plots.loss_curves(schema.read_table(out / "train_log.csv"))
 else:
     print("no train_log.csv (notebook 03 writes it): no loss curves")
 for name, fig in figs.items():
@@ -291,9 +292,9 @@ if compare_with:
 
 # %%
 # Checks: the summary is exactly recomputable from the raw rows, and every figure was written.
-again = tables.summary_table(tables.unify(store.ResultTable(out / "icl.csv").read(),
-                                            store.ResultTable(out / "cd.csv").read()))
-pd.testing.assert_frame_equal(again, pd.read_csv(out / "summary.csv"), check_dtype=False, atol=1e-12)
+again = tables.summary_table(tables.unify(schema.read_table(out / "icl.csv"),
+                                            schema.read_table(out / "cd.csv")))
+pd.testing.assert_frame_equal(again, schema.read_table(out / "summary.csv"), check_dtype=False, atol=1e-12)
 assert len(summary) == len(again[(again["model"] == model) & (again["pattern"] == pattern)])
 assert {p.stem for p in (out / "figures").glob("*.png")} >= set(figs)
 print("ok")

@@ -4,6 +4,7 @@ import pytest
 
 from llmft_utils.analysis import plots, tables
 from llmft_utils.store import repo_root
+from llmft_utils.study import schema
 
 REFERENCE = repo_root() / "results" / "reference"
 
@@ -95,8 +96,8 @@ def test_hans_heatmap_from_tidy_subcases():
 @pytest.mark.skipif(not (REFERENCE / "summary.csv").is_file(), reason="no committed reference results")
 def test_committed_reference_summary_matches_its_raw_rows():
     """The committed summary table (and so every number drawn from it) is exactly what the raw rows give."""
-    again = tables.summary_table(tables.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
-    pd.testing.assert_frame_equal(again, pd.read_csv(REFERENCE / "summary.csv"), check_dtype=False, atol=1e-12)
+    again = tables.summary_table(tables.unify(schema.read_table(REFERENCE / "icl.csv"), schema.read_table(REFERENCE / "cd.csv")))
+    pd.testing.assert_frame_equal(again, schema.read_table(REFERENCE / "summary.csv"), check_dtype=False, atol=1e-12)
     figs = {p.stem for p in (REFERENCE / "figures").glob("*.png")}
     assert figs >= {"accuracy_vs_k", "in_vs_out_of_domain", "cost_vs_k", "hans_subcases", "training_cost"}
 
@@ -108,14 +109,14 @@ def test_committed_figures_are_reproduced_byte_for_byte(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    runs, _ = tables.evaluated(tables.unify(pd.read_csv(REFERENCE / "icl.csv"), pd.read_csv(REFERENCE / "cd.csv")))
+    runs, _ = tables.evaluated(tables.unify(schema.read_table(REFERENCE / "icl.csv"), schema.read_table(REFERENCE / "cd.csv")))
     summary = tables.summary_table(runs)
     figs = {"accuracy_vs_k": plots.accuracy_vs_k(summary), "in_vs_out_of_domain": plots.in_vs_out_of_domain(summary),
             "cost_vs_k": plots.cost_vs_k(runs), "training_cost": plots.training_cost(runs),
-            "hans_subcases": plots.hans_heatmap(pd.read_csv(REFERENCE / "hans_subcases.csv")),
+            "hans_subcases": plots.hans_heatmap(schema.read_table(REFERENCE / "hans_subcases.csv")),
             "break_even": plots.cost_break_even(tables.break_even(runs)),
             "accuracy_vs_total_demos": plots.accuracy_vs_total_demos(runs)}
-    pd.testing.assert_frame_equal(tables.break_even(runs), pd.read_csv(REFERENCE / "break_even.csv"), check_dtype=False)
+    pd.testing.assert_frame_equal(tables.break_even(runs), schema.read_table(REFERENCE / "break_even.csv"), check_dtype=False)
     for name, fig in figs.items():
         for path in plots.save(fig, tmp_path, name):
             assert path.read_bytes() == (REFERENCE / "figures" / path.name).read_bytes(), path.name
@@ -232,8 +233,8 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
     and the control students') and beats_controls; every row's accuracy from its own file."""
     from llmft_utils.study import paired, plan
 
-    icl = pd.read_csv(REFERENCE / "icl.csv")
-    cd = pd.read_csv(REFERENCE / "cd.csv")
+    icl = schema.read_table(REFERENCE / "icl.csv")
+    cd = schema.read_table(REFERENCE / "cd.csv")
     read = lambda f: pd.read_parquet(REFERENCE / f)  # noqa: E731
     for _, r in pd.concat([icl, cd]).iterrows():
         p = read(r["predictions_file"])
@@ -281,5 +282,5 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
         ens += 1
     assert ens == (cd["method"] == "cd_ensemble").sum()
     runs, _ = tables.evaluated(tables.unify(icl, cd))  # the ensemble table is what these rows give
-    pd.testing.assert_frame_equal(tables.ensemble_checks(runs), pd.read_csv(REFERENCE / "ensemble_checks.csv"),
+    pd.testing.assert_frame_equal(tables.ensemble_checks(runs), schema.read_table(REFERENCE / "ensemble_checks.csv"),
                                   check_dtype=False)

@@ -40,7 +40,7 @@ def main() -> int:
 
     from llmft_utils import data as d
     from llmft_utils import models
-    from llmft_utils.study import icl_sweep
+    from llmft_utils.study import icl_sweep, schema
     from llmft_utils.study.plan import EvalOptions, ICLPlan
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +86,7 @@ def main() -> int:
             run["error"] = (r.stdout[-1500:] + r.stderr[-3000:])
             print(f"{name}: FAILED (rc {r.returncode}) after {wall:.1f} s\n{run['error'][-2500:]}", flush=True)
         else:
-            t = pd.read_csv(folder / "cd.csv")
+            t = schema.read_table(folder / "cd.csv")
             tables[name] = (folder, t)
             run.update(rows=len(t), n_processes=sorted(t["n_processes"].unique().tolist()),
                        train_s=t.groupby("run_key")["train_s"].first().round(2).tolist(),
@@ -104,7 +104,7 @@ def main() -> int:
             f1, t1 = tables[run["launch"]]
             same, dmax, accs = [], 0.0, []
             for (_, ra), (_, rb) in zip(t0_.sort_values(key).iterrows(), t1.sort_values(key).iterrows()):
-                pa, pb = (pd.read_parquet(f / r["predictions_file"]) for f, r in ((f0, ra), (f1, rb)))
+                pa, pb = (schema.read_predictions(f / r["predictions_file"]) for f, r in ((f0, ra), (f1, rb)))
                 same.append(float((pa["pred"] == pb["pred"]).mean()))
                 dmax = max(dmax, float(np.abs(pa[["logp_label0", "logp_label1"]].to_numpy()
                                               - pb[["logp_label0", "logp_label1"]].to_numpy()).max()))

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmft_utils import data, models, params, pipeline  # noqa: E402
-from llmft_utils.store import ResultTable, atomic_write_json  # noqa: E402
-from llmft_utils.study import cd_sweep, icl_sweep  # noqa: E402
+from llmft_utils.store import atomic_write_json  # noqa: E402
+from llmft_utils.study import cd_sweep, icl_sweep, schema  # noqa: E402
 from llmft_utils.study.plan import EvalOptions, ICLPlan  # noqa: E402
 
 
@@ -98,11 +98,9 @@ CD_KEY = ["method", "model", "train_task", "task", "split", "pattern", "k", "see
 
 
 def compare(a_dir: Path, b_dir: Path) -> dict:
-    import pandas as pd
-
     out = {"icl": [], "cd": []}
     for table, key, kind in (("icl.csv", ICL_KEY, "icl"), ("cd.csv", CD_KEY, "cd")):
-        ta, tb = ResultTable(a_dir / table).read(), ResultTable(b_dir / table).read()
+        ta, tb = schema.read_table(a_dir / table), schema.read_table(b_dir / table)
         if ta.empty or tb.empty:
             continue
         for _, ra in ta.iterrows():
@@ -112,8 +110,8 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
             if match.empty:
                 continue
             rb = match.iloc[-1]
-            pa = pd.read_parquet(a_dir / ra["predictions_file"]).set_index("idx")
-            pb = pd.read_parquet(b_dir / rb["predictions_file"]).set_index("idx").loc[pa.index]
+            pa = schema.read_predictions(a_dir / ra["predictions_file"]).set_index("idx")
+            pb = schema.read_predictions(b_dir / rb["predictions_file"]).set_index("idx").loc[pa.index]
             same = float((pa["pred"].to_numpy() == pb["pred"].to_numpy()).mean())
             row = {**{c: ra[c] for c in key}, "n": len(pa), "same_prediction": same,
                    "acc_a": float(ra["score_acc"]), "acc_b": float(rb["score_acc"]),

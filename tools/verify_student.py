@@ -8,11 +8,15 @@ verbalizer's tokens) and compare with the accuracy its row in ``cd.csv`` records
 import argparse
 import glob
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llmft_utils.study import schema  # noqa: E402  (only to read the row the student is checked against)
 
 
 def main() -> None:
@@ -27,7 +31,7 @@ def main() -> None:
     task = a.task or card["train_task"]
     tok = AutoTokenizer.from_pretrained(sdir)
     model = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).eval()
-    cd = pd.read_csv(folder / "cd.csv")
+    cd = schema.read_table(folder / "cd.csv")
     row = cd[(cd["student_dir"] == str(sdir.relative_to(folder))) & (cd["task"] == task)].iloc[0]
     ev = pd.read_json(folder / "prepared" / f"{task}__{row['split']}.jsonl", lines=True)
     tpl, verb = card["pattern"]["template"], card["pattern"]["verbalizers"]

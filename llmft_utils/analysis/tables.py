@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import kl_per_example, mcnemar_exact, verbalizer_logp
+from ..study import schema
 
 
 def t_ci(values, confidence: float = 0.95, bounds: tuple | None = None) -> tuple[float, float, float]:
@@ -228,7 +229,7 @@ def read_predictions(results_root, f):
     if key not in _PREDICTIONS:
         if len(_PREDICTIONS) >= 2048:
             _PREDICTIONS.clear()
-        _PREDICTIONS[key] = pd.read_parquet(path).set_index("idx")
+        _PREDICTIONS[key] = schema.read_predictions(path).set_index("idx")
     return _PREDICTIONS[key].copy()
 
 
@@ -456,7 +457,7 @@ def hans_subcases(runs: pd.DataFrame, results_root) -> pd.DataFrame:
         path = Path(results_root) / r["predictions_file"]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; rerun the notebook that wrote it (force=True)")
-        p = pd.read_parquet(path)
+        p = schema.read_predictions(path)
         p = p[~p["skipped"]]
         for (heur, sub), g in p.groupby(["heuristic", "subcase"]):
             out.append({"run_key": r["run_key"], "method_label": r["method_label"], "train_task": r["train_task"],

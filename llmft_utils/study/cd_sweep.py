@@ -47,11 +47,12 @@ from ..distill.training import check_tracker, float32_copy, training_log, traini
 from ..models import wrap
 from ..patterns import get_pattern
 from ..scoring.evaluation import HALF_DTYPES, evaluate, evaluate_ensemble, precision_flips
-from ..store import ResultTable, atomic_write_parquet, ids_digest, provenance
+from ..store import ids_digest, provenance
 from .keys import pool_digest, precision_tag
 from .lookup import icl_predictions, icl_runs, missing_icl_runs
 from .paired import agreement, controls_vs, paired_vs
 from .plan import CDPlan, EvalOptions, PlannedStudent
+from .schema import StudyTable, read_predictions, write_predictions
 
 log = logs.get(__name__)
 
@@ -76,10 +77,10 @@ class CDSweep:
         self.manifest = data.load_manifest(self.out_dir)
         self.pattern = get_pattern(plan.pattern)
         self.model_name = ev.model_name or lm.name
-        self.table = ResultTable(self.out_dir / "cd.csv")
+        self.table = StudyTable(self.out_dir / "cd.csv")
         old_rows = self.table.read()
         self.done = set() if ev.force or "run_key" not in old_rows else set(old_rows["run_key"])
-        self.icl_rows = ResultTable(self.out_dir / "icl.csv").read()
+        self.icl_rows = StudyTable(self.out_dir / "icl.csv").read()
         self.vids = answer_token_ids(lm.tokenizer, self.pattern)
         self.runtime = teacher_runtime(lm)
         self.prov = {**provenance(), "model_weights_sha256": self.runtime["weights_sha256"]}
@@ -173,7 +174,7 @@ class CDSweep:
     def student_preds(self, method: str, task: str, k: int, seed: int, es: str):
         """A planned student's predictions on ``es``, once its rows exist (else None)."""
         row = self.run_rows.get(self.keys_of.get((method, task, k, seed), {}).get(es))
-        return None if row is None else pd.read_parquet(self.out_dir / row["predictions_file"])
+        return None if row is None else read_predictions(self.out_dir / row["predictions_file"])
 
     def control_preds(self, task: str, k: int, seed: int, es: str, method: str = "cd") -> dict:
         """The control students' predictions for a CD student on ``es`` (the shuffled control permutes one
@@ -216,7 +217,7 @@ class CDSweep:
                                                max_tokens=self.ev.max_tokens, known=known)
             pfile = f"predictions/icl_ensemble__{ids_digest([key])}.parquet"
             if self.main:
-                atomic_write_parquet(preds, self.out_dir / pfile)
+                write_predictions(preds, self.out_dir / pfile)
             zrow, zpreds = self.icl(es, 0, 0)
             ik, ipreds = self.largest_icl(es, p.seed)
             rows.append({
@@ -295,7 +296,7 @@ class CDSweep:
         for r in new_rows:
             r["student_dir"] = student_dir
         if self.main:  # under a launcher (accelerate launch, torchrun) the main process writes; all compute
-            ResultTable(self.out_dir / "train_log.csv").append(training_log(p.key_base, st, p.cfg.grad_accum),
+            StudyTable(self.out_dir / "train_log.csv").append(training_log(p.key_base, st, p.cfg.grad_accum),
                                                                replace="student")
             self.table.append(new_rows)  # last: a student whose rows exist has its predictions and training log too
         self.run_rows.update({r["run_key"]: r for r in new_rows})
@@ -312,7 +313,7 @@ class CDSweep:
                                   progress=self.ev.progress, max_tokens=self.ev.max_tokens)
         pfile = f"predictions/{p.method}__{ids_digest([key])}.parquet"
         if self.main:
-            atomic_write_parquet(preds, self.out_dir / pfile)
+            write_predictions(preds, self.out_dir / pfile)
         zrow, zpreds = self.icl(es, 0, 0)
         ag_z = self.comparisons(p, es, preds, zpreds, demos)
         fid = precision_flips(ref, preds, frame, self.pattern, frame.iloc[0:0], self.ev.fidelity_sample,
@@ -339,7 +340,7 @@ class CDSweep:
         tk = k if method in ("cd", "cd_ensemble") else self.plan.control_k
         if method == "cd_ensemble":  # its teacher: the same ensemble at inference
             trow = self.run_rows[self.keys_of[("icl_ensemble", task, k, seed)][es]]
-            tpreds, same_demos = pd.read_parquet(self.out_dir / trow["predictions_file"]), True
+            tpreds, same_demos = read_predictions(self.out_dir / trow["predictions_file"]), True
             ik, ipreds = self.largest_icl(es, seed)
             c1 = self.student_preds("cd", task, k, seed, es)
             ag_z = {**ag_z, **paired_vs(preds, ipreds, "icl"), "icl_k": ik, "ensemble_m": self.plan.ensemble.m,

@@ -10,9 +10,10 @@ from ..distill.training import float32_copy
 from ..models import weights_sha256
 from ..patterns import get_pattern
 from ..scoring.evaluation import HALF_DTYPES, evaluate, full_prompt_cost, precision_flips
-from ..store import ResultTable, atomic_write_parquet, ids_digest, provenance
+from ..store import ids_digest, provenance
 from .keys import icl_key, pool_digest, precision_tag
 from .plan import EvalOptions, ICLPlan
+from .schema import StudyTable, write_predictions
 
 log = logs.get(__name__)
 
@@ -27,7 +28,7 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
     out_dir = Path(out_dir)
     manifest = data.load_manifest(out_dir)
     pattern = get_pattern(plan.pattern)
-    table = ResultTable(out_dir / "icl.csv")
+    table = StudyTable(out_dir / "icl.csv")
     done = set() if ev.force else table.done()
     prov = {**provenance(), "model_weights_sha256": weights_sha256(lm)}
     model_name = ev.model_name or lm.name
@@ -52,7 +53,7 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
         fid = precision_flips(ref, preds, frame, pattern, demos, ev.fidelity_sample, ev.batch_size,
                               ev.max_tokens) if ref is not None else {}
         pfile = f"predictions/icl__{ids_digest([key])}.parquet"
-        atomic_write_parquet(preds, out_dir / pfile)
+        write_predictions(preds, out_dir / pfile)
         row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
                "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
                "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k, "seed": seed,

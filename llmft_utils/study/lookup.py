@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plan import CONTROL_METHODS
+from .schema import read_predictions
 
 
 def icl_runs(icl_rows, model: str, es: str, pattern: str, precision: str):
@@ -22,13 +23,11 @@ def _icl_row(icl_rows, model: str, es: str, pattern: str, k: int, seed: int, pre
 
 
 def icl_predictions(out_dir: Path, icl_rows, model: str, es: str, pattern: str, k: int, seed: int, precision: str):
-    import pandas as pd
-
     row = _icl_row(icl_rows, model, es, pattern, k, seed, precision)
     if row is None:
         raise FileNotFoundError(f"no ICL row for {model} {es} {pattern} k={k} seed={seed} ({precision}) in icl.csv: run "
                                 "notebooks/02_icl_baselines with the same model, pattern, ks, seeds, dtype and device first")
-    return row, pd.read_parquet(out_dir / row["predictions_file"])
+    return row, read_predictions(out_dir / row["predictions_file"])
 
 
 def missing_icl_runs(icl_rows, model: str, pattern: str, plan: list, precision: str) -> list[str]:

@@ -25,6 +25,7 @@ from ..store import atomic_write_json
 from .cd_sweep import run_cd_sweep
 from .icl_sweep import run_sweep
 from .plan import CDPlan, EnsembleSpec, EvalOptions, ICLPlan
+from .schema import read_table
 
 FORMAT_GAP = 0.05
 # candidate recipes: overrides of the profile's CD parameters, in order of preference on ties
@@ -73,7 +74,7 @@ def run_selection(lm, out_dir, p: dict, candidates: dict = CANDIDATES, tasks=Non
         got = run_cd_sweep(lm, out_dir, cd, ev.narrowed(batch_size=q["batch_size"], model_name=q["model"]))
         rows.append(got.assign(candidate=name, **{f"recipe_{a}": q[a] for a in RECIPE_KEYS}))
     table = pd.concat(rows, ignore_index=True)
-    icl_rows = pd.read_csv(out_dir / "icl.csv")
+    icl_rows = read_table(out_dir / "icl.csv")
     teach = icl_rows[icl_rows["k"] == k].set_index(["task", "seed"])["non_verbalizer_frac"]
     table["teacher_non_verbalizer_frac"] = [teach.get((t, s)) for t, s in zip(table["task"], table["seed"])]
     table["format_gap"] = table["non_verbalizer_frac"] - table["teacher_non_verbalizer_frac"]
