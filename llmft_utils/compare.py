@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -341,11 +342,18 @@ def main(argv=None) -> int:
                     help="a changed break_even verdict (wall time) fails too: for two runs on one quiet host")
     ap.add_argument("--all-rows", action="store_true", help="list every row, not only those that changed")
     ap.add_argument("--json", metavar="FILE", help="also write the whole comparison as JSON")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
     a = ap.parse_args(argv)
+    from .logs import run_verb
+
+    return run_verb("compare", lambda: _run(a), a.verbose)
+
+
+def _run(a) -> int:
     try:
         c = compare(a.run_a, a.run_b, a.tolerance, a.gate_timing)
     except FileNotFoundError as e:
-        print(f"compare: {e}")
+        print(f"compare: {e}", file=sys.stderr)
         return 2
     print(c.report(all_rows=a.all_rows))
     if a.json:

@@ -65,3 +65,35 @@ def get(name: str) -> logging.Logger:
     """The logger of a library module (``llmft_utils.icl`` ...), the handler installed once."""
     _install()
     return logging.getLogger(name)
+
+
+# ----------------------------------------------------------------------------- user errors in the CLI verbs
+# Errors that report a mistake in parameters, data, results files, the model or its inputs, or an output
+# folder in use: not a bug. Every verb prints their message (a line or a few) and exits with status 2, with no
+# traceback unless -v; any other exception is a bug and keeps its traceback.
+USER_ERRORS = ("ParameterError", "DataError", "SchemaError", "ModelError", "PromptTooLongError", "FolderBusy")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is (a subclass of) one of :data:`USER_ERRORS`, matched by name so that this leaf module
+    imports none of the modules that define them."""
+    return any(c.__name__ in USER_ERRORS for c in type(e).__mro__)
+
+
+def run_verb(verb: str, fn, verbose: int = 0) -> int:
+    """``fn()``'s exit status; a user error becomes ``<verb>: <message>`` on stderr and status 2 (with its
+    traceback too when ``verbose``), an interrupt status 130."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{verb}: {e}", file=sys.stderr)
+        return 2

@@ -443,12 +443,57 @@ def check_model_name(name: str) -> str:
 
 
 def max_context(model) -> int:
-    cfg = model.config.get_text_config(decoder=True)  # the decoder's, for multimodal configs (e.g. Gemma 3)
+    return config_context(model.config, type(model).__name__)
+
+
+def config_context(config, what: str = "the model") -> int:
+    """The context length a transformers config declares."""
+    cfg = config.get_text_config(decoder=True)  # the decoder's, for multimodal configs (e.g. Gemma 3)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v > 0:
             return v
-    raise ModelError(f"cannot tell the context length of {type(model).__name__}; its config has no max_position_embeddings")
+    raise ModelError(f"cannot tell the context length of {what}; its config has no max_position_embeddings")
+
+
+def _gguf_context(path: Path) -> int:
+    """``<arch>.context_length`` from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    field_value = lambda f: f.parts[f.data[0]]  # noqa: E731
+    arch = bytes(field_value(r.fields["general.architecture"])).decode()
+    return int(field_value(r.fields[f"{arch}.context_length"])[0])
+
+
+def load_tokenizer(name: str):
+    """``(tokenizer, context length)`` of model ``name`` without its weights (a few seconds at most): what
+    checks of prompt lengths need before the weights load. Names as for :func:`load_model`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    resolved = ALIASES.get(name, name)
+    try:
+        if resolved.startswith(RANDOM_PREFIX):
+            return _random_tokenizer()[0], config_context(shape_config(resolved.removeprefix(RANDOM_PREFIX)), name)
+        if resolved in EMBEDDED:
+            path = embedded_gguf_path(resolved)
+            cached = embedded_cache_dir(resolved, path)
+            if cached is not None and (cached / "config.json").is_file():
+                return embedded_tokenizer(resolved), config_context(AutoConfig.from_pretrained(cached), name)
+            return embedded_tokenizer(resolved), _gguf_context(path)
+        if Path(resolved).expanduser().is_dir():
+            path = Path(resolved).expanduser().resolve()
+            check_model_name(str(path))
+            return AutoTokenizer.from_pretrained(path), config_context(AutoConfig.from_pretrained(path), name)
+        from .hub import offline_if_unreachable
+
+        with offline_if_unreachable() as online:
+            return (AutoTokenizer.from_pretrained(resolved, local_files_only=not online),
+                    config_context(AutoConfig.from_pretrained(resolved, local_files_only=not online), name))
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"could not read the tokenizer or config of {name!r} ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 # ----------------------------------------------------------------------------- tiny models for tests

@@ -3,6 +3,7 @@
     llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
     llmft-study distill --model M --prefix demos.txt --queries q.jsonl --out DIR   # distil any prompt
     llmft-study compare RUN_A RUN_B                             # two results folders: rows, examples, verdicts
+    llmft-study verify-student FOLDER                           # a saved student: checksums, plain load, accuracy
     python -m llmft_utils.pipeline --profile default            # the main study on the embedded model
     python -m llmft_utils.pipeline --profile smoke --only 01    # one notebook
     python -m llmft_utils.pipeline --profile default --set model=facebook/opt-125m --set ks=[0,4]
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import logs
 from .profiles import PROFILE_NOTES, PROFILES
 from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
 
@@ -40,7 +42,7 @@ class NotebookFailed(RuntimeError):
 
 # errors that report a mistake in parameters, data, results files or the model's inputs, not a bug: the pipeline
 # prints their one-line message and exits with status 2 (the traceback stays in the executed copy)
-USER_ERRORS = ("ParameterError", "DataError", "SchemaError", "ModelError", "PromptTooLongError")
+USER_ERRORS = logs.USER_ERRORS
 
 
 def notebook_parameters(nb_path: Path) -> set:
@@ -189,6 +191,10 @@ def main(argv=None) -> int:
         from .prompt_distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv and argv[0] == "verify-student":  # llmft-study verify-student FOLDER: checksums, plain load, accuracy
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     if argv and argv[0] == "compare":  # llmft-study compare RUN_A RUN_B: predictions, tolerances, verdicts
         from .compare import main as compare_main
 
@@ -222,7 +228,6 @@ def main(argv=None) -> int:
 
     level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
     logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
-    from . import logs
 
     os.environ[logs.ENV] = logging.getLevelName(level).lower()  # the notebook kernels' library verbosity
     logs.set_verbosity(os.environ[logs.ENV])

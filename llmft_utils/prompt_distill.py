@@ -76,6 +76,18 @@ def _versus(teacher: np.ndarray, other: np.ndarray) -> dict:
     return {"agreement": r["agreement"], "kl": r["kl"]}
 
 
+def check_out(out) -> Path:
+    """``out`` resolved: a new folder, an empty one or the output of an earlier distill run (``report.json``),
+    which a finished run replaces whole; a folder holding anything else is refused rather than replaced."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise ValueError(f"--out {out} holds other files and no report.json of an earlier distill run; a finished run "
+                         "replaces its folder whole, so give a new or empty folder")
+    return out
+
+
 def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=None, holdout: float = 0.2,
                    seed: int = 0, max_tokens: int = 0, command: str = "") -> dict:
     """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
@@ -85,69 +97,71 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
     from .models import wrap
     from .scoring import answer_logits
     from .stats import constant_agreement
-    from .store import atomic_write_json, provenance
+    from .store import atomic_folder, atomic_write_json, folder_lock, provenance
 
-    cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
-    if cfg.alpha > 0:
-        raise ValueError("the queries are unlabelled: alpha must be 0")
-    if not prefix.strip():
-        raise ValueError("the prefix is empty: there is nothing to distil")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(queries))
-    n_ho = max(2, int(round(holdout * len(queries))))
-    ho, tr = [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
-    vids = answer_token_ids(lm.tokenizer, pattern)
+    out_dir = check_out(out_dir)
+    with folder_lock(out_dir, "distill run"):  # a second run into the same folder is refused, not interleaved
+        cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
+        if cfg.alpha > 0:
+            raise ValueError("the queries are unlabelled: alpha must be 0")
+        if not prefix.strip():
+            raise ValueError("the prefix is empty: there is nothing to distil")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(queries))
+        n_ho = max(2, int(round(holdout * len(queries))))
+        ho, tr = [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
+        vids = answer_token_ids(lm.tokenizer, pattern)
 
-    t0 = time.perf_counter()
-    T = cfg.temperature
-    teacher_logp = answer_logits(lm, prefix, query_texts(pattern, tr, True),
-                                 lambda z: torch.log_softmax(support_logits(z / T, "verbalizer", vids), -1),
-                                 batch_size=cfg.batch_size, max_tokens=max_tokens).float()
-    teacher_s = time.perf_counter() - t0
-    ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
-    rows = [{"input_ids": x, "label": 0, "teacher_logp": t} for x, t in zip(ids, teacher_logp)]
-    student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids)
-    student = student.to(next(lm.model.parameters()).dtype)
-    slm = wrap(student, lm.tokenizer, name="student", device=lm.device)
+        t0 = time.perf_counter()
+        T = cfg.temperature
+        teacher_logp = answer_logits(lm, prefix, query_texts(pattern, tr, True),
+                                     lambda z: torch.log_softmax(support_logits(z / T, "verbalizer", vids), -1),
+                                     batch_size=cfg.batch_size, max_tokens=max_tokens).float()
+        teacher_s = time.perf_counter() - t0
+        ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
+        rows = [{"input_ids": x, "label": 0, "teacher_logp": t} for x, t in zip(ids, teacher_logp)]
+        student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids)
+        student = student.to(next(lm.model.parameters()).dtype)
+        slm = wrap(student, lm.tokenizer, name="student", device=lm.device)
 
-    t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
-    z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
-    s_lp, s_spq, s_s = _scores(slm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
-    one_off = teacher_s + stats["train_s"]
-    saved = t_spq - s_spq
-    report = {
-        "model": lm.name, "model_source": lm.source, "dtype": lm.dtype, "device": lm.device,
-        "pattern": {"name": pattern.name, "template": pattern.template, "verbalizers": list(pattern.verbalizers),
-                    "separator": pattern.separator},
-        "prefix_tokens": int(t_s["prefix_tokens"]), "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
-        "recipe": dataclasses.asdict(cfg),
-        "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
-                    "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
-                    "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
-                    "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
-        "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,
-                 "zeroshot_s_per_query": z_spq, "teacher_caching_s": teacher_s, "train_s": stats["train_s"],
-                 "break_even_queries": (one_off / saved) if saved > 0 else None,
-                 "tokens_per_query_teacher": float(np.mean(t_s["query_tokens"])) + int(t_s["prefix_tokens"]),
-                 "tokens_per_query_student": float(np.mean(s_s["query_tokens"]))},
-        "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1], "provenance": provenance(),
-        "command": command or " ".join(sys.argv),
-    }
-    out_dir = Path(out_dir)
-    h = report["heldout"]
-    metrics = {"heldout": {"n": len(ho), "score_acc": float("nan"), "zeroshot_acc": float("nan"),
-                           "agree_teacher_student": h["student_vs_teacher"]["agreement"],
-                           "kl_teacher_student": h["student_vs_teacher"]["kl"]}}
-    save_student(slm.model, lm.tokenizer, out_dir / "student", {
-        "student_key": f"prompt-cd|{lm.name}|{pattern.name}|n{len(tr)}", "method": "cd", "train_task": "prompt",
-        "k": None, "seed": seed, "n_train": len(tr), "base_model": lm.name, "base_model_source": lm.source,
-        "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": "the given prefix",
-        "demo_ids": "the given prefix", "prefix": prefix, "pattern": report["pattern"], "dtype": lm.dtype,
-        "device": lm.device, "recipe": report["recipe"], "metrics": metrics, "provenance": report["provenance"],
-        "command": report["command"]})
-    atomic_write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(report_markdown(report))
-    return report
+        t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
+        z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+        s_lp, s_spq, s_s = _scores(slm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+        one_off = teacher_s + stats["train_s"]
+        saved = t_spq - s_spq
+        report = {
+            "model": lm.name, "model_source": lm.source, "dtype": lm.dtype, "device": lm.device,
+            "pattern": {"name": pattern.name, "template": pattern.template, "verbalizers": list(pattern.verbalizers),
+                        "separator": pattern.separator},
+            "prefix_tokens": int(t_s["prefix_tokens"]), "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
+            "recipe": dataclasses.asdict(cfg),
+            "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
+                        "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
+                        "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
+                        "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
+            "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,
+                     "zeroshot_s_per_query": z_spq, "teacher_caching_s": teacher_s, "train_s": stats["train_s"],
+                     "break_even_queries": (one_off / saved) if saved > 0 else None,
+                     "tokens_per_query_teacher": float(np.mean(t_s["query_tokens"])) + int(t_s["prefix_tokens"]),
+                     "tokens_per_query_student": float(np.mean(s_s["query_tokens"]))},
+            "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1], "provenance": provenance(),
+            "command": command or " ".join(sys.argv),
+        }
+        h = report["heldout"]
+        metrics = {"heldout": {"n": len(ho), "score_acc": float("nan"), "zeroshot_acc": float("nan"),
+                               "agree_teacher_student": h["student_vs_teacher"]["agreement"],
+                               "kl_teacher_student": h["student_vs_teacher"]["kl"]}}
+        with atomic_folder(out_dir) as tmp:  # the student and its report together, or nothing
+            save_student(slm.model, lm.tokenizer, tmp / "student", {
+                "student_key": f"prompt-cd|{lm.name}|{pattern.name}|n{len(tr)}", "method": "cd", "train_task": "prompt",
+                "k": None, "seed": seed, "n_train": len(tr), "base_model": lm.name, "base_model_source": lm.source,
+                "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": "the given prefix",
+                "demo_ids": "the given prefix", "prefix": prefix, "pattern": report["pattern"], "dtype": lm.dtype,
+                "device": lm.device, "recipe": report["recipe"], "metrics": metrics, "provenance": report["provenance"],
+                "command": report["command"]})
+            atomic_write_json(tmp / "report.json", report)
+            (tmp / "report.md").write_text(report_markdown(report))
+        return report
 
 
 def report_markdown(r: dict) -> str:
@@ -175,17 +189,15 @@ Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by 
 
 
 def main(argv=None) -> int:
-    from .distill.config import DistillConfig
-    from .models import ModelError, check_model_name, load_model
-    from .patterns import PATTERNS, get_pattern
-    from .store import ensure_writable
+    from .patterns import PATTERNS
 
     ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="embedded name, alias, Hugging Face id or model directory")
     ap.add_argument("--prefix", required=True, help="text file: the demonstrations or instructions to distil")
     ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries")
-    ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md)")
+    ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md); written whole "
+                    "when the run ends, and locked while it runs")
     ap.add_argument("--pattern", default="gpt-3", choices=sorted(PATTERNS))
     ap.add_argument("--verbalizers", nargs="+", default=None, help='answers to score, e.g. " Yes" " No"')
     ap.add_argument("--holdout", type=float, default=0.2, help="share of the queries held out for the report")
@@ -196,28 +208,58 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
     a = ap.parse_args(argv)
     if not 0 < a.holdout < 1:
         ap.error("--holdout must be between 0 and 1")
-    try:  # everything that can be told without the model, before it loads
-        prefix = Path(a.prefix).read_text()
-        problem = text_problem(prefix)
-        if problem:
-            raise ValueError(f"{a.prefix}: the prefix {problem}; there is nothing to distil")
-        queries = read_queries(a.queries)
-        check_model_name(a.model)
-        out = Path(a.out).expanduser().resolve()
-        ensure_writable(out if out.exists() else out.parent)
-    except (OSError, ValueError, ModelError) as e:
-        print(f"distill: {e}", file=sys.stderr)
-        return 2
+    from .logs import run_verb
+
+    return run_verb("distill", lambda: _run(a), a.verbose)
+
+
+def _checked_inputs(a):
+    """``(prefix, queries, pattern, out)``: everything that can be told without the model's weights, checked
+    (the tokenizer alone decides whether the longest prompt fits the model's context)."""
+    from .models import check_model_name, load_tokenizer
+    from .patterns import get_pattern
+    from .scoring import check_context
+    from .store import ensure_writable
+
+    for flag, path in (("--prefix", a.prefix), ("--queries", a.queries)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file (the prefix is plain text, the queries JSON lines; "
+                                    "examples in docs/method.md)")
+    prefix = Path(a.prefix).read_text()
+    problem = text_problem(prefix)
+    if problem:
+        raise ValueError(f"{a.prefix}: the prefix {problem}; there is nothing to distil")
+    queries = read_queries(a.queries)
     pattern = get_pattern(a.pattern)
     if a.verbalizers:
         pattern = dataclasses.replace(pattern, name=f"{pattern.name}+custom", verbalizers=tuple(a.verbalizers))
-    lm = load_model(a.model, device=a.device, dtype=a.dtype)
-    cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no")
-    r = distill_prompt(lm, prefix, queries, a.out, pattern, cfg, holdout=a.holdout, seed=a.seed,
-                       max_tokens=a.max_batch_tokens)
+    check_model_name(a.model)
+    out = check_out(a.out)
+    ensure_writable(out if out.exists() else out.parent)
+    tok, context = load_tokenizer(a.model)
+    check_context(tok, context, prefix, query_texts(pattern, queries, True), pattern.verbalizers)
+    return prefix, queries, pattern, out
+
+
+def _run(a) -> int:
+    from .distill.config import DistillConfig
+    from .models import load_model
+    from .store import folder_lock
+
+    try:  # everything that can be told without the model's weights, before they load
+        prefix, queries, pattern, out = _checked_inputs(a)
+    except (OSError, ValueError) as e:  # unreadable files, bad queries, an unusable --out
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+    with folder_lock(out, "distill run"):  # held from before the model loads until the folder is complete
+        lm = load_model(a.model, device=a.device, dtype=a.dtype)
+        cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no")
+        r = distill_prompt(lm, prefix, queries, out, pattern, cfg, holdout=a.holdout, seed=a.seed,
+                           max_tokens=a.max_batch_tokens)
     print(report_markdown(r))
     return 0
 

@@ -185,6 +185,81 @@ def file_lock(path: str | os.PathLike):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the lock of an output folder (a user error: wait for it or choose another folder)."""
+
+
+_HELD: set = set()  # folders whose lock this process holds
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run"):
+    """Hold ``.<name>.lock`` beside ``folder`` exclusively for the block, or raise :class:`FolderBusy` at once
+    naming the process that holds it: a second writer into the same folder is refused, never interleaved.
+    The lock file holds the holder's pid; the kernel releases the lock when its process ends, however it
+    ends. Re-entrant within a process."""
+    import fcntl
+
+    folder = Path(folder).expanduser().resolve()
+    if str(folder) in _HELD:  # this process holds it already (a CLI verb, then the function it calls)
+        yield folder
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.with_name(f".{folder.name}.lock")
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise FolderBusy(f"{folder} is being written by another {what} (pid {holder}; lock {lock}); wait for it "
+                             "to finish or choose another output folder") from None
+        _HELD.add(str(folder))
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield folder
+        finally:
+            _HELD.discard(str(folder))
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """The folder form of :func:`atomic_write`: the block fills a temporary folder beside ``folder``
+    (``.<name>.<pid>.<random>.tmp``, yielded), which then replaces ``folder`` (an older one is moved aside and
+    removed after). An exception, or a kill, leaves the old folder (or none) and never a half-written one;
+    a killed run's temporary folder is named as such and removed by the next run into the same folder."""
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a killed run (the caller holds the lock)
+        pid = stale.name.removeprefix(f".{folder.name}.").split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_parent_alive(folder)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
+            folder.rename(old)
+        tmp.rename(folder)
+        _fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class ResultTable:
     """A CSV of result rows keyed by ``run_key``; appends are atomic, so an interrupted run leaves
     either the old file or the old file plus complete new rows, never a partial row."""

@@ -72,8 +72,107 @@ def test_distill_refuses_nulls_control_characters_an_empty_prefix_and_a_read_onl
     (tmp_path / "ctl.jsonl").write_text('{"text": "\\u0000\\u0001\\u0007\\u001b"}\n' + good)
     assert pipeline.main(args(q="ctl.jsonl")) == 2 and "ctl.jsonl:1: 'text' holds the control character U+0000" in \
         capsys.readouterr().err
+    assert pipeline.main(args(prefix="missing.txt")) == 2 and "--prefix" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("  \n")
     assert pipeline.main(args(prefix="empty.txt")) == 2 and "nothing to distil" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")  # an --out under a file cannot be written (as a read-only folder, even for root)
     assert pipeline.main(args(out=tmp_path / "a_file" / "student")) == 2 and "not writable" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _model_dir(tmp_path, max_positions=1024):
+    tok = models.tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    models.tiny_model("llama", tok, seed=3, max_positions=max_positions).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _inputs(tmp_path, prefix="The cat sat . question: A cat sat . Yes or No? answer: Yes\n\n", n=10):
+    (tmp_path / "p.txt").write_text(prefix)
+    ev, _ = toy_data.frames(n_eval=n)
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"premise": p, "hypothesis": h}) + "\n"
+                                              for p, h in zip(ev.premise, ev.hypothesis)))
+    return ["--prefix", str(tmp_path / "p.txt"), "--queries", str(tmp_path / "q.jsonl")]
+
+
+def test_an_over_long_prefix_is_one_line_and_status_2_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    folder = _model_dir(tmp_path, max_positions=64)
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    capsys.readouterr()  # the tiny model's save bar
+    rc = pipeline.main(["distill", "--model", str(folder), *_inputs(tmp_path, prefix="the cat sat on the mat . " * 40),
+                        "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "10 of 10 prompts exceed the model's context of 64 tokens" in err and "shorter prefix" in err
+    assert not (tmp_path / "o").exists()
+    # the same check, through the embedded model's tokenizer and context (8192), without its weights
+    rc = pipeline.main(["distill", "--model", "smollm2-135m", *_inputs(tmp_path, prefix="the cat sat on the mat . " * 1500),
+                        "--out", str(tmp_path / "o")])
+    assert rc == 2 and "exceed the model's context of 8192 tokens" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_killed_run_leaves_nothing(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder, out = _model_dir(tmp_path), tmp_path / "o"
+    args = ["distill", "--model", str(folder), *_inputs(tmp_path), "--out", str(out), "--epochs", "1"]
+    # a run that holds the folder and has begun writing it, as a distill run does from before its model loads
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+from llmft_utils import store
+with store.folder_lock({str(out)!r}, "distill run"), store.atomic_folder({str(out)!r}) as tmp:
+    (tmp / "report.json").write_text("half")
+    print("held", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        assert pipeline.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another distill run (pid {holder.pid}" in err and time.perf_counter() - t0 < 20
+        assert not out.exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # killed mid-write: its temporary folder stays, named as such
+        holder.wait()
+    assert not out.exists() and len(list(tmp_path.glob(".o.*.tmp"))) == 1
+    assert pipeline.main(args) == 0  # the lock died with its process; the stale temporary folder is cleared
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "student"]
+    assert json.loads((out / "report.json").read_text())["n_train"] == 8
+    assert not list(tmp_path.glob(".o.*.tmp")) and not list(tmp_path.glob(".o.*.old"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")  # a folder of other files is never replaced
+    args[args.index(str(out))] = str(tmp_path / "other")
+    assert pipeline.main(args) == 2 and "holds other files" in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_fails_while_saving_leaves_the_earlier_output_whole(tmp_path, monkeypatch):
+    tok = models.tiny_tokenizer()
+    lm = models.wrap(_teacher_model(tok), tok, name="tiny")
+    queries = [{"premise": p, "hypothesis": h} for p, h in zip(*toy_data.frames(n_eval=10)[0][["premise", "hypothesis"]].T.values)]
+    cfg = distill.DistillConfig(epochs=1, lr=1e-3, batch_size=8, mixed_precision="no")
+    out = tmp_path / "o"
+    prompt_distill.distill_prompt(lm, "A demo . Yes\n\n", queries, out, GPT3, cfg)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(model, tokenizer, folder, info):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distill, "save_student", broken)
+    with pytest.raises(OSError, match="disk full"):
+        prompt_distill.distill_prompt(lm, "Another demo . No\n\n", queries, out, GPT3, cfg)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.lock", "o"]

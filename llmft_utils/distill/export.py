@@ -9,9 +9,6 @@ same facts, machine-readable). Folders are written whole or not at all.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -114,27 +111,44 @@ def _fmt(v) -> str:
     return "–" if v is None or v != v else f"{v:.4f}"
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
+
+
+def weight_digests(folder) -> dict:
+    """``{file name: sha256}`` of every weight file of a saved model folder."""
+    from ..data import file_sha256
+
+    return {f.name: file_sha256(f) for pattern in WEIGHT_PATTERNS for f in sorted(Path(folder).glob(pattern))}
+
+
+def check_weights(folder) -> list[str]:
+    """What is wrong with a saved student's weight files against the sha256 its ``student.json`` records
+    (empty: every file is there, unchanged). A student saved before digests were recorded: one line saying so."""
+    info = json.loads((Path(folder) / "student.json").read_text())
+    want = info.get("weights_sha256")
+    if not want:
+        return [f"{folder}/student.json records no weights_sha256 (saved by an older version): cannot check the weights"]
+    have = weight_digests(folder)
+    problems = [f"{folder}/{name}: missing" for name in want if name not in have]
+    problems += [f"{folder}/{name}: sha256 {have[name][:12]}... differs from the {want[name][:12]}... recorded at saving "
+                 "(truncated or changed)" for name in want if name in have and have[name] != want[name]]
+    problems += [f"{folder}/{name}: a weight file student.json does not record" for name in have if name not in want]
+    return problems
+
+
 def save_student(model, tokenizer, folder: Path, info: dict) -> Path:
-    """Write ``model`` (weights as they are), ``tokenizer``, ``student.json`` and the model card into
-    ``folder``, whole or not at all: everything goes to a temporary folder beside it that replaces
-    ``folder`` (and any older student there) once complete."""
+    """Write ``model`` (weights as they are), ``tokenizer``, ``student.json`` (with the sha256 of every weight
+    file, see :func:`check_weights`) and the model card into ``folder``, whole or not at all
+    (:func:`store.atomic_folder`: a temporary folder beside it replaces ``folder`` and any older student
+    there once complete)."""
+    from ..store import atomic_folder
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     info = {**info, "folder_name": folder.name, "command": info.get("command") or " ".join(sys.argv)}
-    try:
+    with atomic_folder(folder) as tmp:
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        info["weights_sha256"] = weight_digests(tmp)
         (tmp / "student.json").write_text(json.dumps(info, indent=1, default=str))
         (tmp / "README.md").write_text(model_card(info))
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -36,11 +36,11 @@ from .evaluation import (
                          wilson_ci,
 )
 from .reuse import exact_reuse_length, layer_types
-from .scorer import answer_logits, largest_batch_memory, score_prompts
+from .scorer import answer_logits, check_context, largest_batch_memory, score_prompts
 from .tokens import build_rows, continuation_ids, split_prefix
 
 __all__ = ["attention", "errors", "evaluation", "forward", "reuse", "scorer", "tokens", "PrefixReuseMismatch",
-           "PromptTooLongError", "answer_logits", "build_rows", "calibrated_scores", "combine_label_logprobs",
+           "PromptTooLongError", "answer_logits", "check_context", "build_rows", "calibrated_scores", "combine_label_logprobs",
            "content_free_logprobs", "continuation_ids", "evaluate", "evaluate_ensemble", "exact_reuse_length",
            "full_prompt_cost", "label_metrics", "largest_batch_memory", "layer_types", "mask_arguments", "score_prompts",
            "split_prefix", "uses_split_attention", "wilson_ci"]

@@ -83,13 +83,9 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
     P = len(prefix_ids)
     lengths = np.array([len(r.ids) + (0 if r.standalone else P) for r in rows])
     too_long = lengths > lm.max_context
-    if too_long.any():
-        worst = int(lengths.max())
-        msg = (f"{int(too_long.sum())} of {len(rows)} prompts exceed the model's context of {lm.max_context} tokens "
-               f"(longest {worst}; demonstration prefix {P}). Use fewer demonstrations (k), a model with a longer "
-               "context, or on_too_long='skip' to drop and count them.")
-        if on_too_long == "error":
-            raise PromptTooLongError(msg)
+    if too_long.any() and on_too_long == "error":
+        raise PromptTooLongError(_too_long_message(lengths, lm.max_context, P) + "; on_too_long='skip' drops and "
+                                 "counts them.")
     skipped_q = np.zeros(len(queries), dtype=bool)
     for r, bad in zip(rows, too_long):
         skipped_q[r.qi] |= bad
@@ -113,6 +109,24 @@ def score_prompts(lm, prefix_text: str, queries: list[str], verbalizers: tuple, 
             "single_token": single, "prefix_tokens": P, "tokens_processed": int(tokens),
             "n_prefix_fallback": len({r.qi for r in full_rows}) if reuse_prefix else 0, "prefix_reuse_note": note,
             "query_tokens": lengths - np.array([0 if r.standalone else P for r in rows])}
+
+
+def _too_long_message(lengths: np.ndarray, context: int, P: int) -> str:
+    return (f"{int((lengths > context).sum())} of {len(lengths)} prompts exceed the model's context of {context} "
+            f"tokens (longest {int(lengths.max())}; prefix {P}). Use fewer demonstrations (k), a shorter prefix "
+            "or a model with a longer context")
+
+
+def check_context(tokenizer, context: int, prefix_text: str, queries: list[str], verbalizers: tuple) -> int:
+    """Raise :class:`PromptTooLongError` when a ``prefix + query + verbalizer`` prompt, tokenised as
+    :func:`score_prompts` tokenises it, is longer than ``context``; the tokenizer alone decides, so this runs
+    before any weights load. Returns the longest prompt's length."""
+    prefix_ids, rows, _, _ = build_rows(tokenizer, prefix_text, queries, verbalizers)
+    P = len(prefix_ids)
+    lengths = np.array([len(r.ids) + (0 if r.standalone else P) for r in rows])
+    if (lengths > context).any():
+        raise PromptTooLongError(_too_long_message(lengths, context, P) + ".")
+    return int(lengths.max())
 
 
 def largest_batch_memory(lm, prefix_text: str, queries: list[str], verbalizers: tuple, batch_size: int = 8,
