@@ -552,39 +552,18 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     temporary folder that replaces ``prepared/`` only when complete, and the manifest (written last)
     records each file's sha256, which :func:`read_split` checks. A data error leaves the previous
     ``prepared/`` and manifest as they were."""
-    import secrets
-    import shutil
-
-
     out_dir = Path(out_dir)
-    eval_sizes = eval_sizes or {}
     root = resolve_data_dir(data_dir)
     manifest: dict = {"eval_sets": {}, "demo_pools": {}, "eval_seed": seed}
     stats, pools, frames = [], {}, {}
     held: dict = {}  # pool -> ids of evaluation rows drawn from it (a split held out of the training file)
     subs: dict = {}  # evaluation set -> its (subsampled) rows
     for name in eval_sets:
-        task, _, split = name.partition("/")
-        spec = get_task(task)
-        sspec = get_split_spec(task, split)
-        n = int(eval_sizes.get(task, 0) or 0)
-        if sspec.held_out_of and (not n or f"{task}/{sspec.held_out_of}" != f"{spec.demo_task}/{spec.demo_split}"):
-            raise DataError(f"{name} is drawn from {task}/{sspec.held_out_of}: give it a size ({task}_eval_n > 0), and "
-                            "its rows are removed from that demonstration pool")
-        full = load_split(task, split, data_dir)
-        sub = stratified_subsample(full, n=n or None, by=spec.stratify_by[0], seed=seed)
-        if sspec.held_out_of:
-            held.setdefault(f"{task}/{sspec.held_out_of}", set()).update(sub["idx"])
-        rel = f"prepared/{task}__{split}.jsonl"
-        frames[rel] = sub
-        pool = f"{spec.demo_task}/{spec.demo_split}"
-        pools.setdefault(pool, set()).add(name)
-        subs[name] = sub
-        info = {"file": rel, "task": task, "split": split, "full_size": len(full), "subsampled": len(sub) < len(full),
-                **_duplicates_info(full, root),
-                **({"held_out_of": f"{task}/{sspec.held_out_of}"} if sspec.held_out_of else {}),
-                "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
-                "ids_digest": ids_digest(sub["idx"]), "demo_pool": pool, **label_stats(sub)}
+        sub, info = _eval_split(name, int((eval_sizes or {}).get(name.partition("/")[0], 0) or 0), data_dir, seed, root)
+        if "held_out_of" in info:
+            held.setdefault(info["held_out_of"], set()).update(sub["idx"])
+        frames[info["file"]] = subs[name] = sub
+        pools.setdefault(info["demo_pool"], set()).add(name)
         manifest["eval_sets"][name] = info
         stats.append({"split": name, "role": "eval", **{k: info[k] for k in ("n", "full_size", "subsampled", "n_label0",
                                                                             "n_label1", "majority_label", "majority_acc")}})
@@ -596,14 +575,7 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         dups = _duplicates_info(df, root)
         if pool in held:  # evaluation rows drawn from this file never serve as demonstrations or transfer queries
             df = df[~df["idx"].isin(held[pool])]
-        # nor does a row with the same pair as an evaluation row (a twin in another file): dropped, reported
-        twin_of = {pair_key(p, h): es for es in sorted(pools[pool]) if es in subs
-                   for p, h in zip(subs[es]["premise"], subs[es]["hypothesis"])}
-        twin = np.array([pair_key(p, h) in twin_of for p, h in zip(df["premise"], df["hypothesis"])], dtype=bool)
-        twins = [{"at": _relative(at, root), "idx": int(i), "twin_in": twin_of[pair_key(p, h)]} for (i, p, h), at in zip(
-            df.loc[twin, ["idx", "premise", "hypothesis"]].itertuples(index=False),
-            source_lines(src, df.loc[twin, "idx"]))]
-        df = df[~twin]
+        df, twins = _without_twins(df, {es: subs[es] for es in sorted(pools[pool]) if es in subs}, src, root)
         if dev_n:
             if dev_n >= len(df) // 2:
                 raise DataError(f"dev_n={dev_n} would take half or more of the {len(df)} rows of {pool}; use fewer")
@@ -627,6 +599,50 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
         manifest["demo_pools"][pool] = info
         stats.append({"split": pool, "role": "demo pool", "n": info["n"], "full_size": info["n"], "subsampled": False,
                       **{k: info[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
+    digests = _write_prepared(out_dir, frames)
+    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values(),
+                 *manifest.get("dev_sets", {}).values()]:
+        info["sha256"] = digests[info["file"]]
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest, pd.DataFrame(stats)
+
+
+def _eval_split(name: str, n: int, data_dir, seed: int, root: Path | None) -> tuple[pd.DataFrame, dict]:
+    """``(rows, manifest entry)`` of evaluation set ``name`` (``task/split``) subsampled to ``n`` rows (0: all),
+    stratified, with seed ``seed``."""
+    task, _, split = name.partition("/")
+    spec = get_task(task)
+    sspec = get_split_spec(task, split)
+    if sspec.held_out_of and (not n or f"{task}/{sspec.held_out_of}" != f"{spec.demo_task}/{spec.demo_split}"):
+        raise DataError(f"{name} is drawn from {task}/{sspec.held_out_of}: give it a size ({task}_eval_n > 0), and "
+                        "its rows are removed from that demonstration pool")
+    full = load_split(task, split, data_dir)
+    sub = stratified_subsample(full, n=n or None, by=spec.stratify_by[0], seed=seed)
+    info = {"file": f"prepared/{task}__{split}.jsonl", "task": task, "split": split, "full_size": len(full),
+            "subsampled": len(sub) < len(full), **_duplicates_info(full, root),
+            **({"held_out_of": f"{task}/{sspec.held_out_of}"} if sspec.held_out_of else {}),
+            "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
+            "ids_digest": ids_digest(sub["idx"]), "demo_pool": f"{spec.demo_task}/{spec.demo_split}", **label_stats(sub)}
+    return sub, info
+
+
+def _without_twins(df: pd.DataFrame, evals: dict, src: str, root: Path | None) -> tuple[pd.DataFrame, list]:
+    """``df`` (a demonstration pool) without the rows that have the pair of a row of one of ``evals`` (a twin in
+    another file), and the manifest's record of those dropped (``file:line``, idx, the evaluation set)."""
+    twin_of = {pair_key(p, h): es for es, sub in evals.items() for p, h in zip(sub["premise"], sub["hypothesis"])}
+    twin = np.array([pair_key(p, h) in twin_of for p, h in zip(df["premise"], df["hypothesis"])], dtype=bool)
+    twins = [{"at": _relative(at, root), "idx": int(i), "twin_in": twin_of[pair_key(p, h)]} for (i, p, h), at in zip(
+        df.loc[twin, ["idx", "premise", "hypothesis"]].itertuples(index=False),
+        source_lines(src, df.loc[twin, "idx"]))]
+    return df[~twin], twins
+
+
+def _write_prepared(out_dir: Path, frames: dict) -> dict:
+    """Write every frame into a temporary folder that replaces ``out_dir/prepared`` once complete;
+    ``{relative file: sha256}``."""
+    import secrets
+    import shutil
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".prepared.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
@@ -637,11 +653,7 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for info in [*manifest["eval_sets"].values(), *manifest["demo_pools"].values(),
-                 *manifest.get("dev_sets", {}).values()]:
-        info["sha256"] = digests[info["file"]]
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return manifest, pd.DataFrame(stats)
+    return digests
 
 
 def size_checks(manifest: dict, values: dict) -> list[str]:

@@ -38,13 +38,15 @@ def _study_tasks() -> tuple:
 
 def spec() -> dict[str, Param]:
     """Every parameter; built on call, from the modules that own the choices (patterns, tasks, dtypes, the
-    distillation kinds), which are imported only then."""
+    distillation kinds), which are imported only then: where and on what a run runs, then what it studies."""
+    return {**_run_params(), **_study_params()}
+
+
+def _run_params() -> dict[str, Param]:
+    """The parameters of where a run writes, its model, batching and evaluation data."""
     from . import models
-    from .distill import config as recipe
-    from .distill.export import SAVE_STUDENTS
     from .patterns import PATTERNS
 
-    tasks = _study_tasks()
     return {
         "profile": Param("str", "name of the run; results go to results/<profile>/ unless results_dir is set"),
         "data_dir": Param("str", "local data mirror; empty: $LLMFT_DATA_DIR, else ../shared/data beside the checkout, "
@@ -77,6 +79,16 @@ def spec() -> dict[str, Param]:
         "qqp_eval_n": Param("int", "QQP evaluation rows, stratified by label (qqp/heldout needs > 0)", min=0),
         "eval_seed": Param("int", "seed of the fixed evaluation subsets", min=0),
         "dev_n": Param("int", "development rows held out of each demonstration pool (recipe choices); 0: none", min=0),
+    }
+
+
+def _study_params() -> dict[str, Param]:
+    """The parameters of what a run studies: its students, controls, ensembles and the training recipe."""
+    from .distill import config as recipe
+    from .distill.export import SAVE_STUDENTS
+
+    tasks = _study_tasks()
+    return {
         "cd_tasks": Param("list", "in-domain training tasks for CD and PBFT", item="str", choices=tasks),
         "ood_train_tasks": Param("list", "tasks whose students are also scored out of domain on HANS", item="str",
                                  choices=tasks),

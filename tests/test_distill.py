@@ -668,17 +668,17 @@ def test_experiment_tracker_gets_every_step_and_missing_trackers_fail_early():
     vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
     cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
     tracker = Collect()
-    _, st = distill.train_student(base, tok, rows, cfg, vids, log_with=tracker, run_name="cd|x")
+    _, st = distill.train_student(base, tok, rows, cfg, vids, tracking=distill.Tracking(tracker, "cd|x"))
     assert [s for s, _ in tracker.logged] == list(range(4)) and tracker.config["lr"] == 1e-3
     assert [v["loss"] for _, v in tracker.logged] == st["losses"]
     assert [v["grad_norm"] for _, v in tracker.logged] == st["grad_norms"]
     with pytest.raises(ValueError, match="unknown tracker"):
-        distill.train_student(base, tok, rows, cfg, vids, log_with="tensorbored")
+        distill.train_student(base, tok, rows, cfg, vids, tracking=distill.Tracking("tensorbored"))
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         with pytest.raises(ValueError, match="pip install tensorboard"):
-            distill.train_student(base, tok, rows, cfg, vids, log_with="tensorboard")
+            distill.train_student(base, tok, rows, cfg, vids, tracking=distill.Tracking("tensorboard"))
 
 
 def test_two_process_fsdp2_matches_single_process(tmp_path):

@@ -29,13 +29,10 @@ LAYERS = [
 MAX_LINES, MAX_PARAMS = 80, 10
 # functions over the limits today (name: (lines, parameters)); each may only shrink, and leaves the list below both
 OVERSIZED = {
-    "distill.training.train_student": (148, 12),
-    "data.prepare_study_data": (111, 6),
-    "distill.teacher.teacher_targets": (82, 12),
+    "distill.teacher.teacher_targets": (48, 12),
     "scoring.forward.forward_rows": (79, 13),
     "distill.teacher.teacher_cache_key": (32, 12),
     "scoring.evaluation.evaluate": (43, 11),
-    "params.spec": (83, 0),
 }
 
 

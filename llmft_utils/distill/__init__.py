@@ -20,9 +20,9 @@ from .export import save_student
 from .losses import distill_loss, divergence, forward_kl, generalized_jsd, gold_ce, reverse_kl, support_logits
 from .student_data import answer_position_logits, collate, student_examples
 from .teacher import answer_token_ids, combine_logp, teacher_cache_key, teacher_runtime, teacher_targets
-from .training import train_student, training_step_memory
+from .training import Tracking, train_student, training_step_memory
 
 __all__ = ["config", "export", "losses", "student_data", "teacher", "training", "DistillConfig", "answer_position_logits",
            "answer_token_ids", "collate", "combine_logp", "distill_loss", "divergence", "forward_kl", "generalized_jsd",
            "gold_ce", "reverse_kl", "save_student", "student_examples", "support_logits", "teacher_cache_key",
-           "teacher_runtime", "teacher_targets", "train_student", "training_step_memory"]
+           "teacher_runtime", "teacher_targets", "Tracking", "train_student", "training_step_memory"]

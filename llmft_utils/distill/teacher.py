@@ -187,44 +187,15 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     if combine not in ENSEMBLE_COMBINE:
         raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
     path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
-    n_labels = len(pattern.verbalizers)
-    topk = cfg.topk if cfg.target == "topk" else None
     if path is not None and path.is_file() and not force:
-        t0 = time.perf_counter()
-        blob, reason = _read_cache(path, key, len(examples), support_size(cfg, n_labels, lm.model.config.vocab_size),
-                                   topk, n_labels)
-        if blob is not None:
-            return {**blob, "cache_hit": True, "seconds": time.perf_counter() - t0, "path": str(path)}
-        msg = f"teacher cache {path} is not usable ({reason}); recomputing it"
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    vids = answer_token_ids(lm.tokenizer, pattern)
-    ensemble = isinstance(demos, (list, tuple))
-    prefix = "" if ensemble else build_prefix(pattern, demos)
-    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
-    T = cfg.temperature
-
-    def extract(logits):  # a batch (B, V) of answer-position logits, on the model's device
-        z = logits / T
-        if cfg.target == "topk":
-            ids = torch.topk(logits, cfg.topk).indices
-            return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
-        return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
-
+        cached = _cached_targets(lm, pattern, examples, cfg, path, key)
+        if cached is not None:
+            return cached
     t0 = time.perf_counter()
+    vids = answer_token_ids(lm.tokenizer, pattern)
     with torch.inference_mode():
-        if ensemble:  # an ensemble: combine full distributions (one prompt at a time), then project like one teacher
-            def member(d):  # one prompt's full-vocabulary log-probs at temperature T, (N, V)
-                pre = build_prefix(pattern, d)
-                qs = [query_text(pattern, p, h, bool(pre)) for p, h in zip(examples["premise"], examples["hypothesis"])]
-                return answer_logits(lm, pre, qs, lambda z: torch.log_softmax(z.float() / T, -1),
-                                     batch_size=batch_size, progress=progress, max_tokens=max_tokens)
-
-            comb = combine_logp((member(d) for d in demos), combine)
-            logp, top_ids = extract(comb * T)  # extract divides by T: the combined log-probs act as the logits
-        else:
-            logp, top_ids = answer_logits(lm, prefix, queries, extract, batch_size=batch_size, progress=progress,
-                                          max_tokens=max_tokens)
+        logp, top_ids = _teacher_logp(lm, pattern, demos, examples, cfg, vids, combine,
+                                      dict(batch_size=batch_size, progress=progress, max_tokens=max_tokens))
     # full-vocabulary targets are stored in float16, which holds log-probs down to -65504 only
     logp = logp.to(torch.float32 if cfg.target != "full" else torch.float16)
     bad = ~torch.isfinite(logp).all(-1)  # checked as stored: a file that cache_problem would reject is never written
@@ -236,17 +207,57 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
             f"nothing was cached. Check the teacher ({lm.dtype}) for overflowing logits, or use a higher temperature "
             "or a smaller target support (topk, verbalizer).")
     blob = {"format": CACHE_FORMAT, "key": key, "n": len(examples), "logp": logp,
-            "topk_ids": top_ids if topk else None,
+            "topk_ids": top_ids if cfg.target == "topk" else None,
             "verbalizer_ids": torch.tensor(vids)}
     blob["sha256"] = tensors_sha256(blob)
     seconds = time.perf_counter() - t0
-    if path is not None:
-
-        if dist.world()[1] == 0:  # under a launcher every process has the same blob; the main one writes it
-            # written through a file object: the archive inside is named "archive", not after the temporary file,
-            # so the same targets give the same bytes in every run
-            atomic_write(path, lambda tmp: _save(blob, tmp))
+    if path is not None and dist.world()[1] == 0:  # under a launcher every process has the same blob; one writes it
+        # written through a file object: the archive inside is named "archive", not after the temporary file,
+        # so the same targets give the same bytes in every run
+        atomic_write(path, lambda tmp: _save(blob, tmp))
     return {**blob, "cache_hit": False, "seconds": seconds, "path": str(path) if path else None}
+
+
+def _cached_targets(lm, pattern, examples, cfg: DistillConfig, path: Path, key: str) -> dict | None:
+    """The targets of the cache file at ``path`` when :func:`cache_problem` finds nothing wrong with it; else
+    None, with a warning naming the file and the reason."""
+    t0 = time.perf_counter()
+    n_labels = len(pattern.verbalizers)
+    blob, reason = _read_cache(path, key, len(examples), support_size(cfg, n_labels, lm.model.config.vocab_size),
+                               cfg.topk if cfg.target == "topk" else None, n_labels)
+    if blob is not None:
+        return {**blob, "cache_hit": True, "seconds": time.perf_counter() - t0, "path": str(path)}
+    msg = f"teacher cache {path} is not usable ({reason}); recomputing it"
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _teacher_logp(lm, pattern, demos, examples, cfg: DistillConfig, vids, combine: str, batching: dict):
+    """``(logp, topk_ids)`` of the teacher on the target support: one prompt's answer-position logits, or
+    (``demos`` a list) the m prompts' full distributions combined and projected like one teacher's logits."""
+    T = cfg.temperature
+
+    def extract(logits):  # a batch (B, V) of answer-position logits, on the model's device
+        z = logits / T
+        if cfg.target == "topk":
+            ids = torch.topk(logits, cfg.topk).indices
+            return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
+        return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
+
+    def queries(prefix):
+        return [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
+
+    if not isinstance(demos, (list, tuple)):
+        prefix = build_prefix(pattern, demos)
+        return answer_logits(lm, prefix, queries(prefix), extract, **batching)
+
+    def member(d):  # one prompt's full-vocabulary log-probs at temperature T, (N, V)
+        pre = build_prefix(pattern, d)
+        return answer_logits(lm, pre, queries(pre), lambda z: torch.log_softmax(z.float() / T, -1), **batching)
+
+    comb = combine_logp((member(d) for d in demos), combine)
+    return extract(comb * T)  # extract divides by T: the combined log-probs act as the logits
 
 
 def _save(blob: dict, path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -256,109 +256,152 @@ def check_tracker(log_with) -> None:
 CHECK_EVERY_ACCELERATOR = 32  # optimizer steps between the host's finiteness checks off CPU (train_student)
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """An experiment tracker for :func:`train_student`: ``log_with`` (e.g. ``"tensorboard"``, or an
+    accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of every optimizer step under
+    ``run_name`` (files under ``logging_dir``). It does not change training."""
+    log_with: object
+    run_name: str = "student"
+    logging_dir: object = None
+
+
+def _accelerator(cfg: DistillConfig, accelerator, tracking: Tracking | None):
+    """The caller's accelerator, or a new one for ``cfg`` (pinned batches copied without waiting for the
+    device on CUDA) with ``tracking``'s tracker started."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    cuda = torch.cuda.is_available()
+    acc = accelerator or Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
+                                     log_with=[tracking.log_with] if tracking else None,
+                                     project_dir=str(tracking.logging_dir) if tracking and tracking.logging_dir
+                                     else None, dataloader_config=DataLoaderConfiguration(non_blocking=cuda))
+    if tracking:
+        acc.init_trackers(tracking.run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
+    return acc
+
+
+def _loader(examples: list[dict], cfg: DistillConfig, pad_id: int):
+    """Training batches of ``examples``: length-grouped (:class:`LengthGroupedBatches`) or plain, seeded."""
+    cuda = torch.cuda.is_available()
+    collate_fn = lambda b: collate(b, pad_id)  # noqa: E731
+    if cfg.group_by_length:
+        sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
+        return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, pin_memory=cuda)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
+                                       collate_fn=collate_fn, pin_memory=cuda)
+
+
+def _device_norm(acc, params, cfg: DistillConfig, like: torch.Tensor):
+    """The total gradient norm before clipping, on the device (max_norm = inf: the norm without clipping,
+    the gradients multiplied by 1); None where DeepSpeed clips inside its engine and reports none."""
+    norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    if norm is None:
+        return None
+    return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm), device=like.device)
+
+
+class _StepChecks:
+    """The steps not yet checked, on the device, and what the checked ones recorded. :meth:`check` makes one
+    copy to the host of the pending steps: their losses and gradient norms are recorded (and logged), and
+    the first non-finite one stops every process (they all check at the same steps, on the same gathered
+    values)."""
+    def __init__(self, acc, every: int, tracking: Tracking | None, pbar):
+        self.acc, self.every, self.tracking, self.pbar = acc, every, tracking, pbar
+        self.pending = []  # (epoch, step, per-process losses, gradient norm or None, lr or None)
+        self.losses, self.grad_norms = [], []
+
+    def check(self):
+        if not self.pending:
+            return
+        values = torch.stack([torch.cat([rl.float(), (n if n is not None else rl.new_zeros(())).float().reshape(1)])
+                              for _, _, rl, n, _ in self.pending]).tolist()  # per step: the ranks' losses, the norm
+        for (ep, st, _, n, lr), (*rank_losses, norm) in zip(self.pending, values):
+            self._record(ep, st, rank_losses, norm if n is not None else None, lr)
+        self.pending.clear()
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+
+    def _record(self, ep, st, rank_losses, norm, lr):
+        bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"loss is {rank_losses[bad[0]]} at epoch {ep}, step {st} on rank(s) {bad} of "
+                f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
+                "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
+                "with force=True).")
+        self.losses.append(sum(rank_losses) / len(rank_losses))
+        if norm is not None:
+            if not math.isfinite(norm):
+                raise FloatingPointError(
+                    f"gradient norm is {norm} at epoch {ep}, step {st} with a finite loss ({self.losses[-1]:.6g}): "
+                    "every process stops" + (" before the optimizer step" if self.every == 1 else "") +
+                    ". Lower the learning rate, use float32 (mixed_precision='no'), or check the model for "
+                    "overflowing activations.")
+            self.grad_norms.append(norm)
+        if self.tracking:
+            self.acc.log({"loss": self.losses[-1], **({"lr": lr} if lr is not None else {}),
+                          **({"grad_norm": norm} if norm is not None else {})}, step=st)
+
+
+def _finished_student(acc, student, base_model, cfg: DistillConfig, checkpointing: bool):
+    """The trained student as a plain float32 model in eval mode (unwrapped, LoRA merged, checkpointing off)."""
+    student = _plain_student(acc, student, base_model, cfg)
+    if cfg.lora_r:
+        student = student.merge_and_unload()
+    if checkpointing:
+        set_checkpointing(student, False)
+        student.config.use_cache = getattr(base_model.config, "use_cache", True)
+    return student.eval()
+
+
 def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfig, verbalizer_ids,
-                  accelerator=None, progress: bool = False, log_with=None, run_name: str = "student",
-                  logging_dir=None, checkpointing: bool = False, check_every: int | None = None) -> tuple:
+                  accelerator=None, progress: bool = False, tracking: Tracking | None = None,
+                  checkpointing: bool = False, check_every: int | None = None) -> tuple:
     """Train a *copy* of ``base_model`` on ``examples`` (from :func:`student_examples`).
 
     Returns ``(student, stats)`` with per-batch ``losses`` (mean over processes), per-optimizer-step
     ``grad_norms`` (total L2 norm before clipping) and ``lrs``, wall time and peak memory. The base model
     is never modified (LoRA adapters are injected into the copy). The copy has float32 weights whatever
     the base model's dtype: a bf16 copy would round away every AdamW update below half a bf16 step
-    (``mixed_precision="bf16"`` autocasts the forward only); the student is returned in float32.
+    (``mixed_precision="bf16"`` autocasts the forward only). Nothing is written to disk, except by a tracker
+    (:class:`Tracking`).
 
-    Every process stops together, and the loop never waits for the device between checks: each step's
-    losses are gathered from all processes and its gradient norm computed on the device, and every
-    ``check_every`` optimizer steps (default: 1 on a CPU, where waiting costs nothing;
-    ``CHECK_EVERY_ACCELERATOR`` on a GPU, where a host copy per step would stall the queue of kernels) one
-    copy to the host checks them, *before* that step's update. Every process checks at the same steps, on
-    the same gathered losses and all-reduced gradients, so a non-finite loss on any of them, or a
-    non-finite gradient norm, raises :class:`FloatingPointError` on all, naming the first such step
-    (with ``check_every = 1``, before any non-finite gradient is applied; otherwise up to
-    ``check_every - 1`` later steps may have run, on a student that is then discarded). The recorded
-    losses, norms and lrs do not depend on ``check_every``. Nothing is written to disk, except by an experiment tracker: ``log_with``
-    (e.g. ``"tensorboard"``, or an accelerate ``GeneralTracker``) gets the loss, lr and gradient norm of
-    every optimizer step under ``run_name`` (files under ``logging_dir``); it does not change training.
-    ``checkpointing``: activation (gradient) checkpointing — each layer's activations are recomputed in
-    the backward pass instead of kept, so training memory grows with the batch by a layer's activations,
-    not all of them, for about one more forward of compute; the gradients are the same."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
+    Every process stops together, and the loop never waits for the device between checks: every
+    ``check_every`` optimizer steps (default: 1 on a CPU; ``CHECK_EVERY_ACCELERATOR`` on a GPU, where a host
+    copy per step would stall the queue of kernels) one copy to the host checks the gathered losses and the
+    all-reduced gradient norms, *before* that step's update; a non-finite one raises
+    :class:`FloatingPointError` on all, naming the first such step (with ``check_every > 1`` up to
+    ``check_every - 1`` later steps may have run, on a student then discarded). The recorded values do not
+    depend on ``check_every``. ``checkpointing``: activation checkpointing (each layer's activations
+    recomputed in the backward; memory for about one more forward of compute; the same gradients)."""
+    from accelerate.utils import set_seed
 
     if cfg.alpha < 1.0 and "teacher_logp" not in examples[0]:
         raise ValueError("alpha < 1 needs teacher targets; pass teacher= to student_examples (or alpha=1 for PBFT)")
-    check_tracker(log_with)
-    cuda = torch.cuda.is_available()
-    acc = accelerator or Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
-                                     log_with=[log_with] if log_with else None,
-                                     project_dir=str(logging_dir) if logging_dir else None,
-                                     # pinned batches copied without waiting for the device
-                                     dataloader_config=DataLoaderConfiguration(non_blocking=cuda))
-    if log_with:
-        acc.init_trackers(run_name.replace("|", "_").replace("/", "_"), config=asdict(cfg))
+    check_tracker(tracking.log_with if tracking else None)
+    acc = _accelerator(cfg, accelerator, tracking)
     set_seed(cfg.seed)
     student = _new_student(base_model, cfg)
     if checkpointing:
         set_checkpointing(student, True)
         student.config.use_cache = False
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if cfg.group_by_length:
-        sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
-        loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id),
-                                             pin_memory=cuda)
-    else:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=gen,
-                                             collate_fn=lambda b: collate(b, pad_id), pin_memory=cuda)
+    opt = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
+    loader = _loader(examples, cfg, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     student, opt, loader = acc.prepare(student, opt, loader)
     params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer,  # the optimizer inside accelerate's wrapper
                                               lr_lambda(cfg.lr_schedule, total_steps, cfg.warmup_ratio))
-    losses, grad_norms, lrs, step = [], [], [], 0
-    every = check_every or (1 if acc.device.type == "cpu" else CHECK_EVERY_ACCELERATOR)
-    pending = []  # (epoch, step, per-process losses, gradient norm or None, lr or None): on the device, unchecked
-    pbar = None
-    if progress and acc.is_main_process:
-        pbar = bar(cfg.epochs * len(loader), "train", "batch")
-
-    def check():
-        """One copy to the host of the steps not yet checked: their losses and gradient norms are recorded
-        (and logged), and the first non-finite one stops every process (they all check at the same steps,
-        on the same gathered values)."""
-        if not pending:
-            return
-        values = torch.stack([torch.cat([rl.float(), (n if n is not None else rl.new_zeros(())).float().reshape(1)])
-                              for _, _, rl, n, _ in pending]).tolist()  # per step: the ranks' losses, then the norm
-        for (ep, st, _, n, lr), (*rank_losses, norm) in zip(pending, values):
-            norm = norm if n is not None else None
-            bad = [r for r, v in enumerate(rank_losses) if not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(
-                    f"loss is {rank_losses[bad[0]]} at epoch {ep}, step {st} on rank(s) {bad} of "
-                    f"{len(rank_losses)} (losses {rank_losses}): every process stops. Lower the learning "
-                    "rate, use float32 (mixed_precision='no'), or check the teacher targets (recompute them "
-                    "with force=True).")
-            losses.append(sum(rank_losses) / len(rank_losses))
-            if norm is not None:
-                if not math.isfinite(norm):
-                    raise FloatingPointError(
-                        f"gradient norm is {norm} at epoch {ep}, step {st} with a finite loss ({losses[-1]:.6g}): "
-                        "every process stops" + (" before the optimizer step" if every == 1 else "") +
-                        ". Lower the learning rate, use float32 (mixed_precision='no'), or check the model for "
-                        "overflowing activations.")
-                grad_norms.append(norm)
-            if log_with:
-                acc.log({"loss": losses[-1], **({"lr": lr} if lr is not None else {}),
-                         **({"grad_norm": norm} if norm is not None else {})}, step=st)
-        pending.clear()
-        if pbar is not None:
-            pbar.set_postfix(loss=f"{losses[-1]:.4f}")
-
+    pbar = bar(cfg.epochs * len(loader), "train", "batch") if progress and acc.is_main_process else None
+    checks = _StepChecks(acc, check_every or (1 if acc.device.type == "cpu" else CHECK_EVERY_ACCELERATOR),
+                         tracking, pbar)
+    lrs, step = [], 0
     with probe(str(acc.device)) as pr, training_attention(acc.unwrap_model(student), cfg.train_attention, acc.device.type):
         for epoch in range(cfg.epochs):
             for batch in loader:
@@ -368,17 +411,11 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                     acc.backward(loss)
                     norm = lr = None
                     if acc.sync_gradients:
-                        # max_norm = inf: the norm without clipping (the gradients are multiplied by 1)
-                        norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                        norm = _device_norm(acc, params, cfg, rank_losses)
                         lrs.append(lr := sched.get_last_lr()[0])
-                        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-                            norm = norm.full_tensor()
-                        if norm is not None:  # DeepSpeed clips inside its engine and may report no norm
-                            norm = (norm.detach() if torch.is_tensor(norm)
-                                    else torch.tensor(float(norm), device=rank_losses.device))
-                    pending.append((epoch, step, rank_losses, norm, lr))
-                    if acc.sync_gradients and len(pending) >= every:
-                        check()  # before this step's update: with every = 1, no non-finite gradient is applied
+                    checks.pending.append((epoch, step, rank_losses, norm, lr))
+                    if acc.sync_gradients and len(checks.pending) >= checks.every:
+                        checks.check()  # before this step's update: with every = 1, no non-finite gradient is applied
                     opt.step()
                     opt.zero_grad()
                     if acc.sync_gradients:
@@ -386,22 +423,15 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                 step += 1
                 if pbar is not None:
                     pbar.update(1)
-        check()
+        checks.check()
     if pbar is not None:
         pbar.close()
-    if log_with:
+    if tracking:
         acc.end_training()
-    student = _plain_student(acc, student, base_model, cfg)
-    if cfg.lora_r:
-        student = student.merge_and_unload()
-    if checkpointing:
-        set_checkpointing(student, False)
-        student.config.use_cache = getattr(base_model.config, "use_cache", True)
-    student.eval()
-    return student, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "train_s": pr.wall_s,
-                     "train_peak_mem_mb": pr.peak_mem_mb, "train_mem_delta_mb": pr.mem_delta_mb,
-                     "mem_kind": pr.mem_kind, "steps": step, "config": asdict(cfg),
-                     "checkpointing": checkpointing}
+    return _finished_student(acc, student, base_model, cfg, checkpointing), {
+        "losses": checks.losses, "grad_norms": checks.grad_norms, "lrs": lrs, "train_s": pr.wall_s,
+        "train_peak_mem_mb": pr.peak_mem_mb, "train_mem_delta_mb": pr.mem_delta_mb, "mem_kind": pr.mem_kind,
+        "steps": step, "config": asdict(cfg), "checkpointing": checkpointing}
 
 
 def training_log(student_key: str, stats: dict, grad_accum: int = 1) -> list[dict]:

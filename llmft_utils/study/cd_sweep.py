@@ -269,9 +269,10 @@ class CDSweep:
                  + (f"  ({self.plan.ensemble.m} demonstration sets)" if p.method == "cd_ensemble" else ""))
         demos = self.demos_of(p)
         examples, train, teach, demo_text = self.training_inputs(p, demos)
+        tracking = (training.Tracking(self.plan.log_with, p.key_base, self.out_dir / "trackers")
+                    if self.plan.log_with else None)
         student, st = training.train_student(lm.model, lm.tokenizer, examples, p.cfg, self.vids, progress=ev.progress,
-                                             log_with=self.plan.log_with, run_name=p.key_base,
-                                             logging_dir=self.out_dir / "trackers")
+                                             tracking=tracking)
         mkey = (ids_digest(list(map(str, train["idx"]))), json.dumps(asdict(p.cfg), sort_keys=True))
         if mkey not in self.step_memory:  # the same inputs and recipe (CD and its control students): the same step
             self.step_memory[mkey] = training_step_memory(lm.model, lm.tokenizer, examples, p.cfg, self.vids)
