@@ -260,6 +260,12 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, 0 where it has none (padded positions are
+    masked, so any id does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -52,6 +52,11 @@ def query_text(pattern: Pattern, premise: str, hypothesis: str, has_prefix: bool
     return (pattern.separator if has_prefix else "") + pattern.query(premise, hypothesis)
 
 
+def query_texts(pattern: Pattern, table, has_prefix: bool) -> list[str]:
+    """:func:`query_text` of every row of ``table`` (premise/hypothesis columns: a DataFrame or a dataset)."""
+    return [query_text(pattern, p, h, has_prefix) for p, h in zip(table["premise"], table["hypothesis"])]
+
+
 def verbalizer_token_ids(tokenizer, pattern: Pattern, context: str = "x answer:") -> list[list[int]]:
     """Token ids of each verbalizer as the tokenizer splits it *after a context* (encoded together)."""
     base = tokenizer(context, add_special_tokens=False)["input_ids"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import query_text
+from ..patterns import query_texts
 from ..scoring.attention import mask_arguments
 from ..scoring.errors import PromptTooLongError
 
 
 def student_examples(tokenizer, pattern, examples, teacher: dict | None, max_context: int) -> list[dict]:
     """Zero-shot student prompts (token ids) with their teacher targets and gold labels."""
-    texts = [query_text(pattern, p, h, False) for p, h in zip(examples["premise"], examples["hypothesis"])]
+    texts = query_texts(pattern, examples, False)
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     too_long = [len(x) for x in ids if len(x) > max_context]
     if too_long:

@@ -15,7 +15,7 @@ import torch
 
 from .. import dist, logs, probes
 from ..models import weights_sha256
-from ..patterns import build_prefix, get_pattern, query_text, verbalizer_token_ids
+from ..patterns import build_prefix, get_pattern, query_texts, verbalizer_token_ids
 from ..scoring.scorer import answer_logits
 from ..store import atomic_write
 from .config import ENSEMBLE_COMBINE, DistillConfig
@@ -245,16 +245,14 @@ def _teacher_logp(lm, pattern, demos, examples, cfg: DistillConfig, vids, combin
             return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
         return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
 
-    def queries(prefix):
-        return [query_text(pattern, p, h, bool(prefix)) for p, h in zip(examples["premise"], examples["hypothesis"])]
-
     if not isinstance(demos, (list, tuple)):
         prefix = build_prefix(pattern, demos)
-        return answer_logits(lm, prefix, queries(prefix), extract, **batching)
+        return answer_logits(lm, prefix, query_texts(pattern, examples, bool(prefix)), extract, **batching)
 
     def member(d):  # one prompt's full-vocabulary log-probs at temperature T, (N, V)
         pre = build_prefix(pattern, d)
-        return answer_logits(lm, pre, queries(pre), lambda z: torch.log_softmax(z.float() / T, -1), **batching)
+        return answer_logits(lm, pre, query_texts(pattern, examples, bool(pre)),
+                             lambda z: torch.log_softmax(z.float() / T, -1), **batching)
 
     comb = combine_logp((member(d) for d in demos), combine)
     return extract(comb * T)  # extract divides by T: the combined log-probs act as the logits

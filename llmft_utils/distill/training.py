@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..models import attention_implementation
+from ..models import attention_implementation, pad_id
 from ..probes import probe, tensor_memory
 from ..progress import bar
 from . import student_data
@@ -136,8 +136,7 @@ def training_step_memory(base_model, tokenizer, examples: list[dict], cfg: Disti
         raise ValueError(f"warm_step must be 'zero_grad' or 'real', got {warm_step!r}")
     device = next(base_model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[:cfg.batch_size]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = {k: v.to(device) for k, v in collate([examples[i] for i in order], pad_id).items()}
+    batch = {k: v.to(device) for k, v in collate([examples[i] for i in order], pad_id(tokenizer)).items()}
     model = _new_student(base_model, cfg)
     if checkpointing:
         set_checkpointing(model, True)
@@ -282,10 +281,11 @@ def _accelerator(cfg: DistillConfig, accelerator, tracking: Tracking | None):
     return acc
 
 
-def _loader(examples: list[dict], cfg: DistillConfig, pad_id: int):
-    """Training batches of ``examples``: length-grouped (:class:`LengthGroupedBatches`) or plain, seeded."""
+def _loader(examples: list[dict], cfg: DistillConfig, pad: int):
+    """Training batches of ``examples`` padded with ``pad``: length-grouped (:class:`LengthGroupedBatches`) or
+    plain, seeded."""
     cuda = torch.cuda.is_available()
-    collate_fn = lambda b: collate(b, pad_id)  # noqa: E731
+    collate_fn = lambda b: collate(b, pad)  # noqa: E731
     if cfg.group_by_length:
         sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, cfg.shuffle)
         return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, pin_memory=cuda)
@@ -314,6 +314,13 @@ class _StepChecks:
         self.acc, self.every, self.tracking, self.pbar = acc, every, tracking, pbar
         self.pending = []  # (epoch, step, per-process losses, gradient norm or None, lr or None)
         self.losses, self.grad_norms = [], []
+
+    def add(self, epoch, step, rank_losses, norm, lr, synced: bool):
+        """One step's values, still on the device; checked once ``every`` synced steps are pending (before
+        this step's update: with every = 1, no non-finite gradient is applied)."""
+        self.pending.append((epoch, step, rank_losses, norm, lr))
+        if synced and len(self.pending) >= self.every:
+            self.check()
 
     def check(self):
         if not self.pending:
@@ -392,7 +399,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
         student.config.use_cache = False
     student.train()
     opt = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
-    loader = _loader(examples, cfg, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    loader = _loader(examples, cfg, pad_id(tokenizer))
     student, opt, loader = acc.prepare(student, opt, loader)
     params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
@@ -413,9 +420,7 @@ def train_student(base_model, tokenizer, examples: list[dict], cfg: DistillConfi
                     if acc.sync_gradients:
                         norm = _device_norm(acc, params, cfg, rank_losses)
                         lrs.append(lr := sched.get_last_lr()[0])
-                    checks.pending.append((epoch, step, rank_losses, norm, lr))
-                    if acc.sync_gradients and len(checks.pending) >= checks.every:
-                        checks.check()  # before this step's update: with every = 1, no non-finite gradient is applied
+                    checks.add(epoch, step, rank_losses, norm, lr, acc.sync_gradients)
                     opt.step()
                     opt.zero_grad()
                     if acc.sync_gradients:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..calibration import CONTENT_FREE, calibrate, prior
-from ..patterns import Pattern, build_prefix, query_text
+from ..patterns import Pattern, build_prefix, query_text, query_texts
 from ..probes import TensorMemory, probe
 from ..stats import balanced_accuracy, expected_calibration_error
 from .scorer import largest_batch_memory, score_prompts
@@ -55,7 +55,7 @@ def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, b
     ``memory``: also measure the tensor memory of the largest batch (:func:`largest_batch_memory`; untimed).
     ``calibration``: also the contextual and batch calibrated predictions (:func:`calibrated_scores`; untimed)."""
     prefix = build_prefix(pattern, demos)
-    queries = [query_text(pattern, p, h, bool(prefix)) for p, h in zip(eval_df["premise"], eval_df["hypothesis"])]
+    queries = query_texts(pattern, eval_df, bool(prefix))
     with probe(lm.device) as pr:
         s = score_prompts(lm, prefix, queries, pattern.verbalizers, batch_size=batch_size,
                           reuse_prefix=reuse_prefix, on_too_long=on_too_long, progress=progress,

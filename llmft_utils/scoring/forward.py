@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import dist
+from .. import dist, models
 from ..models import attention_implementation
 from .attention import SPLIT_ATTENTION, expand_cache, mask_arguments, uses_split_attention
 from .errors import PrefixReuseMismatch
@@ -205,7 +205,7 @@ def run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_si
     the batches ``rank::W`` of each group — whole batches, exactly as one process would form them — (its
     own prefix cache and self-check) and every process gets all results back in row order
     (``all_gather_object``): bit for bit the values of one process, in about 1/W of the time."""
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad_id = models.pad_id(lm.tokenizer)
     world, rank = dist.world()
     tokens = 0
     out = []

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import torch
 
+from .. import models
 from ..probes import tensor_memory
 from ..progress import bar
 from . import attention
@@ -141,7 +142,7 @@ def largest_batch_memory(lm, prefix_text: str, queries: list[str], verbalizers: 
     rows = [r for r in rows if len(r.ids) + (0 if r.standalone else P) <= lm.max_context]
     reuse_rows, full_rows, _ = plan_reuse(lm.model, prefix_ids, rows) if reuse_prefix else \
         ([], [standalone_row(r, prefix_ids) for r in rows], "")
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad_id = models.pad_id(lm.tokenizer)
     best = None  # (padded tokens incl. the prefix, group, batch, uses the prefix)
     for group, use_prefix in ((reuse_rows, True), (full_rows, False)):
         for b in (plan_batches(group, batch_size, max_tokens) if group else []):
