@@ -22,7 +22,7 @@ venv: $(VENV)/.installed  ## create the virtual environment and install everythi
 study: venv  ## run the study notebooks on the embedded model (PROFILE=default|smoke|full)
 	$(PY) -m llmft_utils.pipeline --profile $(PROFILE)
 
-smoke: venv  ## the study with tiny evaluation sets (about 2 minutes)
+smoke: venv  ## the study with tiny evaluation sets (167 s of notebooks, measured 2026-12-03; llmft-study profiles)
 	$(PY) -m llmft_utils.pipeline --profile smoke
 
 notebooks: venv  ## after editing notebooks/*.py (the source): sync the paired .ipynb and store fresh smoke outputs

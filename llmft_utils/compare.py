@@ -330,19 +330,24 @@ def compare(run_a, run_b, tolerance: str | Tolerance = DEFAULT_TOLERANCE, gate_t
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="llmft-study compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import ConfigError, HelpFormatter, add_config_flag, with_config
+
+    ap = argparse.ArgumentParser(prog="llmft-study compare", description=__doc__, formatter_class=HelpFormatter)
+    add_config_flag(ap, "flags (not the two folders)")
     ap.add_argument("run_a", help="a results folder (e.g. results/reference)")
     ap.add_argument("run_b", help="another results folder of the same study")
     ap.add_argument("--tolerance", default=DEFAULT_TOLERANCE, choices=sorted(TOLERANCES),
                     help="log-prob tolerances: " + "; ".join(f"{t.name}: inference {t.inference_logp:g}, trained "
-                                                            f"{t.trained_logp:g}" for t in TOLERANCES.values())
-                    + f" (default: {DEFAULT_TOLERANCE})")
+                                                            f"{t.trained_logp:g}" for t in TOLERANCES.values()))
     ap.add_argument("--gate-timing", action="store_true",
                     help="a changed break_even verdict (wall time) fails too: for two runs on one quiet host")
     ap.add_argument("--all-rows", action="store_true", help="list every row, not only those that changed")
     ap.add_argument("--json", metavar="FILE", help="also write the whole comparison as JSON")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
+    try:
+        argv, _ = with_config(ap, sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        ap.error(str(e))
     a = ap.parse_args(argv)
     from .logs import run_verb
 

@@ -71,7 +71,8 @@ def get(name: str) -> logging.Logger:
 # Errors that report a mistake in parameters, data, results files, the model or its inputs, or an output
 # folder in use: not a bug. Every verb prints their message (a line or a few) and exits with status 2, with no
 # traceback unless -v; any other exception is a bug and keeps its traceback.
-USER_ERRORS = ("ParameterError", "DataError", "SchemaError", "ModelError", "PromptTooLongError", "FolderBusy")
+USER_ERRORS = ("ParameterError", "ConfigError", "DataError", "SchemaError", "ModelError", "PromptTooLongError",
+               "FolderBusy")
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -1,6 +1,8 @@
 """Run the study notebooks in order with papermill (installed as the command ``llmft-study``).
 
-    llmft-study --profile smoke                                  # the same as python -m llmft_utils.pipeline
+    llmft-study run --profile smoke                              # = llmft-study --profile smoke
+    llmft-study profiles                                         # each profile's grid and its measured time
+    llmft-study run --config my_run.yaml                         # flags and notebook parameters from a file
     llmft-study distill --model M --prefix demos.txt --queries q.jsonl --out DIR   # distil any prompt
     llmft-study compare RUN_A RUN_B                             # two results folders: rows, examples, verdicts
     llmft-study verify-student FOLDER                           # a saved student: checksums, plain load, accuracy
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 from . import logs
-from .profiles import PROFILE_NOTES, PROFILES
+from .profiles import PROFILES
 from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
 
 NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
@@ -185,43 +187,97 @@ def version_string() -> str:
     return f"llmft-study {__version__} (git {git_commit() or 'unknown'})"
 
 
+VERBS = {  # llmft-study VERB ...: what it does (verb_main has its function); `run` is also the bare form
+    "run": "the study notebooks with a profile or a sweep file (also the bare form: llmft-study --profile ...)",
+    "distill": "distil any prompt prefix into a saved student",
+    "compare": "two results folders: rows, examples, verdicts",
+    "profiles": "the profiles: what each runs and how long it took, where",
+    "verify-student": "a saved student: checksums, plain load, accuracy",
+}
+
+
+def verbs_help() -> str:
+    return "verbs:\n" + "\n".join(f"  {v:15s} {what}" for v, what in VERBS.items()) + \
+        "\n  (llmft-study VERB --help for each)"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "distill":  # llmft-study distill ...: distil any prompt (llmft_utils.prompt_distill)
-        from .prompt_distill import main as distill_main
+    verb = argv[0] if argv and argv[0] in VERBS else "run"
+    if argv and verb == argv[0]:
+        argv = argv[1:]
+    return verb_main(verb)(argv)
 
-        return distill_main(argv[1:])
-    if argv and argv[0] == "verify-student":  # llmft-study verify-student FOLDER: checksums, plain load, accuracy
-        from .verify import main as verify_main
 
-        return verify_main(argv[1:])
-    if argv and argv[0] == "compare":  # llmft-study compare RUN_A RUN_B: predictions, tolerances, verdicts
-        from .compare import main as compare_main
+def verb_main(verb: str):
+    """The ``main(argv)`` of a verb (the modules of the other verbs load only when asked for)."""
+    if verb == "distill":
+        from .prompt_distill import main
+    elif verb == "compare":
+        from .compare import main
+    elif verb == "verify-student":
+        from .verify import main
+    else:
+        main = profiles_main if verb == "profiles" else run_main
+    return main
 
-        return compare_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="llmft-study", description=__doc__, epilog=parameters_help(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def profiles_main(argv) -> int:
+    """``llmft-study profiles [--json]``: each profile's grid and its measured time with host and date."""
+    from .cli import HelpFormatter
+    from .profiles import TIMINGS, profile_summary
+
+    ap = argparse.ArgumentParser(prog="llmft-study profiles", formatter_class=HelpFormatter,
+                                 description="The profiles (llmft_utils/profiles.py): what each runs and how long "
+                                             "it took, on which host and when.")
+    ap.add_argument("--json", action="store_true", help="print the profiles and their timings as JSON")
+    a = ap.parse_args(argv)
+    if a.json:
+        import dataclasses
+
+        print(json.dumps({n: {"parameters": PROFILES[n], "timing": dataclasses.asdict(TIMINGS[n]),
+                              "time": TIMINGS[n].minutes()} for n in PROFILES}, indent=1))
+        return 0
+    for name in PROFILES:
+        print(profile_summary(name))
+    return 0
+
+
+def run_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter, add_config_flag
+
+    ap = argparse.ArgumentParser(prog="llmft-study [run]", description=__doc__ + "\n" + verbs_help(),
+                                 epilog=parameters_help(), formatter_class=HelpFormatter)
+    add_config_flag(ap, "flags and notebook parameters")
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES),
-                    help="the parameter set to run (required unless --sweep names one); see --list-profiles")
+                    help="the parameter set to run (required unless --sweep names one); see `llmft-study profiles`")
     ap.add_argument("--sweep", default=None, metavar="FILE.json", help="run every parameter set in this file")
     ap.add_argument("--only", nargs="*", default=None, help="notebook prefixes to run, e.g. 01 02")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a notebook parameter (Python literal), e.g. --set ks=[0,4]")
     ap.add_argument("--force", action="store_true", help="recompute rows that already exist")
-    ap.add_argument("--list-profiles", action="store_true", help="list the profiles and exit")
+    ap.add_argument("--list-profiles", action="store_true", help="list the profiles and exit (= llmft-study profiles)")
     ap.add_argument("--version", action="version", version=version_string())
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: debug)")
     ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return ap
+
+
+def run_main(argv) -> int:
+    from .cli import ConfigError, with_config
+    from .profiles import time_hint
+
+    ap = run_parser()
+    try:  # a config file: flags by name, and notebook parameters (below --set, which wins)
+        argv, config_params = with_config(ap, argv, extra=True)
+    except ConfigError as e:
+        ap.error(str(e))
     a = ap.parse_args(argv)
     if a.list_profiles:
-        for name, prof in PROFILES.items():
-            print(f"{name:8s} {PROFILE_NOTES.get(name, '')}\n         ks={prof['ks']} seeds={prof['seeds']} "
-                  f"cd_ks={prof['cd_ks']} sizes: mnli={prof['mnli_eval_n'] or 'all'} rte={prof['rte_eval_n'] or 'all'} "
-                  f"hans={prof['hans_eval_n'] or 'all'}")
-        return 0
+        return profiles_main([])
     if a.profile is None and a.sweep is None:
-        ap.error("choose what to run: --profile " + "|".join(PROFILES) + " (smoke takes about 2 minutes; "
-                 "default about an hour), or --sweep FILE.json; --list-profiles describes them")
+        ap.error("choose what to run: --profile " + "|".join(PROFILES) + f" (measured: {time_hint()}; "
+                 "`llmft-study profiles` says where and when), or --sweep FILE.json")
     explicit_profile = a.profile  # given on the command line: it wins over a sweep file's own
     a.profile = a.profile or "default"  # a sweep file names its own profile; this is its fallback
     import logging
@@ -235,7 +291,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .params import ParameterError
 
-    overrides = parse_sets(ap, a.set)
+    overrides = {**config_params, **parse_sets(ap, a.set)}
     runs = [("", a.profile, overrides)]
     if a.sweep is not None:
         runs = read_sweep(a.sweep, a.profile, overrides, ap, profile=explicit_profile)

@@ -5,6 +5,8 @@ the one place a run's defaults live; ``--set NAME=VALUE`` and sweep files overri
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
 _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto", "dtype": "auto",
@@ -48,7 +50,69 @@ PROFILES: dict[str, dict] = {
             "ensemble_m": 0},  # the timed GPU grid of issue 12; ensembles and the llmft grid are in "full"
 }
 
-PROFILE_NOTES = {"smoke": "tiny evaluation sets, about 2 minutes on 2 CPU cores (= the notebooks' own cells)",
-                 "default": "the main study, about 32 minutes on 2 CPU cores",
-                 "full": "every evaluation set in full, larger transfer sets (CPU: many hours)",
-                 "gpu": "one GPU: full sets, k up to 32, ten seeds (about 35 minutes on an H200)"}
+PROFILE_NOTES = {"smoke": "tiny evaluation sets (= the notebooks' own cells)",
+                 "default": "the main study on the embedded model",
+                 "full": "every evaluation set in full, larger transfer sets, llmft's grid",
+                 "gpu": "one GPU: full sets, k up to 32, ten seeds"}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a profile's notebooks took, where and when: the one source of every time estimate (README,
+    ``llmft-study profiles``, the error messages). ``notebooks_s`` is the run manifest's ``wall_s``;
+    ``setup_s`` the first ``make venv`` on a clean clone; ``source`` the file it is read from, or how an
+    estimate was made when it was not measured (``measured=False``)."""
+    notebooks_s: float | None
+    host: str
+    date: str
+    source: str
+    measured: bool = True
+    setup_s: float = 0.0
+    what: str = "of notebooks"
+
+    def minutes(self) -> str:
+        """``"36 min"`` (notebooks and set-up), ``"not measured"`` when there is no number."""
+        if self.notebooks_s is None:
+            return "not measured"
+        total = (self.notebooks_s + self.setup_s) / 60
+        return f"{'about ' if not self.measured else ''}{total:.0f} min" if total >= 3 else f"{total * 60:.0f} s"
+
+    def describe(self) -> str:
+        """One line: the time, how it was obtained, the host and the date."""
+        if self.notebooks_s is None:
+            return f"not measured ({self.source})"
+        how = "measured" if self.measured else "estimated"
+        setup = f" + {self.setup_s:.0f} s set-up" if self.setup_s else ""
+        return f"{self.minutes()} ({how}: {self.notebooks_s:.0f} s {self.what}{setup}, {self.host}, {self.date}; {self.source})"
+
+
+VENV_SETUP_S = 90.0  # `make venv` on a clean clone with the package cache warm (CI log, 2026-12-03)
+TIMINGS: dict[str, Timing] = {
+    "smoke": Timing(167.0, "cpu:Intel(R) Xeon(R) Processor x2 threads", "2026-12-03",
+                    "tests/golden/smoke/run_manifest.json"),
+    "default": Timing(2166.7, "cpu:AMD EPYC x2 threads", "2026-11-28", "results/reference/run_manifest.json",
+                      setup_s=VENV_SETUP_S),
+    "full": Timing(None, "", "", "many hours on 2 CPU cores; never run end to end"),
+    "gpu": Timing(35 * 60.0, "one NVIDIA H200", "2026-11", "docs/gpu.md: one seed took 206 s, times ten seeds "
+                  "and the larger k", measured=False),
+}
+TEST_SUITE = Timing(658.0, "cpu:AMD EPYC x2 threads", "2026-12-04", ".ci/run on a clean clone (CI log)",
+                    what="of `make test`, set-up included")
+
+
+def profile_line(name: str) -> str:
+    """``name  note; time``: what ``llmft-study profiles`` prints first for each profile."""
+    return f"{name:8s} {PROFILE_NOTES[name]}; {TIMINGS[name].describe()}"
+
+
+def profile_summary(name: str) -> str:
+    """Two lines per profile for ``llmft-study profiles``: what it is and how long it took, then its grid."""
+    prof = PROFILES[name]
+    sizes = " ".join(f"{t}={prof[t + '_eval_n'] or 'all'}" for t in ("mnli", "rte", "hans"))
+    return (f"{profile_line(name)}\n         ks={prof['ks']} seeds={prof['seeds']} cd_ks={prof['cd_ks']} "
+            f"sizes: {sizes}")
+
+
+def time_hint() -> str:
+    """``smoke 167 s, default 38 min``: the measured times, for error messages that ask for a profile."""
+    return ", ".join(f"{n} {t.minutes()}" for n, t in TIMINGS.items() if t.measured and t.notebooks_s)

@@ -188,27 +188,52 @@ Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by 
 """
 
 
-def main(argv=None) -> int:
-    from .patterns import PATTERNS
+# the flags that are study parameters too: (flag, parameter, type); their defaults and help come from the
+# "default" profile and the parameter spec, so `distill` trains with the study's recipe unless told otherwise
+STUDY_FLAGS = (("--epochs", "epochs", int), ("--lr", "lr", float), ("--batch-size", "train_batch_size", int),
+               ("--max-batch-tokens", "max_batch_tokens", int), ("--device", "device", str),
+               ("--dtype", "dtype", str))
 
-    ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter, add_config_flag
+    from .params import spec
+    from .patterns import PATTERNS
+    from .profiles import PROFILES
+
+    ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__, formatter_class=HelpFormatter)
+    add_config_flag(ap)
     ap.add_argument("--model", required=True, help="embedded name, alias, Hugging Face id or model directory")
     ap.add_argument("--prefix", required=True, help="text file: the demonstrations or instructions to distil")
-    ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries")
+    ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries, one object per line: "
+                    '{"premise": ..., "hypothesis": ...} or {"text": ...}')
     ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md); written whole "
                     "when the run ends, and locked while it runs")
-    ap.add_argument("--pattern", default="gpt-3", choices=sorted(PATTERNS))
-    ap.add_argument("--verbalizers", nargs="+", default=None, help='answers to score, e.g. " Yes" " No"')
-    ap.add_argument("--holdout", type=float, default=0.2, help="share of the queries held out for the report")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-batch-tokens", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--pattern", default=PROFILES["default"]["pattern"], choices=sorted(PATTERNS),
+                    help="how a query is written and which verbalizers answer it (llmft's patterns)")
+    ap.add_argument("--verbalizers", nargs="+", default=None,
+                    help='answers to score, e.g. " Yes" " No" (default: the pattern\'s)')
+    ap.add_argument("--holdout", type=float, default=0.2,
+                    help="share of the queries held out of training for the report (between 0 and 1)")
+    params = spec()
+    for flag, name, kind in STUDY_FLAGS:
+        p = params[name]
+        ap.add_argument(flag, type=kind, default=PROFILES["default"][name], choices=p.choices or None,
+                        help=f"{p.help} (study parameter {name})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
+    return ap
+
+
+def main(argv=None) -> int:
+    from .cli import ConfigError, with_config
+
+    ap = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, _ = with_config(ap, argv)
+    except ConfigError as e:
+        ap.error(str(e))
     a = ap.parse_args(argv)
     if not 0 < a.holdout < 1:
         ap.error("--holdout must be between 0 and 1")

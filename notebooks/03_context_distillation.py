@@ -41,7 +41,7 @@ cd_ks: list = [4]  # teacher demonstrations k for CD
 seeds: list = [0]  # data seeds, as in notebook 02
 n_transfer: int = 16  # unlabelled transfer queries per CD student
 pbft_n: int = 4  # labelled examples per PBFT student: the ICL demonstrations of k equal to pbft_n; 0 skips PBFT
-controls: list = ["shuffled", "self"]  # control students at the largest cd_k: shuffled teacher targets, self-distillation (k=0)
+controls: list = ["shuffled", "self"]  # control students at the largest cd_k: shuffled teacher targets, self-distillation (zero-shot teacher)
 control_tasks: list = ["mnli"]  # tasks that get the control students
 ensemble_m: int = 2  # teacher ensembles: m disjoint demonstration sets of k (0: none), distilled and scored at inference
 ensemble_ks: list = [4]  # demonstrations per ensemble set (each must be in notebook 02's ks: set 0 is that ICL run)

@@ -1,6 +1,6 @@
 """The package's layering, checked on its source: algorithms below, the study above, entry points on top.
 
-    leaves (no package imports) -> store, dist -> data, models -> scoring -> distill -> study -> analysis
+    leaves (no package imports: logs, cli, stats, patterns, ...) -> store, dist -> data, models -> scoring -> distill -> study -> analysis
     -> entry points (profiles, params, pipeline, train, prompt_distill, compare, verify)
 
 A module imports only from its own layer or below (at the top of the file or inside a function), the
@@ -17,7 +17,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "llmft_utils"
 LAYERS = [
-    {"__init__", "logs", "progress", "probes", "stats", "calibration", "hub", "patterns"},
+    {"__init__", "cli", "logs", "progress", "probes", "stats", "calibration", "hub", "patterns"},
     {"store", "dist"},
     {"data", "models"},
     {"scoring"},
