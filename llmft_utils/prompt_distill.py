@@ -24,9 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data import text_problem
+
+_START = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """One line on stderr with the seconds since the command started: ``[distill   12 s] training ...``."""
+    print(f"[distill {time.perf_counter() - _START:4.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def read_queries(path) -> list[dict]:
@@ -70,10 +76,55 @@ def _scores(lm, prefix: str, texts: list[str], verbalizers, max_tokens: int):
 
 
 def _versus(teacher: np.ndarray, other: np.ndarray) -> dict:
-    from .stats import agreement_stats
+    """Agreement with the teacher's labels (95% Wilson interval over the held-out queries) and mean
+    KL(teacher ‖ ·) (95% normal interval over them)."""
+    from .stats import agreement_stats, kl_per_example
 
     r = agreement_stats(teacher.argmax(1), other.argmax(1), teacher, other)
-    return {"agreement": r["agreement"], "kl": r["kl"]}
+    kl = kl_per_example(teacher, other)
+    half = 1.96 * float(kl.std(ddof=1)) / np.sqrt(len(kl)) if len(kl) > 1 else float("nan")
+    return {"agreement": r["agreement"], "agreement_ci95": wilson(int((teacher.argmax(1) == other.argmax(1)).sum()),
+                                                                  len(kl)),
+            "kl": r["kl"], "kl_ci95": [max(0.0, r["kl"] - half), r["kl"] + half]}  # a KL is never negative
+
+
+def wilson(successes: int, n: int) -> list[float]:
+    """The 95% Wilson score interval of a proportion (scipy's binomtest, as the study's tables)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+# a paired test against the constant answer at this level; fewer discordant queries than MIN_DISCORDANT can
+# never reach it (2 · 0.5^d >= 0.05 for d <= 5), whatever the student does
+ALPHA, MIN_DISCORDANT = 0.05, 6
+
+
+def versus_constant(teacher: np.ndarray, student: np.ndarray) -> dict:
+    """The student against a constant answer (the teacher's majority label) as predictors of the teacher's
+    labels on the same queries: exact McNemar p, and whether the held-out set can tell them apart at all
+    (``resolvable``: at least MIN_DISCORDANT queries where the constant disagrees with the teacher)."""
+    from .stats import mcnemar_exact
+
+    t = teacher.argmax(1)
+    const = np.full_like(t, np.bincount(t, minlength=2).argmax())
+    test = mcnemar_exact(student.argmax(1) == t, const == t)
+    return {"p": test["p"], "only_student": test["only_a"], "only_constant": test["only_b"],
+            "resolvable": int((const != t).sum()) >= MIN_DISCORDANT, "alpha": ALPHA}
+
+
+def small_set_warning(r: dict) -> str:
+    """A warning when the held-out queries cannot tell the student from a constant answer; "" otherwise."""
+    v, n = r["heldout"]["student_vs_constant"], r["n_heldout"]
+    if not v["resolvable"]:
+        return (f"{n} held-out queries are too few to tell any student from a constant answer (the teacher's "
+                f"labels differ from its majority label on fewer than {MIN_DISCORDANT}): hold out more queries "
+                "(--holdout) or give more")
+    if v["p"] >= v["alpha"]:
+        return (f"on {n} held-out queries the student is not distinguishable from a constant answer (McNemar "
+                f"p = {v['p']:.2g}): its agreement may be the teacher's label bias alone; hold out more queries to tell")
+    return ""
 
 
 def check_out(out) -> Path:
@@ -93,7 +144,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
     """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
     Returns the report (also written to ``out_dir/report.json`` and ``report.md``; the student is saved in
     ``out_dir/student/``)."""
-    from .distill import DistillConfig, answer_token_ids, save_student, support_logits, train_student
+    from .distill import DistillConfig, answer_token_ids, save_student, target_extract, train_student
     from .models import wrap
     from .scoring import answer_logits
     from .stats import constant_agreement
@@ -113,16 +164,19 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
         vids = answer_token_ids(lm.tokenizer, pattern)
 
         t0 = time.perf_counter()
-        T = cfg.temperature
-        teacher_logp = answer_logits(lm, prefix, query_texts(pattern, tr, True),
-                                     lambda z: torch.log_softmax(support_logits(z / T, "verbalizer", vids), -1),
-                                     batch_size=cfg.batch_size, max_tokens=max_tokens).float()
+        progress(f"teacher targets ({cfg.target}) for {len(tr)} training queries, {len(ho)} held out")
+        teacher_logp, topk_ids = answer_logits(lm, prefix, query_texts(pattern, tr, True), target_extract(cfg, vids),
+                                               batch_size=cfg.batch_size, max_tokens=max_tokens)
         teacher_s = time.perf_counter() - t0
         ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
-        rows = [{"input_ids": x, "label": 0, "teacher_logp": t} for x, t in zip(ids, teacher_logp)]
+        rows = [{"input_ids": x, "label": 0, "teacher_logp": t.float()} for x, t in zip(ids, teacher_logp)]
+        for row, top in zip(rows, topk_ids if topk_ids is not None else []):
+            row["topk_ids"] = top
+        progress(f"training the student: {cfg.epochs} epochs of {len(tr)} queries")
         student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids)
         student = student.to(next(lm.model.parameters()).dtype)
         slm = wrap(student, lm.tokenizer, name="student", device=lm.device)
+        progress(f"scoring {len(ho)} held-out queries: teacher, untrained model, student")
 
         t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
         z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
@@ -137,6 +191,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
             "recipe": dataclasses.asdict(cfg),
             "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
                         "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
+                        "student_vs_constant": versus_constant(t_lp, s_lp),
                         "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
                         "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
             "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,
@@ -147,6 +202,7 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
             "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1], "provenance": provenance(),
             "command": command or " ".join(sys.argv),
         }
+        report["warnings"] = [w for w in [small_set_warning(report)] if w]
         h = report["heldout"]
         metrics = {"heldout": {"n": len(ho), "score_acc": float("nan"), "zeroshot_acc": float("nan"),
                                "agree_teacher_student": h["student_vs_teacher"]["agreement"],
@@ -164,21 +220,30 @@ def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=N
         return report
 
 
+def _ci(v: list, digits: int = 3) -> str:
+    return f"[{v[0]:.{digits}f}, {v[1]:.{digits}f}]"
+
+
 def report_markdown(r: dict) -> str:
     h, c = r["heldout"], r["cost"]
     be = f"{c['break_even_queries']:.0f}" if c["break_even_queries"] else "never (the student is not cheaper)"
+    st, zs, vc = h["student_vs_teacher"], h["zeroshot_vs_teacher"], h["student_vs_constant"]
+    warning = small_set_warning(r)
     return f"""# Distilled prompt: {r['model']} ({r['dtype']} on {r['device']})
 
-Prefix of {r['prefix_tokens']} tokens; {r['n_train']} training queries, {r['n_heldout']} held out.
-
-| on held-out queries | agreement with the teacher | KL(teacher ‖ ·) |
+Prefix of {r['prefix_tokens']} tokens; {r['n_train']} training queries, {r['n_heldout']} held out; target
+{r['recipe']['target']}, {r['recipe']['epochs']} epochs at lr {r['recipe']['lr']:g}.
+{chr(10) + '**Warning:** ' + warning + chr(10) if warning else ''}
+| on held-out queries | agreement with the teacher [95% Wilson] | KL(teacher ‖ ·) [95% normal] |
 |---|---|---|
-| student (no prefix) | {h['student_vs_teacher']['agreement']:.3f} | {h['student_vs_teacher']['kl']:.4f} |
-| untrained model (no prefix): the control | {h['zeroshot_vs_teacher']['agreement']:.3f} | {h['zeroshot_vs_teacher']['kl']:.4f} |
+| student (no prefix) | {st['agreement']:.3f} {_ci(st['agreement_ci95'])} | {st['kl']:.4f} {_ci(st['kl_ci95'], 4)} |
+| untrained model (no prefix): the control | {zs['agreement']:.3f} {_ci(zs['agreement_ci95'])} | {zs['kl']:.4f} {_ci(zs['kl_ci95'], 4)} |
 | a constant answer, the teacher's majority label | {h['constant_vs_teacher']['agreement']:.3f} | – |
 
-The teacher answers label 1 on {h['teacher_label1_frac']:.1%} of them, the student on {h['student_label1_frac']:.1%}:
-an agreement no higher than the constant answer's shows that only the teacher's label bias transferred.
+Student against the constant answer on the same queries: it alone agrees with the teacher on
+{vc['only_student']}, the constant alone on {vc['only_constant']} (exact McNemar p = {vc['p']:.2g}). The teacher
+answers label 1 on {h['teacher_label1_frac']:.1%} of them, the student on {h['student_label1_frac']:.1%}: an
+agreement no higher than the constant answer's shows that only the teacher's label bias transferred.
 
 Cost per query: teacher {c['teacher_s_per_query_prefix_reused'] * 1000:.1f} ms ({c['tokens_per_query_teacher']:.0f} tokens,
 prefix reused), student {c['student_s_per_query'] * 1000:.1f} ms ({c['tokens_per_query_student']:.0f} tokens). One-off:
@@ -190,7 +255,7 @@ Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by 
 
 # the flags that are study parameters too: (flag, parameter, type); their defaults and help come from the
 # "default" profile and the parameter spec, so `distill` trains with the study's recipe unless told otherwise
-STUDY_FLAGS = (("--epochs", "epochs", int), ("--lr", "lr", float), ("--batch-size", "train_batch_size", int),
+STUDY_FLAGS = (("--target", "target", str), ("--topk", "topk", int), ("--epochs", "epochs", int), ("--lr", "lr", float), ("--batch-size", "train_batch_size", int),
                ("--max-batch-tokens", "max_batch_tokens", int), ("--device", "device", str),
                ("--dtype", "dtype", str))
 
@@ -204,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmft-study distill", description=__doc__, formatter_class=HelpFormatter)
     add_config_flag(ap)
     ap.add_argument("--model", required=True, help="embedded name, alias, Hugging Face id or model directory")
-    ap.add_argument("--prefix", required=True, help="text file: the demonstrations or instructions to distil")
+    ap.add_argument("--prefix", required=True, help="text file: the demonstrations or instructions to distil (its final newline is dropped; "
+                    "example: examples/distill/prefix.txt)")
     ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries, one object per line: "
-                    '{"premise": ..., "hypothesis": ...} or {"text": ...}')
+                    '{"premise": ..., "hypothesis": ...} or {"text": ...} (example: examples/distill/queries.jsonl)')
     ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md); written whole "
                     "when the run ends, and locked while it runs")
     ap.add_argument("--pattern", default=PROFILES["default"]["pattern"], choices=sorted(PATTERNS),
@@ -242,7 +308,7 @@ def main(argv=None) -> int:
     return run_verb("distill", lambda: _run(a), a.verbose)
 
 
-def _checked_inputs(a):
+def checked_inputs(a):
     """``(prefix, queries, pattern, out)``: everything that can be told without the model's weights, checked
     (the tokenizer alone decides whether the longest prompt fits the model's context)."""
     from .models import check_model_name, load_tokenizer
@@ -254,7 +320,7 @@ def _checked_inputs(a):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file (the prefix is plain text, the queries JSON lines; "
                                     "examples in docs/method.md)")
-    prefix = Path(a.prefix).read_text()
+    prefix = Path(a.prefix).read_text().rstrip("\n")  # an editor's final newline is not part of the prompt
     problem = text_problem(prefix)
     if problem:
         raise ValueError(f"{a.prefix}: the prefix {problem}; there is nothing to distil")
@@ -275,17 +341,23 @@ def _run(a) -> int:
     from .models import load_model
     from .store import folder_lock
 
+    progress(f"checking the inputs and {a.model}'s context (tokenizer only)")
     try:  # everything that can be told without the model's weights, before they load
-        prefix, queries, pattern, out = _checked_inputs(a)
+        prefix, queries, pattern, out = checked_inputs(a)
     except (OSError, ValueError) as e:  # unreadable files, bad queries, an unusable --out
         print(f"distill: {e}", file=sys.stderr)
         return 2
     with folder_lock(out, "distill run"):  # held from before the model loads until the folder is complete
+        progress(f"loading {a.model} ({a.dtype} on {a.device})")
         lm = load_model(a.model, device=a.device, dtype=a.dtype)
-        cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no")
+        cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no",
+                            target=a.target, topk=a.topk)
         r = distill_prompt(lm, prefix, queries, out, pattern, cfg, holdout=a.holdout, seed=a.seed,
                            max_tokens=a.max_batch_tokens)
     print(report_markdown(r))
+    for w in r["warnings"]:
+        print(f"distill: warning: {w}", file=sys.stderr)
+    progress(f"done: the student and its report are in {out}")
     return 0
 
 

@@ -49,7 +49,7 @@ def test_top_help_lists_every_verb_and_distill_shows_the_study_recipe(capsys):
     default = profiles.PROFILES["default"]
     for flag, name, _ in prompt_distill.STUDY_FLAGS:  # every study flag has a help text and the study's default
         assert f"(study parameter {name})" in text, flag
-    for flag, value in (("--epochs", default["epochs"]), ("--lr", default["lr"]),
+    for flag, value in (("--target", default["target"]), ("--epochs", default["epochs"]), ("--lr", default["lr"]),
                         ("--batch-size", default["train_batch_size"]), ("--holdout", 0.2), ("--seed", 0)):
         chunk = text[text.index(f" {flag} "):]
         chunk = chunk[:chunk.index(" --", 3)]

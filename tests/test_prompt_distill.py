@@ -32,6 +32,11 @@ def test_distilled_prompt_student_beats_the_untrained_model_and_is_saved(tmp_pat
     assert h["student_vs_teacher"]["agreement"] > h["zeroshot_vs_teacher"]["agreement"]
     # the control for any agreement claim: this tiny teacher always says label 1, so a constant agrees fully
     assert h["constant_vs_teacher"]["agreement"] == max(h["teacher_label1_frac"], 1 - h["teacher_label1_frac"])
+    # ... so no held-out set can tell a student from it: the report says so instead of claiming agreement
+    assert not h["student_vs_constant"]["resolvable"] and "too few to tell any student" in r["warnings"][0]
+    lo, hi = h["student_vs_teacher"]["agreement_ci95"]
+    assert lo <= h["student_vs_teacher"]["agreement"] <= hi and hi - lo > 0.05
+    assert "**Warning:**" in (tmp_path / "out" / "report.md").read_text()
     assert r["cost"]["tokens_per_query_teacher"] > r["cost"]["tokens_per_query_student"] + r["prefix_tokens"] - 1
     from transformers import AutoModelForCausalLM
 
@@ -39,6 +44,38 @@ def test_distilled_prompt_student_beats_the_untrained_model_and_is_saved(tmp_pat
     assert all(p.dtype == torch.float32 for p in student.parameters())
     info = json.loads((tmp_path / "out" / "student" / "student.json").read_text())
     assert info["prefix"] == prefix and (tmp_path / "out" / "report.md").read_text().startswith("# Distilled prompt")
+
+
+def test_versus_constant_tells_a_student_from_the_constant_only_when_the_set_can():
+    import numpy as np
+
+    def logp(labels):
+        return np.log(np.eye(2)[labels] * 0.98 + 0.01)
+
+    teacher = np.array([0, 1] * 10)
+    perfect = prompt_distill.versus_constant(logp(teacher), logp(teacher))
+    assert perfect["resolvable"] and perfect["p"] < 0.01 and perfect["only_student"] == 10
+    constant = prompt_distill.versus_constant(logp(teacher), logp(np.zeros(20, int)))
+    assert constant["p"] == 1.0
+    few = prompt_distill.versus_constant(logp(np.array([0] * 15 + [1] * 5)), logp(np.array([0] * 15 + [1] * 5)))
+    assert not few["resolvable"]  # 5 discordant queries at most: 2 * 0.5^5 > 0.05
+    r = {"n_heldout": 20, "heldout": {"student_vs_constant": constant}}
+    assert "not distinguishable from a constant answer" in prompt_distill.small_set_warning(r)
+    assert prompt_distill.small_set_warning({"n_heldout": 20, "heldout": {"student_vs_constant": perfect}}) == ""
+
+
+def test_topk_target_trains_on_the_teachers_top_tokens(tmp_path):
+    tok = models.tiny_tokenizer()
+    lm = models.wrap(_teacher_model(tok), tok, name="tiny")
+    ev, pool = toy_data.frames(n_eval=24, n_pool=40)
+    prefix = patterns.build_prefix(GPT3, data.sample_demonstrations(pool, 4, seed=0))
+    queries = [{"premise": p, "hypothesis": h} for p, h in zip(ev.premise, ev.hypothesis)]
+    cfg = distill.DistillConfig(epochs=3, lr=3e-3, batch_size=8, mixed_precision="no", target="topk", topk=5)
+    r = prompt_distill.distill_prompt(lm, prefix, queries, tmp_path / "out", GPT3, cfg, holdout=0.25)
+    assert r["recipe"]["target"] == "topk" and r["recipe"]["topk"] == 5
+    assert r["loss_last"] < r["loss_first"]
+    info = json.loads((tmp_path / "out" / "student" / "student.json").read_text())
+    assert info["recipe"]["target"] == "topk"
 
 
 def test_distill_command_refuses_bad_queries_before_loading_a_model(tmp_path, capsys):
@@ -107,7 +144,8 @@ def test_an_over_long_prefix_is_one_line_and_status_2_before_the_weights_load(tm
     rc = pipeline.main(["distill", "--model", str(folder), *_inputs(tmp_path, prefix="the cat sat on the mat . " * 40),
                         "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if not line.startswith("[distill ")]  # not the progress lines
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
     assert "10 of 10 prompts exceed the model's context of 64 tokens" in err and "shorter prefix" in err
     assert not (tmp_path / "o").exists()
     # the same check, through the embedded model's tokenizer and context (8192), without its weights
@@ -176,3 +214,20 @@ def test_a_run_that_fails_while_saving_leaves_the_earlier_output_whole(tmp_path,
         prompt_distill.distill_prompt(lm, "Another demo . No\n\n", queries, out, GPT3, cfg)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [".o.lock", "o"]
+
+
+def test_the_shipped_examples_are_valid_inputs(tmp_path):
+    """examples/distill: the config names only real flags, the queries parse, the prefix is demonstrations
+    in the config's pattern, and the whole is accepted by the checks that run before the weights load."""
+    from llmft_utils import cli
+    from llmft_utils.store import repo_root
+
+    root = repo_root() / "examples" / "distill"
+    ap = prompt_distill.build_parser()
+    argv, _ = cli.with_config(ap, ["--config", str(root / "config.yaml"), "--out", str(tmp_path / "o")])
+    a = ap.parse_args(argv)
+    a.prefix, a.queries = str(repo_root() / a.prefix), str(repo_root() / a.queries)
+    prefix, queries, pattern, _ = prompt_distill.checked_inputs(a)
+    assert len(queries) == 16 and all(set(q) == {"premise", "hypothesis"} for q in queries)
+    blocks = prefix.split(pattern.separator)
+    assert len(blocks) == 4 and all(b.endswith(pattern.verbalizers) for b in blocks)

@@ -233,18 +233,27 @@ def _cached_targets(lm, pattern, examples, cfg: DistillConfig, path: Path, key: 
     return None
 
 
-def _teacher_logp(lm, pattern, demos, examples, cfg: DistillConfig, vids, combine: str, batching: dict):
-    """``(logp, topk_ids)`` of the teacher on the target support: one prompt's answer-position logits, or
-    (``demos`` a list) the m prompts' full distributions combined and projected like one teacher's logits."""
+def target_extract(cfg: DistillConfig, vids):
+    """``extract(logits) -> (logp, topk_ids)``: a batch (B, V) of answer-position logits as the teacher's
+    log-probs on ``cfg.target``'s support at temperature T (``topk_ids`` the teacher's top-k tokens for
+    ``target="topk"``, else None); what the cached and the prompt-distil teachers both store."""
     T = cfg.temperature
 
-    def extract(logits):  # a batch (B, V) of answer-position logits, on the model's device
+    def extract(logits):
         z = logits / T
         if cfg.target == "topk":
             ids = torch.topk(logits, cfg.topk).indices
             return torch.log_softmax(support_logits(z, "topk", topk_ids=ids), -1), ids
         return torch.log_softmax(support_logits(z, cfg.target, vids), -1), None
 
+    return extract
+
+
+def _teacher_logp(lm, pattern, demos, examples, cfg: DistillConfig, vids, combine: str, batching: dict):
+    """``(logp, topk_ids)`` of the teacher on the target support: one prompt's answer-position logits, or
+    (``demos`` a list) the m prompts' full distributions combined and projected like one teacher's logits."""
+    T = cfg.temperature
+    extract = target_extract(cfg, vids)
     if not isinstance(demos, (list, tuple)):
         prefix = build_prefix(pattern, demos)
         return answer_logits(lm, prefix, query_texts(pattern, examples, bool(prefix)), extract, **batching)
