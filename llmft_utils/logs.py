@@ -30,6 +30,17 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
+class _Formatter(logging.Formatter):
+    """Plain messages; under the pipeline (``$LLMFT_PROGRESS=lines``) warnings start with ``warning:``, the
+    mark by which its quiet terminal shows them among the streamed cell output."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        if record.levelno >= logging.WARNING and os.environ.get("LLMFT_PROGRESS") == "lines":
+            return "warning: " + msg
+        return msg
+
+
 def _main_process_or_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or int(os.environ.get("RANK", "0") or 0) == 0
 
@@ -53,7 +64,7 @@ def _install() -> logging.Logger:
     root = logging.getLogger(ROOT)
     if not any(isinstance(h, _Stdout) for h in root.handlers):
         handler = _Stdout()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_Formatter("%(message)s"))
         handler.addFilter(_main_process_or_warning)
         root.addHandler(handler)
     root.propagate = False

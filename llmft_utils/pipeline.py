@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from . import logs
+from .progress import RUN_PREFIX, duration
 from .profiles import PROFILES
 from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
 
@@ -77,6 +80,73 @@ def _source_cell(nb_path: Path, executed_path: Path, executed_index: int) -> str
     return f"cell {idx} ({first[:60]!r})"
 
 
+VERBOSE = False  # -v: the kernels' own start-up warnings too (ZMQ transport), and every line on the terminal
+_BAR = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s\]")  # a tqdm bar written to stderr (model loading, saving)
+
+
+class QuietTerminal(logging.Filter):
+    """What the terminal shows of the notebooks' streamed output by default: from stdout (INFO) only the sweeps'
+    ``[run i/n]`` lines and the library's ``warning:`` lines; from stderr (WARNING) everything but progress bars.
+    papermill's own lines (cell markers, paths) are left to the log file."""
+
+    def __init__(self, keep_info: bool = True):
+        super().__init__()
+        self.keep_info = keep_info
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("papermill"):
+            return True
+        lines = str(record.getMessage()).splitlines()
+        if record.levelno >= logging.WARNING:
+            kept = [line for line in lines if line.strip() and not _BAR.search(line)]
+        elif self.keep_info:
+            kept = [line.strip() for line in lines if line.strip().startswith((RUN_PREFIX, "warning:"))]
+        else:
+            kept = []
+        if not kept:
+            return False
+        record.msg, record.args = "\n  | ".join(kept), ()
+        return True
+
+
+def setup_terminal(verbose: int, quiet: bool) -> None:
+    """The terminal handler: everything with ``-v``; warnings only with ``-q``; else :class:`QuietTerminal`."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in [h for h in root.handlers if getattr(h, "llmft_terminal", False)]:
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stdout)
+    console.llmft_terminal = True
+    console.setFormatter(logging.Formatter("  | %(message)s"))
+    console.setLevel(logging.WARNING if quiet else logging.DEBUG)
+    if not verbose:
+        console.addFilter(QuietTerminal(keep_info=not quiet))
+    root.addHandler(console)
+
+
+class RunLog:
+    """The whole log of one run (every line papermill streams, at DEBUG) in ``<results>/logs/``; the
+    pipeline's own lines go there too through :meth:`say`."""
+
+    def __init__(self, out_dir: Path, label: str = ""):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.path = out_dir / "logs" / f"{label + '-' if label else ''}run-{stamp}-{os.getpid()}.log"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setLevel(logging.DEBUG)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+
+    def say(self, msg: str, err: bool = False) -> None:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+        self.handler.emit(logging.LogRecord("llmft-study", logging.ERROR if err else logging.INFO, "", 0, msg,
+                                            None, None))
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+
 def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
     import papermill as pm
 
@@ -85,7 +155,8 @@ def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb_path), str(out_path), parameters={k: v for k, v in params.items() if k in names},
-                            cwd=str(nb_path.parent), kernel_name="python3", progress_bar=False, log_output=True)
+                            cwd=str(nb_path.parent), kernel_name="python3", progress_bar=False, log_output=True,
+                            extra_arguments=[] if VERBOSE else ["--IPKernelApp.log_level=ERROR"])
     except pm.PapermillExecutionError as e:
         where = _source_cell(nb_path, out_path, e.cell_index)
         raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
@@ -125,7 +196,6 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     check_run(params, nbs)
     out_dir = results_dir(params["results_dir"], params["profile"])
     params["results_dir"] = str(out_dir)
-    root = repo_root()
     os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
     os.environ.setdefault("LLMFT_PROGRESS", "lines")  # papermill streams text: periodic lines, not frozen widget bars
     prov = provenance()
@@ -136,18 +206,60 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
         old = json.loads(mpath.read_text())
         manifest["notebooks"] = {n: {"git_commit": old.get("provenance", {}).get("git_commit"), **v}
                                  for n, v in old.get("notebooks", {}).items() if n not in nbs}
+    run_log = RunLog(out_dir, label)
+    try:
+        return _run_notebooks(nbs, params, profile, label, out_dir, manifest, mpath, run_log)
+    finally:
+        run_log.close()
+
+
+def reference_walls(profile: str, params: dict) -> dict:
+    """``{notebook: wall_s}`` of the profile's measured run (profiles.TIMINGS), when this run has its
+    parameters except where results go; {} otherwise (no ETA is better than a wrong one)."""
+    from .profiles import TIMINGS
+
+    t = TIMINGS.get(profile)
+    path = repo_root() / t.source if t is not None and t.measured and t.notebooks_s else None
+    if path is None or not path.is_file():
+        return {}
+    ref = json.loads(path.read_text())
+    skip = {"results_dir", "data_dir", "force"}
+    same = {k: v for k, v in ref.get("parameters", {}).items() if k not in skip} == \
+        {k: v for k, v in params.items() if k not in skip}
+    return {n: v["wall_s"] for n, v in ref.get("notebooks", {}).items() if "wall_s" in v} if same else {}
+
+
+def eta_line(done: dict, todo: list, ref: dict) -> str:
+    """``~3 min left (the measured run's pace)``: the reference notebook times of what is left, scaled by
+    how this run compares with the reference on the notebooks done so far; "" without a reference."""
+    if not todo or not ref or not all(n in ref for n in [*done, *todo]) or not done:
+        return ""
+    pace = sum(done.values()) / max(sum(ref[n] for n in done), 1e-9)
+    left = pace * sum(ref[n] for n in todo)
+    return f"; ~{duration(left)} left at this run's pace ({pace:.2f}x the measured one)"
+
+
+def _run_notebooks(nbs, params, profile, label, out_dir, manifest, mpath, run_log) -> int:
+    say = run_log.say
+    ref = reference_walls(profile, params)
+    walls = {}
+    say(f"[pipeline] profile {profile}{', ' + label if label else ''}: {len(nbs)} notebook(s) into {out_dir}; "
+        f"full log {run_log.path}")
     total = time.perf_counter()
-    for nb in nbs:
-        print(f"[pipeline] {nb} (profile {profile}{', ' + label if label else ''}) ...", flush=True)
+    prov = manifest["provenance"]
+    for i, nb in enumerate(nbs):
+        say(f"[pipeline] notebook {i + 1}/{len(nbs)}: {nb} ...")
         try:
-            wall = run_notebook(root / "notebooks" / nb, out_dir / "executed" / (f"{label}__{nb}" if label else nb), params)
+            wall = run_notebook(repo_root() / "notebooks" / nb,
+                                out_dir / "executed" / (f"{label}__{nb}" if label else nb), params)
         except NotebookFailed as e:
-            print(f"[pipeline] FAILED: {e}", file=sys.stderr, flush=True)
+            say(f"[pipeline] FAILED: {e}\n  full log: {run_log.path}", err=True)
             manifest["notebooks"][nb] = {"status": "failed", "error": str(e)}
             atomic_write_json(mpath, manifest)
             return 2 if e.user_error else 1
+        walls[nb] = wall
         manifest["notebooks"][nb] = {"status": "ok", "wall_s": round(wall, 1), "git_commit": prov.get("git_commit")}
-        print(f"[pipeline] {nb} done in {wall:.0f} s", flush=True)
+        say(f"[pipeline] {nb} done in {duration(wall)}{eta_line(walls, nbs[i + 1:], ref)}")
         if nb.startswith("01") and nb != nbs[-1]:  # the pools' sizes are known now, before any model loads
             from .data import load_manifest, size_checks
 
@@ -155,14 +267,14 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
             if errs:
                 msg = (f"{len(errs)} parameter{'s' if len(errs) > 1 else ''} the prepared data cannot supply (the data "
                        "is prepared; no model was loaded, nothing scored or trained):\n  - " + "\n  - ".join(errs))
-                print(f"[pipeline] stopped after {nb}: {msg}", file=sys.stderr, flush=True)
+                say(f"[pipeline] stopped after {nb}: {msg}", err=True)
                 manifest["stopped"] = msg
                 atomic_write_json(mpath, manifest)
                 return 2
     manifest["wall_s"] = round(time.perf_counter() - total, 1)  # this invocation
     manifest["notebooks_wall_s"] = round(sum(v.get("wall_s", 0.0) for v in manifest["notebooks"].values()), 1)
     atomic_write_json(mpath, manifest)
-    print(f"[pipeline] all done in {manifest['wall_s']:.0f} s; results in {out_dir}")
+    say(f"[pipeline] all done in {duration(manifest['wall_s'])}; results in {out_dir}")
     return 0
 
 
@@ -283,7 +395,9 @@ def run_main(argv) -> int:
     import logging
 
     level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
-    logging.basicConfig(level=level, format="  | %(message)s")  # papermill streams cell output here
+    setup_terminal(a.verbose, a.quiet)
+    global VERBOSE
+    VERBOSE = bool(a.verbose)
 
     os.environ[logs.ENV] = logging.getLevelName(level).lower()  # the notebook kernels' library verbosity
     logs.set_verbosity(os.environ[logs.ENV])

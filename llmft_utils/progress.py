@@ -51,6 +51,46 @@ class LineProgress:
         self._print(end=True)
 
 
+RUN_PREFIX = "[run "  # the pipeline's quiet terminal shows the kernels' lines that start with this
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``1.5 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class RunCounter:
+    """``[run i/n] label · 14 s/run · ~3 min left`` lines for the runs of a sweep: the rate is the mean wall
+    time of the runs computed so far in this sweep (runs skipped as done count towards i, not the rate)."""
+
+    def __init__(self, total: int, clock=time.perf_counter):
+        self.total, self.i, self.computed, self.busy = total, 0, 0, 0.0
+        self.clock, self.started = clock, None
+
+    def _close(self) -> None:
+        if self.started is not None:
+            self.busy += self.clock() - self.started
+            self.computed += 1
+            self.started = None
+
+    def skip(self) -> None:
+        self._close()
+        self.i += 1
+
+    def start(self, label: str) -> str:
+        """The line announcing the next computed run."""
+        self._close()
+        self.i += 1
+        self.started = self.clock()
+        line = f"{RUN_PREFIX}{self.i}/{self.total}] {label}"
+        if self.computed:
+            per = self.busy / self.computed
+            line += f" · {duration(per)}/run · ~{duration(per * (self.total - self.i + 1))} left"
+        return line
+
+
 def bar(total: int, desc: str, unit: str = "it"):
     """A progress counter with ``update``, ``set_postfix`` and ``close``: :class:`LineProgress` under the
     pipeline (``$LLMFT_PROGRESS=lines``), a ``tqdm.auto`` bar otherwise."""

@@ -228,6 +228,17 @@ def folder_lock(folder: str | os.PathLike, what: str = "run"):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def readable_as_umask(folder: Path) -> None:
+    """Every file and folder under ``folder`` given the mode a plain ``open``/``mkdir`` would: libraries that
+    write through private temporary files (transformers' ``model.safetensors``) leave them 0600, readable
+    by their owner alone, so a student shared on a cluster could not be loaded by anyone else."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_folder(folder: str | os.PathLike):
     """The folder form of :func:`atomic_write`: the block fills a temporary folder beside ``folder``
@@ -246,6 +257,7 @@ def atomic_folder(folder: str | os.PathLike):
     tmp.mkdir()
     try:
         yield tmp
+        readable_as_umask(tmp)
         check_parent_alive(folder)
         old = None
         if folder.exists():

@@ -42,6 +42,13 @@ def test_distilled_prompt_student_beats_the_untrained_model_and_is_saved(tmp_pat
 
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "student")
     assert all(p.dtype == torch.float32 for p in student.parameters())
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+    assert modes["model.safetensors"] == 0o666 & ~mask, modes  # transformers leaves it 0600: owner-only
+    assert set(modes.values()) <= {0o666 & ~mask, 0o777 & ~mask}, modes
     info = json.loads((tmp_path / "out" / "student" / "student.json").read_text())
     assert info["prefix"] == prefix and (tmp_path / "out" / "report.md").read_text().startswith("# Distilled prompt")
 

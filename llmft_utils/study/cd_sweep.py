@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from .. import data, dist, logs
+from ..progress import RunCounter
 from ..data import transfer_set
 from ..distill import student_data, teacher, training
 from ..distill.export import save_student, should_save
@@ -100,6 +101,7 @@ class CDSweep:
         # run_key -> row, of this sweep and of earlier ones (resume): the predictions of PBFT and control students
         self.run_rows = {r["run_key"]: r for r in old_rows.to_dict("records")} if "run_key" in old_rows else {}
         self.main = dist.world()[1] == 0
+        self.counter = RunCounter(len(self.students))  # reset by run(): "[run i/n]" lines
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -122,13 +124,14 @@ class CDSweep:
                 f"({self.model_name}, {self.pattern.name}, {self.precision}): {', '.join(missing)}. Run "
                 "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
                 "every cd_k in ks and the same seeds, first")
-        planned = []
+        planned, self.counter = [], RunCounter(len(students))
         for p, save in zip(students, keep):
             planned += p.keys
             if all(k_ in self.done for k_ in p.keys):
                 self.say(f"skip (done): {p.key_base}")
+                self.counter.skip()
             elif p.method == "icl_ensemble":
-                self.say(f"ICL ENSEMBLE  {p.task}  {plan.ensemble.m} x k={p.k}  seed={p.seed}")
+                self.say(self.counter.start(f"ICL ENSEMBLE  {p.task}  {plan.ensemble.m} x k={p.k}  seed={p.seed}"))
                 self.run_rows.update(self.run_icl_ensemble(p))
             else:
                 self.run_student(p, save)
@@ -265,8 +268,8 @@ class CDSweep:
         """Train, evaluate, compare, (save) and write one student: its rows go to cd.csv last, so a student
         whose rows exist has its predictions and training log too."""
         lm, ev = self.lm, self.ev
-        self.say(f"{p.method.upper()}  {p.task}  k={p.k}  seed={p.seed}  train n={p.n_train}"
-                 + (f"  ({self.plan.ensemble.m} demonstration sets)" if p.method == "cd_ensemble" else ""))
+        self.say(self.counter.start(f"{p.method.upper()}  {p.task}  k={p.k}  seed={p.seed}  train n={p.n_train}"
+                 + (f"  ({self.plan.ensemble.m} demonstration sets)" if p.method == "cd_ensemble" else "")))
         demos = self.demos_of(p)
         examples, train, teach, demo_text = self.training_inputs(p, demos)
         tracking = (training.Tracking(self.plan.log_with, p.key_base, self.out_dir / "trackers")

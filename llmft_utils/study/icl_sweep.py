@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from .. import data, dist, logs
+from ..progress import RunCounter
 from ..distill.training import float32_copy
 from ..models import weights_sha256
 from ..patterns import get_pattern
@@ -34,18 +35,20 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
     model_name = ev.model_name or lm.name
     pools = {name: data.read_split(out_dir, info) for name, info in manifest["demo_pools"].items()}
     ref = fidelity_reference(lm, ev.fidelity_sample)
-    planned = []
-    for es, k, seed in plan.runs(manifest["eval_sets"]):
+    planned, runs = [], list(plan.runs(manifest["eval_sets"]))
+    counter = RunCounter(len(runs))
+    for es, k, seed in runs:
         info = manifest["eval_sets"][es]
         pool = pool_digest(data.file_sha256(out_dir / manifest["demo_pools"][info["demo_pool"]]["file"]))
         key = icl_key(model_name, es, pattern.name, k, seed, info["ids_digest"], precision_tag(lm), pool)
         planned.append(key)
         if key in done:
             log.info(f"skip (done): {key}")
+            counter.skip()
             continue
         frame = data.read_split(out_dir, info)
         demos = data.sample_demonstrations(pools[info["demo_pool"]], k, seed, exclude=frame)
-        log.info(f"{es}  k={k}  seed={seed}  n={len(frame)}")
+        log.info(counter.start(f"ICL {es}  k={k}  seed={seed}  n={len(frame)}"))
         metrics, preds = evaluate(lm, frame, pattern, demos, batch_size=ev.batch_size, on_too_long=ev.on_too_long,
                                   progress=ev.progress, max_tokens=ev.max_tokens)
         cost = full_prompt_cost(lm, frame, pattern, demos, plan.full_prompt_sample, ev.batch_size,
