@@ -17,8 +17,6 @@ from pathlib import Path
 class ConfigError(ValueError):
     """A config file that cannot be read or names a setting the verb does not have."""
 
-    user_error = True
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Help with each flag's default after its text (``(default: 3e-05)``), except for flags whose default is
@@ -119,3 +117,15 @@ def with_config(ap: argparse.ArgumentParser, argv: list[str], extra: bool = Fals
         return list(argv), {}
     tokens, rest = config_argv(ap, read_config(known.config), known.config, extra=extra)
     return tokens + list(argv), rest
+
+
+def parse(ap: argparse.ArgumentParser, argv, extra: bool = False) -> tuple[argparse.Namespace, dict]:
+    """``ap.parse_args`` of ``argv`` (``sys.argv[1:]`` when None) behind its ``--config FILE``; a config
+    error is the parser's usage error (exit 2). With ``extra``, also the settings that are not flags."""
+    import sys
+
+    try:
+        argv, rest = with_config(ap, sys.argv[1:] if argv is None else list(argv), extra=extra)
+    except ConfigError as e:
+        ap.error(str(e))
+    return ap.parse_args(argv), rest

@@ -330,7 +330,7 @@ def compare(run_a, run_b, tolerance: str | Tolerance = DEFAULT_TOLERANCE, gate_t
 def main(argv=None) -> int:
     import argparse
 
-    from .cli import ConfigError, HelpFormatter, add_config_flag, with_config
+    from .cli import HelpFormatter, add_config_flag, parse
 
     ap = argparse.ArgumentParser(prog="llmft-study compare", description=__doc__, formatter_class=HelpFormatter)
     add_config_flag(ap, "flags (not the two folders)")
@@ -344,11 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all-rows", action="store_true", help="list every row, not only those that changed")
     ap.add_argument("--json", metavar="FILE", help="also write the whole comparison as JSON")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
-    try:
-        argv, _ = with_config(ap, sys.argv[1:] if argv is None else list(argv))
-    except ConfigError as e:
-        ap.error(str(e))
-    a = ap.parse_args(argv)
+    a, _ = parse(ap, argv)
     from .logs import run_verb
 
     return run_verb("compare", lambda: _run(a), a.verbose)

@@ -159,6 +159,8 @@ def _write_cache(folder: Path, model, tok, meta: dict) -> None:
 
     from safetensors.torch import save_model
 
+    from .store import readable_as_umask
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -169,7 +171,7 @@ def _write_cache(folder: Path, model, tok, meta: dict) -> None:
         save_model(model, str(tmp / "model.safetensors"))  # tied embeddings stored once
         tok.save_pretrained(tmp)
         (tmp / _CACHE_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o755)
+        readable_as_umask(tmp)  # mkdtemp made it 0700
         try:
             os.rename(tmp, folder)
         except OSError:  # another process was first: its copy is as good

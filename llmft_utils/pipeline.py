@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from . import logs
-from .progress import RUN_PREFIX, duration
 from .profiles import PROFILES
+from .progress import RUN_PREFIX, duration
 from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
 
 NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
@@ -80,7 +80,6 @@ def _source_cell(nb_path: Path, executed_path: Path, executed_index: int) -> str
     return f"cell {idx} ({first[:60]!r})"
 
 
-VERBOSE = False  # -v: the kernels' own start-up warnings too (ZMQ transport), and every line on the terminal
 _BAR = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s\]")  # a tqdm bar written to stderr (model loading, saving)
 
 
@@ -156,7 +155,9 @@ def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
     try:
         pm.execute_notebook(str(nb_path), str(out_path), parameters={k: v for k, v in params.items() if k in names},
                             cwd=str(nb_path.parent), kernel_name="python3", progress_bar=False, log_output=True,
-                            extra_arguments=[] if VERBOSE else ["--IPKernelApp.log_level=ERROR"])
+                            # the kernel's own start-up warnings (ZMQ transport) only at -v (debug verbosity)
+                            extra_arguments=[] if os.environ.get(logs.ENV) == "debug" else
+                            ["--IPKernelApp.log_level=ERROR"])
     except pm.PapermillExecutionError as e:
         where = _source_cell(nb_path, out_path, e.cell_index)
         raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
@@ -376,15 +377,11 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def run_main(argv) -> int:
-    from .cli import ConfigError, with_config
+    from .cli import parse
     from .profiles import time_hint
 
     ap = run_parser()
-    try:  # a config file: flags by name, and notebook parameters (below --set, which wins)
-        argv, config_params = with_config(ap, argv, extra=True)
-    except ConfigError as e:
-        ap.error(str(e))
-    a = ap.parse_args(argv)
+    a, config_params = parse(ap, argv, extra=True)  # a config file's notebook parameters rank below --set
     if a.list_profiles:
         return profiles_main([])
     if a.profile is None and a.sweep is None:
@@ -396,8 +393,6 @@ def run_main(argv) -> int:
 
     level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose else logging.INFO)
     setup_terminal(a.verbose, a.quiet)
-    global VERBOSE
-    VERBOSE = bool(a.verbose)
 
     os.environ[logs.ENV] = logging.getLevelName(level).lower()  # the notebook kernels' library verbosity
     logs.set_verbosity(os.environ[logs.ENV])

@@ -78,22 +78,15 @@ def _scores(lm, prefix: str, texts: list[str], verbalizers, max_tokens: int):
 def _versus(teacher: np.ndarray, other: np.ndarray) -> dict:
     """Agreement with the teacher's labels (95% Wilson interval over the held-out queries) and mean
     KL(teacher ‖ ·) (95% normal interval over them)."""
+    from .scoring.evaluation import wilson_ci
     from .stats import agreement_stats, kl_per_example
 
     r = agreement_stats(teacher.argmax(1), other.argmax(1), teacher, other)
     kl = kl_per_example(teacher, other)
     half = 1.96 * float(kl.std(ddof=1)) / np.sqrt(len(kl)) if len(kl) > 1 else float("nan")
-    return {"agreement": r["agreement"], "agreement_ci95": wilson(int((teacher.argmax(1) == other.argmax(1)).sum()),
-                                                                  len(kl)),
+    agreed = int((teacher.argmax(1) == other.argmax(1)).sum())
+    return {"agreement": r["agreement"], "agreement_ci95": list(wilson_ci(agreed, len(kl))),  # the study tables' interval
             "kl": r["kl"], "kl_ci95": [max(0.0, r["kl"] - half), r["kl"] + half]}  # a KL is never negative
-
-
-def wilson(successes: int, n: int) -> list[float]:
-    """The 95% Wilson score interval of a proportion (scipy's binomtest, as the study's tables)."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(successes, n).proportion_ci(0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
 
 
 # a paired test against the constant answer at this level; fewer discordant queries than MIN_DISCORDANT can
@@ -292,15 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .cli import ConfigError, with_config
+    from .cli import parse
 
     ap = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        argv, _ = with_config(ap, argv)
-    except ConfigError as e:
-        ap.error(str(e))
-    a = ap.parse_args(argv)
+    a, _ = parse(ap, argv)
     if not 0 < a.holdout < 1:
         ap.error("--holdout must be between 0 and 1")
     from .logs import run_verb

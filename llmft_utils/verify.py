@@ -93,7 +93,7 @@ def verify(folder, student: str = "", task: str = "") -> dict:
 
 
 def main(argv=None) -> int:
-    from .cli import ConfigError, HelpFormatter, add_config_flag, with_config
+    from .cli import HelpFormatter, add_config_flag, parse
 
     ap = argparse.ArgumentParser(prog="llmft-study verify-student", description=__doc__, formatter_class=HelpFormatter)
     add_config_flag(ap, "flags (not the folder)")
@@ -101,11 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default="", help="the student folder, relative to FOLDER (default: the first)")
     ap.add_argument("--task", default="", help="evaluation task (default: the student's training task)")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
-    try:
-        argv, _ = with_config(ap, sys.argv[1:] if argv is None else list(argv))
-    except ConfigError as e:
-        ap.error(str(e))
-    a = ap.parse_args(argv)
+    a, _ = parse(ap, argv)
     from .logs import run_verb
 
     return run_verb("verify-student", lambda: _run(a), a.verbose)

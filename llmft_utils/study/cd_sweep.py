@@ -39,7 +39,6 @@ import pandas as pd
 import torch
 
 from .. import data, dist, logs
-from ..progress import RunCounter
 from ..data import transfer_set
 from ..distill import student_data, teacher, training
 from ..distill.export import save_student, should_save
@@ -47,6 +46,7 @@ from ..distill.teacher import answer_token_ids, teacher_cache_key, teacher_runti
 from ..distill.training import check_tracker, float32_copy, training_log, training_step_memory
 from ..models import wrap
 from ..patterns import get_pattern
+from ..progress import RunCounter
 from ..scoring.evaluation import HALF_DTYPES, evaluate, evaluate_ensemble, precision_flips
 from ..store import ids_digest, provenance
 from .keys import pool_digest, precision_tag
@@ -101,7 +101,7 @@ class CDSweep:
         # run_key -> row, of this sweep and of earlier ones (resume): the predictions of PBFT and control students
         self.run_rows = {r["run_key"]: r for r in old_rows.to_dict("records")} if "run_key" in old_rows else {}
         self.main = dist.world()[1] == 0
-        self.counter = RunCounter(len(self.students))  # reset by run(): "[run i/n]" lines
+        self.counter = RunCounter(len(self.students))  # the "[run i/n]" lines of run()
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -124,7 +124,7 @@ class CDSweep:
                 f"({self.model_name}, {self.pattern.name}, {self.precision}): {', '.join(missing)}. Run "
                 "notebooks/02_icl_baselines with the same model, pattern, dtype and device, with 0 and "
                 "every cd_k in ks and the same seeds, first")
-        planned, self.counter = [], RunCounter(len(students))
+        planned = []
         for p, save in zip(students, keep):
             planned += p.keys
             if all(k_ in self.done for k_ in p.keys):

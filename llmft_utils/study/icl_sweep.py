@@ -6,10 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from .. import data, dist, logs
-from ..progress import RunCounter
 from ..distill.training import float32_copy
 from ..models import weights_sha256
 from ..patterns import get_pattern
+from ..progress import RunCounter
 from ..scoring.evaluation import HALF_DTYPES, evaluate, full_prompt_cost, precision_flips
 from ..store import ids_digest, provenance
 from .keys import icl_key, pool_digest, precision_tag
