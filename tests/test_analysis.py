@@ -284,3 +284,118 @@ def test_committed_reference_predictions_reproduce_agreement_kappa_and_controls(
     runs, _ = tables.evaluated(tables.unify(icl, cd))  # the ensemble table is what these rows give
     pd.testing.assert_frame_equal(tables.ensemble_checks(runs), schema.read_table(REFERENCE / "ensemble_checks.csv"),
                                   check_dtype=False)
+
+
+def _runs_with_wilson():
+    """The synthetic rows with a Wilson interval and n_eval on every run (what the scorer writes)."""
+    from llmft_utils.scoring import wilson_ci
+
+    def wilson(d):
+        d = d.assign(n_eval=400)
+        ci = [wilson_ci(round(a * 400), 400) for a in d["score_acc"]]
+        return d.assign(score_acc_lo=[c[0] for c in ci], score_acc_hi=[c[1] for c in ci])
+    return tables.unify(wilson(_icl_rows()), wilson(_cd_rows()).assign(mem_tensors_peak_mb=540.0))
+
+
+def test_explorer_table_has_readable_labels_and_the_summary_tables_intervals():
+    """Every explorer row is one summary-table group: a readable label (no tuple), the same mean, interval and
+    seed count; the t-interval over seeds where there are several, the Wilson interval of the one zero-shot run."""
+    runs = _runs_with_wilson()
+    s = tables.summary_table(runs)
+    for es in sorted(runs["eval_set"].unique()):
+        for metric in ("score_acc", "acc_label0"):
+            t = tables.explorer_table(runs, es, "all", metric)
+            assert len(t) == (s["eval_set"] == es).sum() == 4
+            assert all(isinstance(x, str) and "('" not in x and "," not in x for x in t["label"])
+            assert "CD k=4 (from mnli)" in set(t["label"]) and "zero-shot" in set(t["label"])
+            for _, r in s[s["eval_set"] == es].iterrows():
+                e = t[t["label"] == tables.explorer_label(r["method_label"], r["train_task"])].iloc[0]
+                assert e["mean"] == pytest.approx(r[f"{metric}_mean"]) and e["n_seeds"] == r["n_seeds"]
+                if metric == "score_acc" or r["n_seeds"] > 1:
+                    assert (e["ci_lo"], e["ci_hi"]) == pytest.approx((r[f"{metric}_ci_lo"], r[f"{metric}_ci_hi"]))
+                else:  # one run, a per-label accuracy: no interval (the summary has none either)
+                    assert np.isnan(e["ci_lo"]) and np.isnan(r[f"{metric}_ci_lo"]) and e["interval"] == tables.NO_INTERVAL
+                if metric == "score_acc":
+                    assert e["interval"] == (tables.WILSON_INTERVAL if r["n_seeds"] == 1 else tables.T_INTERVAL)
+                    assert (r["score_acc_interval"] == "Wilson (one run)") == (r["n_seeds"] == 1)
+    cd = tables.explorer_table(runs, "mnli/validation_matched", "CD", "score_acc")
+    assert list(cd["label"]) == ["CD k=4 (from mnli)"]
+    assert tables.explorer_table(runs, "mnli/validation_matched", "zero-shot", "train_s").empty  # no value: no row
+
+
+def test_explorer_offers_tensor_memory_not_process_memory():
+    runs = _runs_with_wilson()
+    offered = tables.explorer_metrics(runs)
+    assert "peak_mem_mb" not in offered and "peak_mem_delta_mb" not in offered
+    assert {"score_acc", "s_per_query", "mem_tensors_peak_mb", "train_s"} <= set(offered)
+    assert "train_mem_tensors_peak_mb" not in offered  # no value in these rows: not offered
+
+
+def test_explorer_chart_names_the_interval_and_draws_the_majority_line_for_accuracies():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")  # the figures earlier tests left open
+    runs = _runs_with_wilson()
+    es = "mnli/validation_matched"
+    t = tables.explorer_table(runs, es, "all", "score_acc")
+    base = tables.explorer_baseline(runs, es, "score_acc")
+    assert base == (0.52, "majority class")
+    ax = plots.explorer_chart(t, "score_acc", base).axes[0]
+    top_down = sorted(ax.get_yticklabels(), key=lambda x: -x.get_position()[1])
+    assert [x.get_text() for x in top_down] == list(t["label"])  # the table's order, first row on top
+    assert "score_acc" in ax.get_xlabel() and tables.T_INTERVAL in ax.get_xlabel()
+    assert tables.WILSON_INTERVAL in ax.get_xlabel()  # the zero-shot row
+    dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_xdata()[0] == pytest.approx(0.52)
+    assert [x.get_text() for x in ax.get_legend().get_texts()] == ["majority class (0.520)"]
+    assert len(ax.patches) == len(t)
+    caption = tables.explorer_caption(t, "score_acc", base)
+    assert "mean over 3 seeds" in caption and tables.T_INTERVAL in caption and "majority class 0.520" in caption
+    for metric in ("s_per_query", "acc_label1", "mem_tensors_peak_mb"):
+        t = tables.explorer_table(runs, es, "all", metric)
+        base = tables.explorer_baseline(runs, es, metric)
+        ax = plots.explorer_chart(t, metric, base).axes[0]
+        assert base is None and ax.get_legend() is None
+        assert not [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+        assert metric in ax.get_xlabel() and tables.T_INTERVAL in ax.get_xlabel()
+        assert "majority" not in tables.explorer_caption(t, metric, base)
+
+
+def test_accuracy_figures_share_one_y_scale_and_say_which_interval():
+    """accuracy_vs_total_demos and accuracy_vs_k: every panel on one y range, error bars on every point, one
+    legend with the majority class, a caption naming the interval kind (no Python list in it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = _runs_with_wilson().assign(score_acc_batch=lambda d: d["score_acc"] + 0.01)
+    for fig in (plots.accuracy_vs_total_demos(runs), plots.accuracy_vs_k(tables.summary_table(runs))):
+        axes = [ax for ax in fig.axes if ax.has_data()]
+        assert len(axes) >= 2 and len({ax.get_ylim() for ax in axes}) == 1
+        assert all(ax.containers for ax in axes)  # error bars
+        assert len(fig.legends) == 1
+        assert {"zero-shot"} <= {t.get_text() for t in fig.legends[0].get_texts()}
+        assert any(t.get_text().startswith("majority class") for t in fig.legends[0].get_texts())
+        caption = " ".join(t.get_text() for t in fig.texts)
+        assert tables.T_INTERVAL in caption and tables.WILSON_INTERVAL in caption and "[" not in caption
+    demos = plots.accuracy_vs_total_demos(runs)
+    bars = [c for ax in demos.axes for c in ax.containers]
+    assert all(c.lines[1] for c in bars)  # every point has its interval (caps drawn)
+    # with teacher ensembles (seed 0 only): one run per point, Wilson intervals, the seed named in words
+    cd = _cd_rows()
+    ens = cd[(cd["method"] == "cd") & (cd["seed"] == 0)]
+    ens = pd.concat([ens.assign(method=m, ensemble_m=4, run_key=ens["run_key"] + m) for m in ("cd_ensemble", "icl_ensemble")])
+    with_ens = tables.unify(_icl_rows().assign(n_eval=400), pd.concat([cd, ens]).assign(n_eval=400))
+    caption = " ".join(t.get_text() for t in plots.accuracy_vs_total_demos(with_ens).texts)
+    assert "seed 0 only" in caption and tables.WILSON_INTERVAL in caption and "[" not in caption, caption
+
+
+def test_training_cost_legend_names_every_bar_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plots.training_cost(tables.unify(_icl_rows(), _cd_rows()))
+    names = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"training: CD", "training: PBFT"} <= names and any(n.startswith("teacher caching") for n in names)

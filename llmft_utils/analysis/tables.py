@@ -3,6 +3,7 @@ distribution, calibrated and ensemble checks, break-even, HANS subcases).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -464,3 +465,132 @@ def hans_subcases(runs: pd.DataFrame, results_root) -> pd.DataFrame:
                         "k": r["k"], "seed": r["seed"], "heuristic": heur, "subcase": sub,
                         "label": int(g["label"].iloc[0]), "n": len(g), "acc": float((g["pred"] == g["label"]).mean())})
     return pd.DataFrame(out)
+
+
+# The explorer of notebook 04: one evaluation set, one method family, one metric, the same groups and intervals as
+# the summary table. Memory is the measured tensor memory (``probes.tensor_memory``), never the process RSS.
+EXPLORER_METRICS = {
+    "score_acc": "accuracy (verbalizer score)",
+    "score_acc_batch": "accuracy after batch calibration",
+    "score_acc_contextual": "accuracy after contextual calibration",
+    "balanced_acc": "balanced accuracy (mean of the two per-label accuracies)",
+    "acc_label0": "accuracy on entailed examples",
+    "acc_label1": "accuracy on non-entailed examples",
+    "top1_acc": "full-vocabulary top-1 accuracy",
+    "non_verbalizer_frac": "share of queries whose top-1 token is not an answer word",
+    "s_per_query": "seconds per query",
+    "prompt_tokens": "prompt tokens per query",
+    "mem_tensors_peak_mb": "tensor memory at the largest batch (MB)",
+    "train_s": "training seconds per student",
+    "train_mem_tensors_peak_mb": "training-step tensor memory (MB)",
+}
+# proportions over the whole evaluation set: a one-run group gets their Wilson interval over its n_eval examples,
+# and the majority class is their baseline
+WHOLE_SET_PROPORTIONS = ("score_acc", "score_acc_batch", "score_acc_contextual", "top1_acc", "non_verbalizer_frac")
+WHOLE_SET_ACCURACIES = ("score_acc", "score_acc_batch", "score_acc_contextual", "top1_acc")
+T_INTERVAL, WILSON_INTERVAL, NO_INTERVAL = "95% t-interval over seeds", "Wilson 95% over examples", "none (one run)"
+METHOD_FAMILIES = ("all", "zero-shot", "ICL", "CD", "PBFT")
+
+
+def explorer_metrics(runs: pd.DataFrame) -> list:
+    """The metrics of :data:`EXPLORER_METRICS` that ``runs`` has a value of, in that order."""
+    return [m for m in EXPLORER_METRICS if m in runs and runs[m].notna().any()]
+
+
+def one_run_interval(row, metric: str) -> tuple[float, float, str]:
+    """``(lo, hi, kind)`` for a group of one run: the run's own Wilson interval of its accuracy (the one the
+    summary table shows), the Wilson interval over its ``n_eval`` examples for the other whole-set proportions,
+    else no interval."""
+    from ..scoring.evaluation import wilson_ci
+
+    v, n = row[metric], row.get("n_eval", float("nan"))
+    if metric == "score_acc" and pd.notna(row.get("score_acc_lo")) and pd.notna(row.get("score_acc_hi")):
+        return float(row["score_acc_lo"]), float(row["score_acc_hi"]), WILSON_INTERVAL
+    if metric in WHOLE_SET_PROPORTIONS and pd.notna(v) and pd.notna(n) and n > 0:
+        return (*wilson_ci(int(round(float(v) * n)), int(n)), WILSON_INTERVAL)
+    return float("nan"), float("nan"), NO_INTERVAL
+
+
+def group_interval(g: pd.DataFrame, metric: str) -> tuple[float, float, float, str]:
+    """``(mean, lo, hi, kind)`` of ``metric`` over one group of runs, as the summary table gives it: over two or
+    more seeds the 95% t-interval (bounded to [0, 1] for proportions), for one run :func:`one_run_interval`."""
+    g = g[g[metric].notna()]
+    if g["seed"].nunique() > 1:
+        return (*t_ci(g[metric], bounds=(0.0, 1.0) if is_proportion(metric) else None), T_INTERVAL)
+    if len(g) == 1:
+        return (float(g[metric].iloc[0]), *one_run_interval(g.iloc[0], metric))
+    return float(g[metric].mean()) if len(g) else float("nan"), float("nan"), float("nan"), NO_INTERVAL
+
+
+def explorer_label(method_label: str, train_task: str) -> str:
+    """``CD k=16 (from mnli)``: the method and where its labelled signal came from (zero-shot: the method alone)."""
+    return method_label if train_task in ("none", "", None) else f"{method_label} (from {train_task})"
+
+
+def explorer_table(runs: pd.DataFrame, eval_set: str, method: str = "all", metric: str = "score_acc") -> pd.DataFrame:
+    """One row per summary-table group (model, pattern, training task, method, k, configuration) of ``eval_set``
+    whose method label starts with ``method`` (``all``: every method) and that has a value of ``metric``:
+    ``label`` (readable, :func:`explorer_label`; model, pattern or configuration appended only where two groups
+    would share it), ``mean``, ``ci_lo``/``ci_hi`` (the summary table's interval: 95% t over seeds, bounded to
+    [0, 1] for proportions; one run: :func:`one_run_interval`), ``n_seeds`` and ``interval`` (which kind)."""
+    g = runs[(runs["eval_set"] == eval_set) & runs[metric].notna()] if metric in runs else runs.iloc[0:0]
+    if method != "all":
+        g = g[g["method_label"].str.startswith(method)]
+    key = ["model", "pattern", "train_task", "method_label", "k", "config"]
+    out = []
+    for keys, grp in g.groupby(key, sort=False, dropna=False):
+        row = dict(zip(key, keys))
+        mean, lo, hi, kind = group_interval(grp, metric)
+        out.append({**row, "label": explorer_label(row["method_label"], row["train_task"]), "mean": mean,
+                    "ci_lo": lo, "ci_hi": hi, "n_seeds": int(grp["seed"].nunique()), "interval": kind})
+    cols = ["label", "mean", "ci_lo", "ci_hi", "n_seeds", "interval"]
+    if not out:
+        return pd.DataFrame(columns=cols)
+    t = pd.DataFrame(out)
+    for extra in ("model", "pattern", "config"):  # told apart only where a label would otherwise repeat
+        dup = t["label"].duplicated(keep=False)
+        if t.loc[dup, extra].nunique() > 1:
+            t.loc[dup, "label"] = t.loc[dup, "label"] + f" · {extra} " + t.loc[dup, extra].astype(str)
+    order = {m: i for i, m in enumerate(method_order(t["method_label"]))}
+    t = t.assign(_o=t["method_label"].map(order)).sort_values(["_o", "train_task", "label"])
+    return t[cols].reset_index(drop=True)
+
+
+def explorer_baseline(runs: pd.DataFrame, eval_set: str, metric: str) -> tuple[float, str] | None:
+    """``(value, name)`` of the line the explorer draws under ``metric`` on ``eval_set``: the majority class
+    (``majority_acc``) for accuracies over the whole set, 0.5 (any constant answer) for balanced accuracy; None
+    for the rest (a per-label accuracy's constant baseline is 0 or 1; costs have none)."""
+    if metric == "balanced_acc":
+        return 0.5, "any constant answer"
+    g = runs.loc[runs["eval_set"] == eval_set, "majority_acc"] if "majority_acc" in runs else pd.Series(dtype=float)
+    if metric in WHOLE_SET_ACCURACIES and g.notna().any():
+        return float(g.max()), "majority class"
+    return None
+
+
+def interval_text(kinds) -> str:
+    """What the whiskers are, from the ``interval`` column of :func:`explorer_table`."""
+    kinds = set(kinds)
+    parts = [k for k in (T_INTERVAL, WILSON_INTERVAL) if k in kinds]
+    text = " (one-run rows: ".join(parts) + (")" if len(parts) == 2 else "")
+    if NO_INTERVAL in kinds:
+        text = (text + "; " if text else "") + "no whisker: one run, no interval for this metric"
+    return text
+
+
+def explorer_caption(table: pd.DataFrame, metric: str, baseline: tuple | None = None) -> str:
+    """One line saying what the explorer's chart shows, e.g. ``score_acc — bars: mean over 3 seeds (one run:
+    zero-shot); whiskers: 95% t-interval over seeds (one-run rows: Wilson 95% over examples); dashed: majority
+    class 0.520``."""
+    n = table["n_seeds"]
+    single = list(dict.fromkeys(re.sub(r" \(from [^)]*\)", "", x) for x in table.loc[n == 1, "label"]))
+    if (n > 1).any():
+        bars = f"mean over {int(n.max())} seeds" if n[n > 1].nunique() == 1 else f"mean over {int(n[n > 1].min())}-{int(n.max())} seeds"
+        if single:
+            bars += f" (one run: {', '.join(single[:3])}{', ...' if len(single) > 3 else ''})"
+    else:
+        bars = "one run each"
+    text = f"{metric} — bars: {bars}; whiskers: {interval_text(table['interval'])}"
+    if baseline is not None:
+        text += f"; dashed: {baseline[1]} {baseline[0]:.3f}"
+    return text
