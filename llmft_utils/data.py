@@ -502,7 +502,8 @@ _REPORTED = 50  # rows listed per split in the manifest (the count is always com
 
 
 def _relative(at: str, root: Path | None) -> str:
-    """``file:line`` relative to the data directory (the manifest holds no machine's absolute paths)."""
+    """``file`` or ``file:line`` relative to the data directory (the manifest holds no machine's absolute paths;
+    a Hub source as it is)."""
     return at.removeprefix(f"{root}/") if root is not None else at
 
 
@@ -585,13 +586,13 @@ def prepare_study_data(out_dir: str | os.PathLike, eval_sets=STUDY_EVAL_SETS, ev
             frames[drel] = dev
             dstats = label_stats(dev)
             manifest.setdefault("dev_sets", {})[f"{task}/{split}_dev"] = {
-                "file": drel, "task": task, "split": f"{split}_dev", "held_out_of": pool, "source": src,
+                "file": drel, "task": task, "split": f"{split}_dev", "held_out_of": pool, "source": _relative(src, root),
                 "ids_digest": ids_digest(dev["idx"]), **dstats}
             stats.append({"split": f"{task}/{split}_dev", "role": "dev (held out of the pool)", "n": len(dev),
                           "full_size": len(dev), "subsampled": True,
                           **{k: dstats[k] for k in ("n_label0", "n_label1", "majority_label", "majority_acc")}})
         frames[rel] = df
-        info = {"file": rel, "task": task, "split": split, "source": src, "used_by": sorted(pools[pool]),
+        info = {"file": rel, "task": task, "split": split, "source": _relative(src, root), "used_by": sorted(pools[pool]),
                 "dev_held_out": int(dev_n), **dups, "eval_twins_removed": len(twins),
                 "eval_twins": twins[:_REPORTED], **label_stats(df)}
         if task == "mnli" and len(df) < 100_000:
@@ -621,7 +622,7 @@ def _eval_split(name: str, n: int, data_dir, seed: int, root: Path | None) -> tu
     info = {"file": f"prepared/{task}__{split}.jsonl", "task": task, "split": split, "full_size": len(full),
             "subsampled": len(sub) < len(full), **_duplicates_info(full, root),
             **({"held_out_of": f"{task}/{sspec.held_out_of}"} if sspec.held_out_of else {}),
-            "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": full.attrs["source"],
+            "stratified_by": spec.stratify_by[0] if len(sub) < len(full) else None, "source": _relative(full.attrs["source"], root),
             "ids_digest": ids_digest(sub["idx"]), "demo_pool": f"{spec.demo_task}/{spec.demo_split}", **label_stats(sub)}
     return sub, info
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .store import portable, readable_as_umask
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -159,7 +161,6 @@ def _write_cache(folder: Path, model, tok, meta: dict) -> None:
 
     from safetensors.torch import save_model
 
-    from .store import readable_as_umask
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -372,7 +373,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             else:
                 info["weights_sha256"] = sha
             spec = EMBEDDED[resolved]
-            source = f"gguf:{path}"
+            source = f"gguf:{portable(path)}"
             info.update(reference=spec.reference, package=spec.package, loaded_from=loaded_from,
                         package_version=importlib.metadata.version(spec.package.replace("_", "-")), note=spec.note)
         elif Path(resolved).expanduser().is_dir():
@@ -380,7 +381,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             check_model_name(str(path))  # config.json and tokenizer files, named, before transformers' own errors
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
-            source = f"dir:{path}"
+            source = f"dir:{portable(path)}"
         else:
             from .hub import offline_if_unreachable
 

@@ -5,6 +5,12 @@ The point is order: every bad value is reported *before* a model is loaded or a 
 problems in one :class:`ParameterError`, each with what to do. ``validate`` is pure apart from two cheap
 probes that need the outside world: whether a model name can be resolved without loading it
 (:func:`llmft_utils.models.check_model_name`) and whether the results folder is writable.
+
+Why not pydantic (installed, as a dependency): its per-field checks would replace :func:`_check_scalar` (~15
+lines) and nothing else. What a user reads here is the cross-parameter and plan checks (03's teacher k against
+02's ks, ensembles, QQP sets, the device, the tracker), spelling suggestions for names and choices, and one
+message per problem saying what to do; pydantic's ("Input should be a valid integer") say none of that, and a
+model class per notebook would be a second place where each parameter's type is written.
 """
 from __future__ import annotations
 

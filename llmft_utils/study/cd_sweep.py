@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch
 from .. import data, dist, logs
 from ..data import transfer_set
 from ..distill import student_data, teacher, training
-from ..distill.export import save_student, should_save
+from ..distill.export import run_command, save_student, should_save
 from ..distill.teacher import answer_token_ids, teacher_cache_key, teacher_runtime
 from ..distill.training import check_tracker, float32_copy, training_log, training_step_memory
 from ..models import wrap
@@ -380,5 +379,5 @@ class CDSweep:
             "pattern": {"name": self.pattern.name, "template": self.pattern.template,
                         "verbalizers": list(self.pattern.verbalizers)},
             "dtype": lm.dtype, "device": lm.device, "recipe": asdict(p.cfg), "metrics": metrics_by_set,
-            "profile": profile, "provenance": self.prov, "command": f"profile {profile!r}: " + " ".join(sys.argv)})
+            "profile": profile, "provenance": self.prov, "command": f"profile {profile!r}: " + run_command()})
         self.say(f"  saved: {student_dir}")
