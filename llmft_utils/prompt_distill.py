@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from .data import text_problem
 
 _START = time.perf_counter()
+TRACKER_DIR = "trackers"  # in --out: the files of a tracker that writes files (tensorboard, aim)
 
 
 def progress(msg: str) -> None:
@@ -132,89 +134,156 @@ def check_out(out) -> Path:
     return out
 
 
-def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=None, holdout: float = 0.2,
-                   seed: int = 0, max_tokens: int = 0, command: str = "") -> dict:
-    """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
-    Returns the report (also written to ``out_dir/report.json`` and ``report.md``; the student is saved in
-    ``out_dir/student/``)."""
-    from .distill import DistillConfig, answer_token_ids, save_student, target_extract, train_student
+def split_queries(queries: list[dict], holdout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(held out, training)``: a seeded share ``holdout`` of the queries (at least 2) and the rest."""
+    order = np.random.default_rng(seed).permutation(len(queries))
+    n_ho = max(2, int(round(holdout * len(queries))))
+    return [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
+
+
+def tracker_run_name(model: str, pattern: str, n_train: int) -> str:
+    """The tracker's run name, ``prompt-cd_<model>_<pattern>_n<training queries>`` (a model folder by its
+    name), in characters that every tracker takes as a folder or project name."""
+    model = Path(model).name if Path(model).is_dir() else model
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"prompt-cd_{model}_{pattern}_n{n_train}")
+
+
+def tracker_record(log_with, run_name: str) -> dict | None:
+    """What the report says of the tracker: its name, the run's name and the folder (relative to ``--out``) of
+    its files, where the tracker writes files to the folder accelerate gives it (tensorboard, aim); None for
+    the others (wandb, mlflow, ...: where their own settings say) and for a tracker object. None without one."""
+    if not log_with:
+        return None
+    if not isinstance(log_with, str):  # an accelerate GeneralTracker, set up by its caller
+        return {"log_with": getattr(log_with, "name", type(log_with).__name__), "run_name": run_name,
+                "logging_dir": None}
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    local = getattr(LOGGER_TYPE_TO_CLASS.get(log_with), "requires_logging_directory", False)
+    return {"log_with": log_with, "run_name": run_name, "logging_dir": TRACKER_DIR if local else None}
+
+
+def trained_student(lm, prefix: str, tr: list[dict], pattern, cfg, max_tokens: int, tracking=None):
+    """``(student, stats, teacher_s)``: the teacher's targets for the training queries (``teacher_s`` seconds),
+    and the student trained on them (wrapped, at the base model's dtype; ``tracking`` logs its curves)."""
+    from .distill import answer_token_ids, target_extract, train_student
     from .models import wrap
     from .scoring import answer_logits
+
+    vids = answer_token_ids(lm.tokenizer, pattern)
+    t0 = time.perf_counter()
+    teacher_logp, topk_ids = answer_logits(lm, prefix, query_texts(pattern, tr, True), target_extract(cfg, vids),
+                                           batch_size=cfg.batch_size, max_tokens=max_tokens)
+    teacher_s = time.perf_counter() - t0
+    ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
+    rows = [{"input_ids": x, "label": 0, "teacher_logp": t.float()} for x, t in zip(ids, teacher_logp)]
+    for row, top in zip(rows, topk_ids if topk_ids is not None else []):
+        row["topk_ids"] = top
+    progress(f"training the student: {cfg.epochs} epochs of {len(tr)} queries"
+             + (", its curves to the tracker" if tracking else ""))
+    student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids, tracking=tracking)
+    student = student.to(next(lm.model.parameters()).dtype)
+    return wrap(student, lm.tokenizer, name="student", device=lm.device), stats, teacher_s
+
+
+def heldout_comparison(lm, slm, prefix: str, ho: list[dict], pattern, max_tokens: int) -> tuple[dict, dict, int]:
+    """``(heldout, cost, prefix_tokens)``: the student, the untrained model and a constant answer against the
+    teacher on the held-out queries, and the cost per query of the teacher, the untrained model and the student."""
     from .stats import constant_agreement
-    from .store import atomic_folder, atomic_write_json, folder_lock, provenance
+
+    progress(f"scoring {len(ho)} held-out queries: teacher, untrained model, student")
+    t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
+    z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+    s_lp, s_spq, s_s = _scores(slm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+    heldout = {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
+               "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
+               "student_vs_constant": versus_constant(t_lp, s_lp),
+               "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
+               "student_label1_frac": float((s_lp.argmax(1) == 1).mean())}
+    cost = {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq, "zeroshot_s_per_query": z_spq,
+            "tokens_per_query_teacher": float(np.mean(t_s["query_tokens"])) + int(t_s["prefix_tokens"]),
+            "tokens_per_query_student": float(np.mean(s_s["query_tokens"]))}
+    return heldout, cost, int(t_s["prefix_tokens"])
+
+
+def save_run(folder: Path, slm, lm, prefix: str, report: dict) -> None:
+    """The student (``student/``, with its ``student.json``), ``report.json`` and ``report.md`` in ``folder``."""
+    from .distill import save_student
+    from .store import atomic_write_json
+
+    h = report["heldout"]
+    metrics = {"heldout": {"n": report["n_heldout"], "score_acc": float("nan"), "zeroshot_acc": float("nan"),
+                           "agree_teacher_student": h["student_vs_teacher"]["agreement"],
+                           "kl_teacher_student": h["student_vs_teacher"]["kl"]}}
+    save_student(slm.model, lm.tokenizer, folder / "student", {
+        "student_key": f"prompt-cd|{lm.name}|{report['pattern']['name']}|n{report['n_train']}", "method": "cd",
+        "train_task": "prompt", "k": None, "seed": report["holdout_seed"], "n_train": report["n_train"],
+        "base_model": lm.name, "base_model_source": lm.source, "base_model_reference": (lm.info or {}).get("reference"),
+        "demo_pool": "the given prefix", "demo_ids": "the given prefix", "prefix": prefix, "pattern": report["pattern"],
+        "dtype": lm.dtype, "device": lm.device, "recipe": report["recipe"], "metrics": metrics,
+        "provenance": report["provenance"], "command": report["command"]})
+    atomic_write_json(folder / "report.json", report)
+    (folder / "report.md").write_text(report_markdown(report))
+
+
+def distill_prompt(lm, prefix: str, queries: list[dict], out_dir, pattern, cfg=None, holdout: float = 0.2,
+                   seed: int = 0, max_tokens: int = 0, log_with="") -> dict:
+    """Train, save and report a student of ``lm`` prompted with ``prefix`` (see the module docstring).
+    Returns the report (also written to ``out_dir/report.json`` and ``report.md``; the student is saved in
+    ``out_dir/student/``). ``log_with``: an experiment tracker for the training curves (one of
+    :data:`~llmft_utils.distill.config.TRACKERS`, or an accelerate ``GeneralTracker``), checked before any
+    work; one that writes files writes them to ``out_dir/trackers/``, with the rest of the folder."""
+    from .distill import DistillConfig, Tracking
+    from .distill.export import run_command
+    from .distill.training import check_tracker
+    from .store import atomic_folder, folder_lock, provenance
 
     out_dir = check_out(out_dir)
-    with folder_lock(out_dir, "distill run"):  # a second run into the same folder is refused, not interleaved
-        cfg = cfg or DistillConfig(epochs=4, lr=3e-5, mixed_precision="no")
-        if cfg.alpha > 0:
-            raise ValueError("the queries are unlabelled: alpha must be 0")
-        if not prefix.strip():
-            raise ValueError("the prefix is empty: there is nothing to distil")
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(queries))
-        n_ho = max(2, int(round(holdout * len(queries))))
-        ho, tr = [queries[i] for i in order[:n_ho]], [queries[i] for i in order[n_ho:]]
-        vids = answer_token_ids(lm.tokenizer, pattern)
-
-        t0 = time.perf_counter()
+    cfg = cfg or DistillConfig()  # the study's recipe (float32 training)
+    if cfg.alpha > 0:
+        raise ValueError("the queries are unlabelled: alpha must be 0")
+    if not prefix.strip():
+        raise ValueError("the prefix is empty: there is nothing to distil")
+    check_tracker(log_with)
+    # locked against a second run; everything, the tracker's files included, goes to a temporary folder that
+    # replaces out_dir when the run is complete: the student, its curves and its report together, or nothing
+    with folder_lock(out_dir, "distill run"), atomic_folder(out_dir) as tmp:
+        ho, tr = split_queries(queries, holdout, seed)
+        run_name = tracker_run_name(lm.name, pattern.name, len(tr))
+        tracking = Tracking(log_with, run_name, tmp / TRACKER_DIR) if log_with else None
         progress(f"teacher targets ({cfg.target}) for {len(tr)} training queries, {len(ho)} held out")
-        teacher_logp, topk_ids = answer_logits(lm, prefix, query_texts(pattern, tr, True), target_extract(cfg, vids),
-                                               batch_size=cfg.batch_size, max_tokens=max_tokens)
-        teacher_s = time.perf_counter() - t0
-        ids = lm.tokenizer(query_texts(pattern, tr, False), add_special_tokens=True)["input_ids"]
-        rows = [{"input_ids": x, "label": 0, "teacher_logp": t.float()} for x, t in zip(ids, teacher_logp)]
-        for row, top in zip(rows, topk_ids if topk_ids is not None else []):
-            row["topk_ids"] = top
-        progress(f"training the student: {cfg.epochs} epochs of {len(tr)} queries")
-        student, stats = train_student(lm.model, lm.tokenizer, rows, cfg, vids)
-        student = student.to(next(lm.model.parameters()).dtype)
-        slm = wrap(student, lm.tokenizer, name="student", device=lm.device)
-        progress(f"scoring {len(ho)} held-out queries: teacher, untrained model, student")
-
-        t_lp, t_spq, t_s = _scores(lm, prefix, query_texts(pattern, ho, True), pattern.verbalizers, max_tokens)
-        z_lp, z_spq, _ = _scores(lm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
-        s_lp, s_spq, s_s = _scores(slm, "", query_texts(pattern, ho, False), pattern.verbalizers, max_tokens)
+        slm, stats, teacher_s = trained_student(lm, prefix, tr, pattern, cfg, max_tokens, tracking)
+        heldout, cost, prefix_tokens = heldout_comparison(lm, slm, prefix, ho, pattern, max_tokens)
         one_off = teacher_s + stats["train_s"]
-        saved = t_spq - s_spq
+        saved = cost["teacher_s_per_query_prefix_reused"] - cost["student_s_per_query"]
         report = {
             "model": lm.name, "model_source": lm.source, "dtype": lm.dtype, "device": lm.device,
             "pattern": {"name": pattern.name, "template": pattern.template, "verbalizers": list(pattern.verbalizers),
                         "separator": pattern.separator},
-            "prefix_tokens": int(t_s["prefix_tokens"]), "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
-            "recipe": dataclasses.asdict(cfg),
-            "heldout": {"student_vs_teacher": _versus(t_lp, s_lp), "zeroshot_vs_teacher": _versus(t_lp, z_lp),
-                        "constant_vs_teacher": {"agreement": constant_agreement(t_lp.argmax(1))},
-                        "student_vs_constant": versus_constant(t_lp, s_lp),
-                        "teacher_label1_frac": float((t_lp.argmax(1) == 1).mean()),
-                        "student_label1_frac": float((s_lp.argmax(1) == 1).mean())},
-            "cost": {"teacher_s_per_query_prefix_reused": t_spq, "student_s_per_query": s_spq,
-                     "zeroshot_s_per_query": z_spq, "teacher_caching_s": teacher_s, "train_s": stats["train_s"],
-                     "break_even_queries": (one_off / saved) if saved > 0 else None,
-                     "tokens_per_query_teacher": float(np.mean(t_s["query_tokens"])) + int(t_s["prefix_tokens"]),
-                     "tokens_per_query_student": float(np.mean(s_s["query_tokens"]))},
-            "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1], "provenance": provenance(),
-            "command": command or " ".join(sys.argv),
+            "prefix_tokens": prefix_tokens, "n_train": len(tr), "n_heldout": len(ho), "holdout_seed": seed,
+            "recipe": dataclasses.asdict(cfg), "heldout": heldout,
+            "cost": {**cost, "teacher_caching_s": teacher_s, "train_s": stats["train_s"],
+                     "break_even_queries": (one_off / saved) if saved > 0 else None},
+            "loss_first": stats["losses"][0], "loss_last": stats["losses"][-1],
+            "tracker": tracker_record(log_with, run_name), "provenance": provenance(), "command": run_command(),
         }
         report["warnings"] = [w for w in [small_set_warning(report)] if w]
-        h = report["heldout"]
-        metrics = {"heldout": {"n": len(ho), "score_acc": float("nan"), "zeroshot_acc": float("nan"),
-                               "agree_teacher_student": h["student_vs_teacher"]["agreement"],
-                               "kl_teacher_student": h["student_vs_teacher"]["kl"]}}
-        with atomic_folder(out_dir) as tmp:  # the student and its report together, or nothing
-            save_student(slm.model, lm.tokenizer, tmp / "student", {
-                "student_key": f"prompt-cd|{lm.name}|{pattern.name}|n{len(tr)}", "method": "cd", "train_task": "prompt",
-                "k": None, "seed": seed, "n_train": len(tr), "base_model": lm.name, "base_model_source": lm.source,
-                "base_model_reference": (lm.info or {}).get("reference"), "demo_pool": "the given prefix",
-                "demo_ids": "the given prefix", "prefix": prefix, "pattern": report["pattern"], "dtype": lm.dtype,
-                "device": lm.device, "recipe": report["recipe"], "metrics": metrics, "provenance": report["provenance"],
-                "command": report["command"]})
-            atomic_write_json(tmp / "report.json", report)
-            (tmp / "report.md").write_text(report_markdown(report))
+        save_run(tmp, slm, lm, prefix, report)
         return report
 
 
 def _ci(v: list, digits: int = 3) -> str:
     return f"[{v[0]:.{digits}f}, {v[1]:.{digits}f}]"
+
+
+def tracker_markdown(t: dict | None) -> str:
+    """The report's line on the tracker of the training curves; "" without one."""
+    if not t:
+        return ""
+    where = (f"its files in `{t['logging_dir']}/`" if t["logging_dir"]
+             else "logged where the tracker's own settings send it (not in this folder)")
+    return (f"\nTraining curves (loss, lr and gradient norm per optimizer step): {t['log_with']} run "
+            f"`{t['run_name']}`, {where}.\n")
 
 
 def report_markdown(r: dict) -> str:
@@ -241,7 +310,7 @@ agreement no higher than the constant answer's shows that only the teacher's lab
 Cost per query: teacher {c['teacher_s_per_query_prefix_reused'] * 1000:.1f} ms ({c['tokens_per_query_teacher']:.0f} tokens,
 prefix reused), student {c['student_s_per_query'] * 1000:.1f} ms ({c['tokens_per_query_student']:.0f} tokens). One-off:
 teacher targets {c['teacher_caching_s']:.1f} s + training {c['train_s']:.1f} s; break-even after {be} queries.
-
+{tracker_markdown(r.get('tracker'))}
 Student: `student/` (load with `AutoModelForCausalLM.from_pretrained`). Made by `{r['command']}`.
 """
 
@@ -255,6 +324,7 @@ STUDY_FLAGS = (("--target", "target", str), ("--topk", "topk", int), ("--epochs"
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import HelpFormatter, add_config_flag
+    from .distill.config import TRACKERS
     from .params import spec
     from .patterns import PATTERNS
     from .profiles import PROFILES
@@ -266,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "example: examples/distill/prefix.txt)")
     ap.add_argument("--queries", required=True, help="JSONL of unlabelled queries, one object per line: "
                     '{"premise": ..., "hypothesis": ...} or {"text": ...} (example: examples/distill/queries.jsonl)')
-    ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md); written whole "
-                    "when the run ends, and locked while it runs")
+    ap.add_argument("--out", required=True, help="output folder (student/, report.json, report.md; trackers/ with "
+                    "--log-with); written whole when the run ends, and locked while it runs")
     ap.add_argument("--pattern", default=PROFILES["default"]["pattern"], choices=sorted(PATTERNS),
                     help="how a query is written and which verbalizers answer it (llmft's patterns)")
     ap.add_argument("--verbalizers", nargs="+", default=None,
@@ -279,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = params[name]
         ap.add_argument(flag, type=kind, default=PROFILES["default"][name], choices=p.choices or None,
                         help=f"{p.help} (study parameter {name})")
+    ap.add_argument("--log-with", default="", choices=TRACKERS, metavar="TRACKER",
+                    help="experiment tracker for the training curves (loss, lr and gradient norm per optimizer step), "
+                    f"through HF accelerate: {', '.join(t for t in TRACKERS if t)}; it must be installed (checked "
+                    f"before the model loads). tensorboard and aim write to <out>/{TRACKER_DIR}/, written whole with the "
+                    "rest of --out; the others log where their own settings say. Empty: none")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="a traceback with an error's message")
     return ap
@@ -298,12 +373,14 @@ def main(argv=None) -> int:
 
 def checked_inputs(a):
     """``(prefix, queries, pattern, out)``: everything that can be told without the model's weights, checked
-    (the tokenizer alone decides whether the longest prompt fits the model's context)."""
+    (the tokenizer alone decides whether the longest prompt fits the model's context), the tracker too."""
     from .models import check_model_name, load_tokenizer
     from .patterns import get_pattern
     from .scoring import check_context
+    from .distill.training import check_tracker
     from .store import ensure_writable
 
+    check_tracker(a.log_with)  # an unknown or uninstalled tracker: one line, before any work
     for flag, path in (("--prefix", a.prefix), ("--queries", a.queries)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file (the prefix is plain text, the queries JSON lines; "
@@ -341,7 +418,7 @@ def _run(a) -> int:
         cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, mixed_precision="no",
                             target=a.target, topk=a.topk)
         r = distill_prompt(lm, prefix, queries, out, pattern, cfg, holdout=a.holdout, seed=a.seed,
-                           max_tokens=a.max_batch_tokens)
+                           max_tokens=a.max_batch_tokens, log_with=a.log_with)
     print(report_markdown(r))
     for w in r["warnings"]:
         print(f"distill: warning: {w}", file=sys.stderr)

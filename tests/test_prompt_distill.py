@@ -1,5 +1,6 @@
 """Distilling any prompt (llmft-study distill) on a tiny model: a student, its report and its controls."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def test_distilled_prompt_student_beats_the_untrained_model_and_is_saved(tmp_pat
     (tmp_path / "demos.txt").write_text(prefix)
     lines = [json.dumps({"premise": p, "hypothesis": h}) for p, h in zip(ev.premise, ev.hypothesis)]
     (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = distill.DistillConfig(epochs=6, lr=3e-3, batch_size=8, mixed_precision="no")
+    cfg = distill.DistillConfig(target="verbalizer", epochs=6, lr=3e-3, batch_size=8, mixed_precision="no")
     r = prompt_distill.distill_prompt(lm, prefix, prompt_distill.read_queries(tmp_path / "q.jsonl"),
                                       tmp_path / "out", GPT3, cfg, holdout=0.25)
     h = r["heldout"]
@@ -206,7 +207,7 @@ def test_a_run_that_fails_while_saving_leaves_the_earlier_output_whole(tmp_path,
     tok = models.tiny_tokenizer()
     lm = models.wrap(_teacher_model(tok), tok, name="tiny")
     queries = [{"premise": p, "hypothesis": h} for p, h in zip(*toy_data.frames(n_eval=10)[0][["premise", "hypothesis"]].T.values)]
-    cfg = distill.DistillConfig(epochs=1, lr=1e-3, batch_size=8, mixed_precision="no")
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, lr=1e-3, batch_size=8, mixed_precision="no")
     out = tmp_path / "o"
     prompt_distill.distill_prompt(lm, "A demo . Yes\n\n", queries, out, GPT3, cfg)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -238,3 +239,99 @@ def test_the_shipped_examples_are_valid_inputs(tmp_path):
     assert len(queries) == 16 and all(set(q) == {"premise", "hypothesis"} for q in queries)
     blocks = prefix.split(pattern.separator)
     assert len(blocks) == 4 and all(b.endswith(pattern.verbalizers) for b in blocks)
+
+
+def _fake_tensorboard(monkeypatch):
+    """accelerate's ``tensorboard`` tracker replaced by one that writes each logged step as a JSON line to
+    ``<logging_dir>/<run name>/events.jsonl`` and says it is installed (tensorboard is not a requirement of this
+    kit): the wiring from ``--log-with`` to the files is the real one."""
+    import accelerate.tracking
+    import accelerate.utils
+    from accelerate.tracking import GeneralTracker
+    from accelerate.utils import LoggerType
+
+    class FakeBoard(GeneralTracker):
+        name, requires_logging_directory = "tensorboard", True
+
+        def __init__(self, run_name, logging_dir, **kwargs):
+            super().__init__()
+            self.folder = Path(logging_dir) / run_name
+
+        @property
+        def tracker(self):
+            return self
+
+        def start(self):
+            self.folder.mkdir(parents=True)
+            self.events = (self.folder / "events.jsonl").open("w")
+
+        def store_init_configuration(self, values):
+            (self.folder / "hparams.json").write_text(json.dumps(values))
+
+        def log(self, values, step=None, **kwargs):
+            self.events.write(json.dumps({"step": step, **values}) + "\n")
+
+        def finish(self):
+            self.events.close()
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    monkeypatch.setitem(accelerate.tracking.LOGGER_TYPE_TO_CLASS, "tensorboard", FakeBoard)
+
+
+def test_log_with_writes_the_training_curve_into_out_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    _fake_tensorboard(monkeypatch)
+    folder, out = _model_dir(tmp_path), tmp_path / "o"
+    (tmp_path / "c.yaml").write_text("log_with: tensorboard\nepochs: 2\nbatch_size: 4\n")  # from --config too
+    assert pipeline.main(["distill", "--model", str(folder), *_inputs(tmp_path), "--out", str(out),
+                          "--config", str(tmp_path / "c.yaml")]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["tracker"] == {"log_with": "tensorboard", "run_name": "prompt-cd_tiny_gpt-3_n8", "logging_dir": "trackers"}
+    assert "tensorboard run `prompt-cd_tiny_gpt-3_n8`, its files in `trackers/`" in (out / "report.md").read_text()
+    run = out / "trackers" / "prompt-cd_tiny_gpt-3_n8"
+    steps = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1, 2, 3]  # 2 epochs of 2 batches of 4 training queries
+    assert steps[0]["loss"] == pytest.approx(r["loss_first"]) and steps[-1]["loss"] == pytest.approx(r["loss_last"])
+    assert all({"lr", "grad_norm"} <= set(s) for s in steps)
+    assert json.loads((run / "hparams.json").read_text())["epochs"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "student", "trackers"]
+    assert not list(tmp_path.glob(".o.*.tmp"))
+    # a run that fails after training leaves the earlier output whole: no curve of the failed run in it
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distill, "save_student", broken)
+    lm = models.load_model(str(folder), device="cpu", dtype="float32")
+    queries = prompt_distill.read_queries(tmp_path / "q.jsonl")
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, lr=1e-3, batch_size=4, mixed_precision="no")
+    with pytest.raises(OSError, match="disk full"):
+        prompt_distill.distill_prompt(lm, "A demo . Yes\n\n", queries, out, GPT3, cfg, log_with="tensorboard")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".o.*.tmp"))
+
+
+def test_an_unknown_or_missing_tracker_is_one_line_and_status_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    monkeypatch.setattr(models, "load_tokenizer", no_load)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    args = ["distill", "--model", "smollm2-135m", *_inputs(tmp_path), "--out", str(tmp_path / "o")]
+    assert pipeline.main([*args, "--log-with", "wandb"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[distill ")]
+    assert err == ["distill: the tracker 'wandb' is not installed: pip install wandb (or leave log_with empty)"]
+    with pytest.raises(SystemExit) as e:  # not one of accelerate's trackers: the parser's usage error
+        pipeline.main([*args, "--log-with", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text('{"log-with": "nope"}')
+    with pytest.raises(SystemExit) as e:
+        pipeline.main([*args, "--config", str(tmp_path / "c.json")])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown tracker 'nope'"):  # the function, before any work (no model here)
+        prompt_distill.distill_prompt(None, "A demo", [], tmp_path / "o", GPT3, log_with="nope")
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.lock").exists()
