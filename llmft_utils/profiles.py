@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .distill.config import DistillConfig
+from .study.plan import EvalOptions, recipe_params
+
 # Profiles: every value is a notebook parameter. "smoke" equals the notebooks' own parameter cells
 # (checked by tests/test_pipeline.py), so nbval and `--profile smoke` run the same thing.
+# The CD recipe is DistillConfig's defaults and the scoring options EvalOptions' (their one place); the profiles
+# train with bf16 autocast (smoke: float32).
 _COMMON = {"model": "smollm2-135m", "pattern": "gpt-3", "data_dir": "", "results_dir": "", "device": "auto", "dtype": "auto",
-           "eval_seed": 0, "dev_n": 200, "on_too_long": "error", "force": False, "cd_tasks": ["mnli", "rte"],
+           "eval_seed": 0, "dev_n": 200, "on_too_long": EvalOptions.on_too_long, "force": False, "cd_tasks": ["mnli", "rte"],
            "ood_train_tasks": ["mnli", "rte"], "controls": ["shuffled", "self"], "control_tasks": ["mnli", "rte"],
-           "target": "topk", "topk": 20, "loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "lora_r": 0,
-           "train_batch_size": 8, "lr_schedule": "linear", "mixed_precision": "bf16", "pbft_lr": 1e-4,
-           "max_batch_tokens": 0, "save_students": "none", "log_with": "", "ensemble_combine": "prob",
+           **recipe_params(DistillConfig(mixed_precision="bf16")), "pbft_lr": 1e-4, "batch_size": EvalOptions.batch_size,
+           "max_batch_tokens": EvalOptions.max_tokens, "save_students": "none", "log_with": "", "ensemble_combine": "prob",
            "ensemble_m": 4, "ensemble_ks": [16], "ensemble_seeds": [0], "ensemble_tasks": ["mnli", "rte"],
            "ensemble_ood": True,
            "extra_eval_sets": [],
@@ -26,7 +30,7 @@ _GRID = {"extra_eval_sets": ["mnli_mismatched/validation", "qqp/heldout", "paws_
          "cd_tasks": ["mnli", "rte", "qqp"], "ood_train_tasks": ["mnli", "rte", "qqp"]}
 PROFILES: dict[str, dict] = {
     "smoke": {**_COMMON, "profile": "smoke", "mnli_eval_n": 40, "rte_eval_n": 20, "hans_eval_n": 30, "dev_n": 16,
-              "ks": [0, 4], "seeds": [0], "batch_size": 8, "control_tasks": ["mnli"],
+              "ks": [0, 4], "seeds": [0], "control_tasks": ["mnli"],
               "ensemble_m": 2, "ensemble_ks": [4], "ensemble_seeds": [0], "ensemble_tasks": ["mnli"],
               "cd_ks": [4], "n_transfer": 16, "pbft_n": 4, "epochs": 1, "pbft_epochs": 1, "lr": 1e-4,
               # float32 training: the same students on every CPU to ~2e-4 nats (bf16 autocast: 0.08-3.6 nats
@@ -35,18 +39,18 @@ PROFILES: dict[str, dict] = {
     # the main study, sized for <= 45 min on 2 CPU cores (README "Profiles"): k = 4, the RTE students on
     # HANS, the RTE control students, teacher ensembles beyond seed 0 and on HANS are in "full"
     "default": {**_COMMON, "profile": "default", "save_students": "first", "mnli_eval_n": 400, "rte_eval_n": 0,
-                "hans_eval_n": 480, "ks": [0, 16], "seeds": [0, 1, 2], "batch_size": 8, "ood_train_tasks": ["mnli"],
-                "control_tasks": ["mnli"], "cd_ks": [16], "n_transfer": 64, "pbft_n": 16, "epochs": 4,
-                "pbft_epochs": 4, "lr": 3e-5, "ensemble_ood": False},
+                "hans_eval_n": 480, "ks": [0, 16], "seeds": [0, 1, 2], "ood_train_tasks": ["mnli"],
+                "control_tasks": ["mnli"], "cd_ks": [16], "n_transfer": 64, "pbft_n": 16, "pbft_epochs": 4,
+                "ensemble_ood": False},
     "full": {**_COMMON, **_GRID, "profile": "full", "save_students": "first", "mnli_eval_n": 0, "rte_eval_n": 0,
-             "hans_eval_n": 0, "ks": [0, 1, 2, 4, 16, 32, 64], "seeds": list(range(10)), "batch_size": 8,
-             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8, "lr": 3e-5,
+             "hans_eval_n": 0, "ks": [0, 1, 2, 4, 16, 32, 64], "seeds": list(range(10)),
+             "cd_ks": [4, 16], "n_transfer": 512, "pbft_n": 16, "epochs": 2, "pbft_epochs": 8,
              "ensemble_seeds": list(range(10))},
     # one GPU: every evaluation set in full (MNLI-binary 6,692, RTE 277, HANS 30,000), k up to 32, ten seeds,
     # CD at k = 4, 16, 32 and PBFT, each student scored in domain and on HANS; the default profile's recipe
     "gpu": {**_COMMON, "profile": "gpu", "mnli_eval_n": 0, "rte_eval_n": 0, "hans_eval_n": 0,
-            "ks": [0, 4, 16, 32], "seeds": list(range(10)), "batch_size": 8, "max_batch_tokens": 32768,
-            "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "epochs": 4, "pbft_epochs": 4, "lr": 3e-5,
+            "ks": [0, 4, 16, 32], "seeds": list(range(10)), "max_batch_tokens": 32768,
+            "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "pbft_epochs": 4,
             "ensemble_m": 0},  # the timed GPU grid of issue 12; ensembles and the llmft grid are in "full"
 }
 

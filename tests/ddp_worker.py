@@ -30,7 +30,7 @@ def main(out_path: str, per_process_batch: int, mode: str = "") -> int:
     acc = Accelerator(cpu=True)
     tok = models.tiny_tokenizer()
     model = models.tiny_model("llama", tok, seed=0)
-    cfg = distill.DistillConfig(epochs=2, batch_size=per_process_batch, lr=5e-3, shuffle=False, max_grad_norm=0.0)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=per_process_batch, lr=5e-3, shuffle=False, max_grad_norm=0.0)
     vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
     data = rows(tok, nan=mode == "nan-rank1" and acc.process_index == 1)
     try:

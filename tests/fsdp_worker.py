@@ -68,7 +68,7 @@ def main(out_dir: str, per_process_batch: int) -> int:
     acc.prepare = prepare
     tok = models.tiny_tokenizer()
     model = models.tiny_model("llama", tok, seed=0)
-    cfg = distill.DistillConfig(epochs=2, batch_size=per_process_batch, lr=5e-3, shuffle=False, max_grad_norm=5.0)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=per_process_batch, lr=5e-3, shuffle=False, max_grad_norm=5.0)
     vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
     student, stats = distill.train_student(model, tok, rows(tok), cfg, vids, accelerator=acc)
 

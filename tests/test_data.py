@@ -246,7 +246,7 @@ def test_llmft_out_of_domain_grid_mnli_mismatched_qqp_and_paws(data_dir, tmp_pat
     assert len(rows) == 2 * 6 and (rows["n_eval"] == 8).all()
     pools = rows.set_index(rows["task"] + "/" + rows["split"])["demo_pool"]
     assert pools["paws_qqp/dev_and_test"].iloc[0] == "qqp/train" and pools["mnli_mismatched/validation"].iloc[0] == "mnli/train"
-    cd = cd_sweep.run_cd_sweep(lm, small, CDPlan("gpt-3", ["mnli", "qqp"], [2], [0], 8, 0, distill.DistillConfig(epochs=1, batch_size=4), 1, ensemble=EnsembleSpec(m=2, ks=[2], tasks=["qqp"])), EvalOptions(progress=False))
+    cd = cd_sweep.run_cd_sweep(lm, small, CDPlan("gpt-3", ["mnli", "qqp"], [2], [0], 8, 0, distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4), 1, ensemble=EnsembleSpec(m=2, ks=[2], tasks=["qqp"])), EvalOptions(progress=False))
     sets_of = cd.groupby(["method", "train_task"])["task"].apply(list).to_dict()
     assert sets_of[("cd", "mnli")] == ["mnli", "hans", "mnli_mismatched"]
     assert sets_of[("cd", "qqp")] == sets_of[("cd_ensemble", "qqp")] == sets_of[("icl_ensemble", "qqp")] == ["qqp", "paws_qqp"]
@@ -264,7 +264,7 @@ def test_icl_and_cd_sweeps_run_at_k_1(tmp_path):
     rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 1], [3]), EvalOptions(progress=False))
     one = rows[rows["k"] == 1].iloc[0]
     assert len(str(one["demo_ids"]).split(";")) == 1 and one["n_eval"] == 8
-    cd = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(epochs=1, batch_size=4), 1), EvalOptions(progress=False))
+    cd = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [1], [3], 8, 0, distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4), 1), EvalOptions(progress=False))
     assert len(cd) == 1 and cd["k"].item() == 1 and cd["teacher_same_demos"].item()
 
 
@@ -279,7 +279,7 @@ def test_rows_from_another_pool_are_never_reused(tmp_path):
 
     lm, out = toy_data.results_folder(tmp_path, n=6, max_positions=512, n_pool=30)
     icl_plan, ev = ICLPlan("gpt-3", [0, 2], [0]), EvalOptions(progress=False)
-    cd_plan = CDPlan("gpt-3", ["toy"], [2], [0], 6, 2, distill.DistillConfig(epochs=1, batch_size=4), 1)
+    cd_plan = CDPlan("gpt-3", ["toy"], [2], [0], 6, 2, distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4), 1)
     first = set(icl_sweep.run_sweep(lm, out, icl_plan, ev)["run_key"])
     first_cd = set(cd_sweep.run_cd_sweep(lm, out, cd_plan, ev)["run_key"])
     assert len(first) == 2 and len(first_cd) == 2

@@ -79,15 +79,32 @@ def test_topk_support_is_exact():
     assert torch.equal(v, z[:, [3, 7]])
 
 
+def test_topk_target_without_teacher_ids_says_what_to_do():
+    with pytest.raises(ValueError, match="top-k token ids.*teacher_targets"):
+        distill.support_logits(torch.randn(2, 50), "topk")
+
+
+def test_the_recipe_default_lives_in_distill_config():
+    """DistillConfig's defaults are the study's recipe: the default profile states none of it (only bf16 autocast),
+    and recipe_params / config_from_params are inverses."""
+    from llmft_utils.profiles import PROFILES
+    from llmft_utils.study.plan import config_from_params, recipe_params
+
+    assert config_from_params(PROFILES["default"]) == distill.DistillConfig(mixed_precision="bf16")
+    cfg = distill.DistillConfig(target="full", topk=7, loss="jsd", temperature=2.0, alpha=0.5, epochs=3, batch_size=2,
+                                lr=1e-3, lr_schedule="constant", mixed_precision="bf16", lora_r=4)
+    assert config_from_params(recipe_params(cfg)) == cfg
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown target"):
         distill.DistillConfig(target="logits")
     with pytest.raises(ValueError, match="alpha"):
-        distill.DistillConfig(alpha=1.5)
+        distill.DistillConfig(target="verbalizer", alpha=1.5)
     with pytest.raises(ValueError, match="lr_schedule"):
-        distill.DistillConfig(lr_schedule="cosine")
+        distill.DistillConfig(target="verbalizer", lr_schedule="cosine")
     with pytest.raises(ValueError, match="mixed_precision"):
-        distill.DistillConfig(mixed_precision="fp8")
+        distill.DistillConfig(target="verbalizer", mixed_precision="fp8")
 
 
 def test_linear_schedule_warms_up_and_decays_to_zero():
@@ -150,7 +167,7 @@ def test_teacher_long_prefix_vs_student_short_prompt(tiny, tmp_path):
     answer position: batched teacher targets equal one-at-a-time full-prompt forwards."""
     ev, pool = _frames(5)
     demos = data.sample_demonstrations(pool, 8, seed=0)
-    cfg = distill.DistillConfig()
+    cfg = distill.DistillConfig(target="verbalizer")
     t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, batch_size=4)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     prefix = patterns.build_prefix(GPT3, demos)
@@ -216,9 +233,9 @@ def test_teacher_ensemble_is_the_mixture_of_its_prompts_projected_like_one_teach
     assert torch.allclose(distill.combine_logp(lp, "prob").exp(), lp.exp().mean(0).float(), atol=1e-6)
     assert torch.allclose(distill.combine_logp(lp[:1], "logprob"), lp[0].float(), atol=1e-6)
     with pytest.raises(ValueError, match="combine"):
-        distill.teacher_targets(tiny, GPT3, sets[:2], ev, distill.DistillConfig(), combine="median")
+        distill.teacher_targets(tiny, GPT3, sets[:2], ev, distill.DistillConfig(target="verbalizer"), combine="median")
     # the key: every set and the rule enter it; a single teacher's key is unchanged by the new arguments
-    kw = dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=1, examples=ev, cfg=distill.DistillConfig(),
+    kw = dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=1, examples=ev, cfg=distill.DistillConfig(target="verbalizer"),
               dtype="float32", device="cpu")
     keys = {distill.teacher_cache_key(demos=sets[0], **kw), distill.teacher_cache_key(demos=sets[:1], **kw),
             distill.teacher_cache_key(demos=sets[:2], **kw), distill.teacher_cache_key(demos=sets[:2], combine="logprob", **kw),
@@ -253,7 +270,7 @@ def test_teacher_cache_hit_and_invalidation(tiny, tmp_path):
 def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     ev, pool = _frames(16)
     demos = data.sample_demonstrations(pool, 4, seed=0)
-    cfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=8, batch_size=8, lr=3e-3)
     t = distill.teacher_targets(tiny, GPT3, demos, ev, cfg)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
@@ -263,11 +280,11 @@ def test_training_moves_student_towards_teacher_and_freezes_teacher(tiny):
     assert distill.training.params_digest(student) != before
     assert stats["losses"][-1] < stats["losses"][0] / 2 and stats["steps"] == 16
     # LoRA adapters go into the copy too
-    lcfg = distill.DistillConfig(epochs=1, batch_size=8, lr=1e-3, lora_r=4)
+    lcfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=8, lr=1e-3, lora_r=4)
     student2, _ = distill.train_student(tiny.model, tiny.tokenizer, rows, lcfg, vids)
     assert distill.training.params_digest(tiny.model) == before and not hasattr(tiny.model, "peft_config")
     # bf16 autocast of the forward: the student still learns, its weights stay float32
-    bcfg = distill.DistillConfig(epochs=8, batch_size=8, lr=3e-3, mixed_precision="bf16", group_by_length=False)
+    bcfg = distill.DistillConfig(target="verbalizer", epochs=8, batch_size=8, lr=3e-3, mixed_precision="bf16", group_by_length=False)
     student3, bstats = distill.train_student(tiny.model, tiny.tokenizer, rows, bcfg, vids)
     assert bstats["losses"][-1] < bstats["losses"][0] / 2
     assert all(p.dtype == torch.float32 for p in student3.parameters())
@@ -278,7 +295,7 @@ def test_activation_checkpointing_keeps_fewer_activations_and_gives_the_same_stu
     autograd saves during each forward, counted with a saved-tensors hook) and trains the same student:
     losses and weights equal those of a run that keeps every activation."""
     ev, pool = _frames(16)
-    cfg = distill.DistillConfig(epochs=2, batch_size=8, lr=3e-3, mixed_precision="no")
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=8, lr=3e-3, mixed_precision="no")
     t = distill.teacher_targets(tiny, GPT3, data.sample_demonstrations(pool, 4, seed=0), ev, cfg)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, t, tiny.max_context)
@@ -324,25 +341,25 @@ def test_training_attention_is_switched_for_training_only(tiny, monkeypatch):
     for choice, want in (("auto", "eager"), ("sdpa", "sdpa"), ("eager", "eager")):
         seen.clear()
         student, _ = distill.train_student(tiny.model, tiny.tokenizer, rows,
-                                           distill.DistillConfig(alpha=1.0, epochs=1, train_attention=choice), vids)
+                                           distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1, train_attention=choice), vids)
         assert seen and set(seen) == {want}
         assert student.config._attn_implementation == own == tiny.model.config._attn_implementation
     with pytest.raises(ValueError, match="train_attention"):
-        distill.DistillConfig(train_attention="flash")
+        distill.DistillConfig(target="verbalizer", train_attention="flash")
 
 
 def test_pbft_needs_no_teacher_and_nan_stops(tiny):
     ev, _ = _frames(8)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
-    _, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(alpha=1.0, epochs=1), vids)
+    _, stats = distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1), vids)
     assert stats["steps"] == 1 and np.isfinite(stats["losses"]).all()
     with pytest.raises(ValueError, match="teacher targets"):
-        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(alpha=0.0), vids)
+        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(target="verbalizer", alpha=0.0), vids)
     bad = {"logp": torch.full((8, 2), float("nan")), "topk_ids": None}
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, bad, tiny.max_context)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(), vids)
+        distill.train_student(tiny.model, tiny.tokenizer, rows, distill.DistillConfig(target="verbalizer"), vids)
 
 
 def test_agreement_metrics():
@@ -388,7 +405,7 @@ def test_two_process_losses_match_single_process(tmp_path):
 def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
     icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
-    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=4, lr=1e-3)
     rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0], 8, 2, cfg, 1), EvalOptions(progress=False))
     assert sorted(rows["method"]) == ["cd", "cd", "pbft"] and rows["n_eval"].eq(8).all()
     cd = rows[(rows["method"] == "cd") & (rows["k"] == 2)].iloc[0]
@@ -434,7 +451,7 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
     from their prediction files, exact McNemar, beats_controls over all four controls); a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
     icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
-    cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.student_examples
     monkeypatch.setattr(distill.student_data, "student_examples", lambda tok, pat, ex, teach, mc: seen.append(teach) or real(tok, pat, ex, teach, mc))
@@ -490,7 +507,7 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     ensemble teacher, single-prompt CD and the largest-k ICL run; a rerun resumes."""
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=1024, n_pool=60)
     icl_rows = icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0]), EvalOptions(progress=False))
-    cfg = distill.DistillConfig(epochs=1, batch_size=4, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4, lr=1e-3)
     seen = []
     real = distill.teacher_targets
     monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
@@ -565,7 +582,7 @@ def test_saved_students_load_with_transformers_alone_and_reproduce_their_rows(tm
 
     lm, out = toy_data.results_folder(tmp_path, n=8, max_positions=512, n_pool=40)
     icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 2, 4], [0, 1]), EvalOptions(progress=False))
-    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=4, lr=1e-3)
     rows = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1, save_students="all"), EvalOptions(progress=False))
     assert rows["student_dir"].str.startswith("students/").all()
     ev = data.read_split(out, data.load_manifest(out)["eval_sets"]["toy/validation"])
@@ -666,7 +683,7 @@ def test_experiment_tracker_gets_every_step_and_missing_trackers_fail_early():
     rows = [{"input_ids": tok(f"The cat sat {'on ' * (i % 3)}question: A cat . Yes or No? answer:").input_ids,
              "label": i % 2, "teacher_logp": torch.log_softmax(torch.randn(2, generator=g), -1)} for i in range(8)]
     vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
-    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=4, lr=1e-3)
     tracker = Collect()
     _, st = distill.train_student(base, tok, rows, cfg, vids, tracking=distill.Tracking(tracker, "cd|x"))
     assert [s for s, _ in tracker.logged] == list(range(4)) and tracker.config["lr"] == 1e-3

@@ -183,7 +183,7 @@ def test_cd_sweep_checks_its_icl_runs_before_training(tmp_path, monkeypatch):
     icl_sweep.run_sweep(lm, out, ICLPlan("gpt-3", [0, 4], [0]), EvalOptions(progress=False))  # no k=2 teacher, no seed 1
     monkeypatch.setattr(distill.training, "train_student", lambda *a, **k: pytest.fail("a student was trained"))
     monkeypatch.setattr(distill.teacher, "teacher_targets", lambda *a, **k: pytest.fail("a teacher was run"))
-    cfg = distill.DistillConfig(epochs=1)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1)
     with pytest.raises(FileNotFoundError, match=r"3 ICL runs .*: toy/validation k=2 seed=0, toy/validation k=2 "
                                                 r"seed=1, toy/validation k=4 seed=1"):
         cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2, 4], [0, 1], 4, 0, cfg, 1), EvalOptions(progress=False))

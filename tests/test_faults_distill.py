@@ -119,7 +119,7 @@ def test_force_recomputes_a_valid_cache_file(tiny, tmp_path, target):
 def test_cache_key_covers_pattern_text_dtype_device_and_texts(tiny):
     ev, pool = _frames()
     demos = data.sample_demonstrations(pool, 4, seed=0)
-    cfg = distill.DistillConfig()
+    cfg = distill.DistillConfig(target="verbalizer")
     k0 = _key(tiny, demos, ev, cfg)
     assert k0 == _key(tiny, demos, ev, cfg, pattern="gpt-3", dtype=torch.float32)  # a name means the registered pattern
     assert _key(tiny, demos, ev, cfg, device="cuda:0") == _key(tiny, demos, ev, cfg, device="cuda:1")  # device type
@@ -163,7 +163,7 @@ def test_finite_loss_with_non_finite_gradient_stops(tiny, max_grad_norm, every):
     ev, _ = _frames(8)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
-    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, max_grad_norm=max_grad_norm)
+    cfg = distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1, batch_size=8, max_grad_norm=max_grad_norm)
     with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at epoch 0, step 0 with a finite loss"):
         distill.train_student(model, tiny.tokenizer, rows, cfg, vids, check_every=every)
 
@@ -172,7 +172,7 @@ def test_stats_record_grad_norms_and_lrs(tiny):
     ev, _ = _frames(16)
     rows = distill.student_examples(tiny.tokenizer, GPT3, ev, None, tiny.max_context)
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
-    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.25, max_grad_norm=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.25, max_grad_norm=1e-3)
     _, st = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids)
     assert st["steps"] == len(st["losses"]) == len(st["grad_norms"]) == len(st["lrs"]) == 4
     assert np.isfinite(st["grad_norms"]).all() and min(st["grad_norms"]) > 1e-3  # the norm before clipping
@@ -195,7 +195,7 @@ def test_training_loop_waits_for_the_device_only_at_checks(tiny, attention):
     counts, runs = {}, {}
     for every in (1, 10**6):
         for bs in (8, 2):
-            cfg = distill.DistillConfig(epochs=1, batch_size=bs, lr=1e-3, max_grad_norm=1.0, train_attention=attention)
+            cfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=bs, lr=1e-3, max_grad_norm=1.0, train_attention=attention)
             with HostSyncs() as s:
                 runs[every, bs] = distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, check_every=every)
             counts[every, bs] = s.total
@@ -214,7 +214,7 @@ def test_non_finite_loss_found_at_its_step_when_checks_are_sparse(tiny, every):
     that is the step named whether it is checked at once or with steps 3-5 together."""
     vids = distill.answer_token_ids(tiny.tokenizer, GPT3)
     rows = training_rows(tiny.tokenizer)[:8] + training_rows(tiny.tokenizer, nan=True)[8:]
-    cfg = distill.DistillConfig(epochs=1, batch_size=2, shuffle=False, group_by_length=False, max_grad_norm=1.0)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=2, shuffle=False, group_by_length=False, max_grad_norm=1.0)
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0, step 4 on rank\(s\) \[0\] of 1"):
         distill.train_student(tiny.model, tiny.tokenizer, rows, cfg, vids, check_every=every)
 
@@ -255,7 +255,7 @@ def test_student_trains_float32_master_weights_from_a_bf16_base():
     rows = [{"input_ids": tok(f"The cat sat {'on the mat ' * (i % 3)}question: A cat sat . Yes or No? answer:").input_ids,
              "label": i % 2, "teacher_logp": torch.log_softmax(torch.randn(2, generator=g), -1)} for i in range(16)]
     vids = [tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")]
-    cfg = distill.DistillConfig(epochs=2, batch_size=4, lr=1e-4, mixed_precision="bf16")
+    cfg = distill.DistillConfig(target="verbalizer", epochs=2, batch_size=4, lr=1e-4, mixed_precision="bf16")
     student, _ = distill.train_student(base, tok, rows, cfg, vids)
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert all(p.dtype == torch.bfloat16 for p in base.parameters())  # the base model is untouched

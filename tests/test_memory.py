@@ -30,7 +30,7 @@ def test_icl_memory_grows_with_k_and_a_student_matches_zero_shot(arch, tiny_lms)
         work[k] = m["mem_work_mb"]
     assert 0 < work[0] < work[4] < work[16], work  # the prefix KV cache and the longer attention
     zero, _ = scoring.evaluate(lm, ev, GPT3, pool.iloc[0:0], progress=False)
-    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1, batch_size=8, lr=1e-3)
     vids = distill.answer_token_ids(lm.tokenizer, GPT3)
     rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)
     student, _ = distill.train_student(lm.model, lm.tokenizer, rows, cfg, vids)
@@ -44,7 +44,7 @@ def test_icl_memory_grows_with_k_and_a_student_matches_zero_shot(arch, tiny_lms)
 
 def test_checkpointing_lowers_the_measured_training_memory(setup):
     lm, ev, pool = setup
-    cfg = distill.DistillConfig(epochs=1, batch_size=16, lr=1e-3)
+    cfg = distill.DistillConfig(target="verbalizer", epochs=1, batch_size=16, lr=1e-3)
     t = distill.teacher_targets(lm, GPT3, data.sample_demonstrations(pool, 4, 0), ev, cfg)
     rows = distill.student_examples(lm.tokenizer, GPT3, ev, t, lm.max_context)
     vids = distill.answer_token_ids(lm.tokenizer, GPT3)
@@ -61,7 +61,7 @@ def test_training_step_memory_after_a_zero_gradient_step_equals_after_a_real_ste
     forward or backward); the measured bytes are those after a real first step, to the byte."""
     lm = tiny_lms[arch]
     _, pool = toy_data.frames(8, 48, 0, premise=(3, 16))
-    cfg = distill.DistillConfig(alpha=1.0, epochs=1, batch_size=8, lr=1e-3, mixed_precision=mixed_precision,
+    cfg = distill.DistillConfig(target="verbalizer", alpha=1.0, epochs=1, batch_size=8, lr=1e-3, mixed_precision=mixed_precision,
                                 lora_r=lora_r)
     vids = distill.answer_token_ids(lm.tokenizer, GPT3)
     rows = distill.student_examples(lm.tokenizer, GPT3, pool, None, lm.max_context)

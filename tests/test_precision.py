@@ -31,5 +31,5 @@ def test_bfloat16_rows_record_the_flips_float32_would_not_make(tmp_path, caplog)
         dl = (pa[["logp_label0", "logp_label1"]].to_numpy() - pb[["logp_label0", "logp_label1"]].to_numpy())
         assert b["fidelity_max_dlogp"] == abs(dl).max() > 0  # bfloat16 does move the scores
     cd = cd_sweep.run_cd_sweep(lm16, out16, CDPlan("gpt-3", ["toy"], [2], [0], 8, 0,
-                                                   distill.DistillConfig(epochs=1, batch_size=4), 1), ev)
+                                                   distill.DistillConfig(target="verbalizer", epochs=1, batch_size=4), 1), ev)
     assert (cd["fidelity_n"] == 8).all() and cd["fidelity_flip_rate"].between(0, 1).all()

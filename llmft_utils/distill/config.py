@@ -18,16 +18,19 @@ TRAIN_ATTENTION = ("auto", "eager", "sdpa")
 
 @dataclass
 class DistillConfig:
-    target: str = "verbalizer"  # verbalizer | topk | full
+    """The CD recipe. Its defaults are the study's recipe, chosen on the development split (docs/method.md,
+    ``make select-recipe``): the one place they are written; the profiles (and so the notebooks, the CLI and
+    ``llmft-study distill``) take them from here and state only what they change."""
+    target: str = "topk"  # verbalizer | topk | full
     topk: int = 20  # support size for target="topk"
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     beta: float = 0.5  # JSD mixture weight
     temperature: float = 1.0
     alpha: float = 0.0  # weight of the gold-label CE; 1.0 = PBFT
-    epochs: int = 2
+    epochs: int = 4
     batch_size: int = 8  # per process
     grad_accum: int = 1
-    lr: float = 1e-5
+    lr: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lr_schedule: str = "linear"  # constant | linear (warm-up, then linear decay to 0)

@@ -57,6 +57,9 @@ def support_logits(logits: torch.Tensor, kind: str, verbalizer_ids=None, topk_id
     if kind == "full":
         return logits
     if kind == "topk":
+        if topk_ids is None:
+            raise ValueError("target 'topk' needs the teacher's top-k token ids, and these training rows carry none: "
+                             "make them with teacher_targets(..., cfg) of the same recipe, or use target='verbalizer'")
         top = logits.gather(-1, topk_ids)
         lse_all = torch.logsumexp(logits, -1, keepdim=True)
         lse_top = torch.logsumexp(top, -1, keepdim=True)

@@ -22,9 +22,18 @@ CONTROL_METHODS = {"shuffled": "cd_shuffled", "self": "cd_self"}  # control stud
 
 def config_from_params(p: dict) -> DistillConfig:
     """The CD recipe from notebook parameters (a profile's, a notebook's ``globals()``, the CLI's)."""
-    return DistillConfig(target=p["target"], topk=p["topk"], loss=p["loss"], temperature=p["temperature"],
-                         alpha=p["alpha"], epochs=p["epochs"], batch_size=p["train_batch_size"], lr=p["lr"],
-                         lr_schedule=p["lr_schedule"], mixed_precision=p["mixed_precision"], lora_r=p["lora_r"])
+    return DistillConfig(**{field: p[param] for field, param in RECIPE_PARAMS.items()})
+
+
+RECIPE_PARAMS = {"target": "target", "topk": "topk", "loss": "loss", "temperature": "temperature", "alpha": "alpha",
+                 "epochs": "epochs", "batch_size": "train_batch_size", "lr": "lr", "lr_schedule": "lr_schedule",
+                 "mixed_precision": "mixed_precision", "lora_r": "lora_r"}  # DistillConfig field -> notebook parameter
+
+
+def recipe_params(cfg: DistillConfig) -> dict:
+    """The notebook parameters of a recipe: the inverse of :func:`config_from_params` (the profiles' recipe
+    is ``recipe_params(DistillConfig())``)."""
+    return {param: getattr(cfg, field) for field, param in RECIPE_PARAMS.items()}
 
 
 def _tuple(v):
