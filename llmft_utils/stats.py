@@ -138,3 +138,87 @@ def control_tests(student_pred, teacher_pred, zeroshot_margin, alpha: float = 0.
     out["beats_controls"] = bool(all(wins))
     out["controls_checked"] = ";".join(controls)
     return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control): with the m p-values sorted ascending,
+    ``p_(i) · (m − i + 1)``, made monotone by a running maximum and capped at 1; NaN stays NaN and does not
+    count in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m:
+        order = np.argsort(p[ok], kind="stable")
+        adj = np.maximum.accumulate(p[ok][order] * (m - np.arange(m)))
+        vals = np.empty(m)
+        vals[order] = np.minimum(adj, 1.0)
+        out[ok] = vals
+    return out
+
+
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (false-discovery-rate control): ``p_(i) · m / i``, made monotone
+    from the largest down and capped at 1; NaN stays NaN and does not count in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m:
+        order = np.argsort(p[ok], kind="stable")
+        adj = np.minimum.accumulate((p[ok][order] * m / np.arange(1, m + 1))[::-1])[::-1]
+        vals = np.empty(m)
+        vals[order] = np.minimum(adj, 1.0)
+        out[ok] = vals
+    return out
+
+
+def two_way_bootstrap(diff, n_boot: int = 4000, seed: int = 0, seeds: bool = True, examples: bool = True) -> np.ndarray:
+    """Bootstrap draws of the mean of ``diff`` (seeds × examples: a paired per-example difference for each data
+    seed, on the same examples), resampling seeds and examples independently, each with replacement (a
+    two-way cluster bootstrap: both the seed-to-seed and the example-to-example variation enter the
+    interval). ``seeds=False`` / ``examples=False`` hold that dimension fixed (the example-level and seed-level
+    intervals). Seeded: the same draws on every machine."""
+    d = np.asarray(diff, dtype=float)
+    if d.ndim != 2 or not d.size:
+        raise ValueError(f"diff must be seeds × examples with at least one value, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    s, n = d.shape
+    ws = rng.multinomial(s, np.full(s, 1 / s), size=n_boot) / s if seeds else np.full((n_boot, s), 1 / s)
+    we = rng.multinomial(n, np.full(n, 1 / n), size=n_boot) / n if examples else np.full((n_boot, n), 1 / n)
+    return np.einsum("bs,sn,bn->b", ws, d, we)
+
+
+def paired_contrast(diff, margin: float | None = None, n_boot: int = 4000, seed: int = 0) -> dict:
+    """Effect size and intervals of a paired difference ``diff`` (seeds × examples, e.g. ``correct_a −
+    correct_b`` per example and seed):
+
+    - ``estimate``: the mean over seeds and examples;
+    - ``ci_lo``/``ci_hi``: 95% percentile interval of the two-way bootstrap (:func:`two_way_bootstrap`), seeds
+      and examples resampled: the interval for the claim;
+    - ``ci_examples_lo/hi``: the same with the seeds held fixed (variation over examples only);
+    - ``ci_seeds_lo/hi``: 95% t-interval over the per-seed means (variation over seeds only; NaN for one seed);
+    - ``p``: two-sided bootstrap p-value of "no difference" (twice the smaller tail at 0, in [1/n_boot, 1]);
+    - with an equivalence ``margin`` δ (stated before the results): TOST, ``p_equivalence`` = the larger of
+      P(d ≥ δ) and P(d ≤ −δ) under the two-way bootstrap, ``equivalent`` when it is < 0.05 (the 90% interval
+      lies inside (−δ, δ)); ``p_not_worse`` = P(d ≤ −δ) for the one-sided "a not worse than b by δ"."""
+    from scipy.stats import t as student_t
+
+    d = np.asarray(diff, dtype=float)
+    both = two_way_bootstrap(d, n_boot, seed)
+    ex = two_way_bootstrap(d, n_boot, seed + 1, seeds=False)
+    means = d.mean(1)
+    out = {"estimate": float(d.mean()), "n_seeds": int(d.shape[0]), "n_examples": int(d.shape[1]),
+           "ci_lo": float(np.quantile(both, 0.025)), "ci_hi": float(np.quantile(both, 0.975)),
+           "ci_examples_lo": float(np.quantile(ex, 0.025)), "ci_examples_hi": float(np.quantile(ex, 0.975)),
+           "ci_seeds_lo": float("nan"), "ci_seeds_hi": float("nan"),
+           "p": float(min(1.0, max(2 * min((both <= 0).mean(), (both >= 0).mean()), 1 / n_boot)))}
+    if len(means) > 1:
+        h = student_t.ppf(0.975, len(means) - 1) * means.std(ddof=1) / np.sqrt(len(means))
+        out["ci_seeds_lo"], out["ci_seeds_hi"] = float(means.mean() - h), float(means.mean() + h)
+    if margin is not None:
+        lower, upper = float((both <= -margin).mean()), float((both >= margin).mean())
+        out.update({"margin": float(margin), "p_equivalence": max(lower, upper, 1 / n_boot),
+                    "p_not_worse": max(lower, 1 / n_boot)})
+        out["equivalent"] = bool(out["p_equivalence"] < 0.05)
+    return out

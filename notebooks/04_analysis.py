@@ -93,6 +93,31 @@ else:
     print("no calibrated columns in these rows (they predate them)")
 
 # %% [markdown]
+# ## The study's contrasts: effect sizes with intervals over seeds and examples
+#
+# Declared in code before any result (`llmft_utils.analysis.contrasts`: four primary contrasts, the
+# equivalence margin 0.05, the secondary ones): per evaluation set, the paired difference a − b on the same
+# examples (accuracy, or agreement with the ICL teacher), its 95% interval from a two-way cluster bootstrap
+# (seeds and examples resampled), the example-level and the seed-level (t over seeds) intervals in their own
+# columns, Holm-adjusted p within each family and, for "matches" claims, a TOST equivalence test. A verdict
+# needs the two-way and the seed-level intervals to exclude 0 and Holm p < 0.05; "equivalent" needs TOST p < 0.05
+# and the seed-level interval inside ±0.05; anything else is "undecided" (`contrasts.csv`).
+
+# %%
+from llmft_utils.analysis import contrasts
+
+con = contrasts.contrast_table(runs, out)
+if len(con):
+    schema.write_table(con, out / "contrasts.csv")
+    show = ["family", "contrast", "eval_set", "n_seeds", "n_examples", "estimate", "ci_lo", "ci_hi", "ci_examples_lo",
+            "ci_examples_hi", "ci_seeds_lo", "ci_seeds_hi", "p", "p_holm", "p_equivalence", "verdict"]
+    print(con[show].round(3).to_string(index=False))
+elif (out / "contrasts.csv").is_file():
+    print(schema.read_table(out / "contrasts.csv").to_string(index=False))
+else:
+    print("no contrast has its prediction files in these rows")
+
+# %% [markdown]
 # ## Does the student copy its teacher, per example?
 #
 # Agreement with the teacher (the ICL run with the same demonstrations) of the CD student, the zero-shot
@@ -117,9 +142,10 @@ print(checks[show].round(3).to_string(index=False))
 # %% [markdown]
 # ## ... and in distribution?
 #
-# Per example, KL(teacher ‖ student) against KL(teacher ‖ control student) over the verbalizers, with a
-# two-sided Wilcoxon signed-rank test of the paired differences (`closer_than_<control>`: lower mean KL at
-# p < 0.05; `distribution_checks.csv`). A student can be closer to its teacher's *probabilities* than a
+# Per example, KL(teacher ‖ student) against KL(teacher ‖ control) over the verbalizers, with a two-sided
+# Wilcoxon signed-rank test of the paired differences (`closer_than_<control>`: lower mean KL at p < 0.05;
+# `distribution_checks.csv`). The first control, for every student: the constant distribution at the teacher's
+# mean answer distribution (`teacher_mean`: the label bias, nothing per example); then the control students. A student can be closer to its teacher's *probabilities* than a
 # control without agreeing with more of its *labels*.
 
 # %%
@@ -137,14 +163,16 @@ else:
 #
 # Exact McNemar tests of "right after calibration" on the same examples, per seed: ICL against the
 # zero-shot model, and CD against the zero-shot model, its control students and PBFT
-# (`calibrated_checks.csv`). Counts of seeds significantly above / below at p < 0.05.
+# (`calibrated_checks.csv`). Counts of seeds significantly above / below at p < 0.05, raw and after Holm's
+# correction over every test of the table (one family: `p_holm`, `direction_holm`; `p_bh` for the FDR).
 
 # %%
 cal = tables.calibrated_checks(runs, out)
 if len(cal):
     schema.write_table(cal, out / "calibrated_checks.csv")
-    counts = (cal.groupby(["eval_set", "a", "b", "calibration"])["direction"].value_counts().unstack(fill_value=0))
-    print(counts.to_string())
+    for col in ("direction", "direction_holm"):
+        counts = (cal.groupby(["eval_set", "a", "b", "calibration"])[col].value_counts().unstack(fill_value=0))
+        print(f"{col} ({len(cal)} tests):\n{counts.to_string()}\n")
 elif (out / "calibrated_checks.csv").is_file():
     print(schema.read_table(out / "calibrated_checks.csv").to_string(index=False))
 else:

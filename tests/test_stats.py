@@ -80,3 +80,47 @@ def test_wilson_interval_is_scipys_at_the_same_z(k, n):
 
     ci = binomtest(k, n).proportion_ci(confidence_level=2 * norm.cdf(1.96) - 1, method="wilson")
     assert wilson_ci(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_holm_and_bh_against_reference_values():
+    from scipy.stats import false_discovery_control
+
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm by hand: sorted 0.005·4, 0.01·3, 0.03·2, 0.04·1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.benjamini_hochberg(p) == pytest.approx(false_discovery_control(p))
+    assert stats.benjamini_hochberg(p) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    withnan = stats.holm([0.01, np.nan, 0.04])  # NaN (not tested) does not count in m
+    assert withnan[0] == pytest.approx(0.02) and np.isnan(withnan[1]) and withnan[2] == pytest.approx(0.04)
+    assert (stats.holm([0.9, 0.8]) <= 1).all()
+
+
+def test_paired_contrast_intervals_by_source_of_variation():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.3, size=(1, 400))
+    same_seeds = np.repeat(0.1 + noise, 3, axis=0)  # three identical seeds: no seed variation
+    r = stats.paired_contrast(same_seeds, n_boot=2000)
+    assert r["estimate"] == pytest.approx(0.1 + noise.mean())
+    assert r["ci_seeds_lo"] == pytest.approx(r["ci_seeds_hi"])  # seed-level interval has zero width
+    assert r["ci_lo"] < r["estimate"] < r["ci_hi"] and r["ci_examples_lo"] < r["estimate"] < r["ci_examples_hi"]
+    assert r["p"] < 0.01
+    shifted = same_seeds + np.array([[-0.3], [0.0], [0.3]])  # seeds now disagree by ±0.3
+    s = stats.paired_contrast(shifted, n_boot=2000)
+    assert s["ci_seeds_hi"] - s["ci_seeds_lo"] > 1.0  # t over 3 seeds sees it
+    assert s["ci_hi"] - s["ci_lo"] > 3 * (r["ci_hi"] - r["ci_lo"])  # the two-way bootstrap sees it too
+    assert s["ci_examples_hi"] - s["ci_examples_lo"] == pytest.approx(r["ci_examples_hi"] - r["ci_examples_lo"], rel=0.2)
+    assert stats.paired_contrast(np.zeros((2, 10)), n_boot=100)["p"] == 1.0  # no difference at all: p = 1, not 2
+    one = stats.paired_contrast(same_seeds[:1], n_boot=500)
+    assert np.isnan(one["ci_seeds_lo"]) and one["n_seeds"] == 1
+
+
+def test_equivalence_needs_the_interval_inside_the_margin():
+    rng = np.random.default_rng(1)
+    tight = rng.choice([-1.0, 0.0, 1.0], p=[0.02, 0.96, 0.02], size=(3, 2000))  # |mean| ~ 0, little spread
+    assert stats.paired_contrast(tight, margin=0.05, n_boot=2000)["equivalent"]
+    loose = rng.choice([-1.0, 0.0, 1.0], p=[0.3, 0.4, 0.3], size=(3, 40))  # mean ~ 0 but 40 noisy examples
+    r = stats.paired_contrast(loose, margin=0.05, n_boot=2000)
+    assert not r["equivalent"] and r["p_equivalence"] > 0.05  # absence of evidence is not equivalence
+    assert stats.two_way_bootstrap(tight, 100, seed=3).tolist() == stats.two_way_bootstrap(tight, 100, seed=3).tolist()
+    with pytest.raises(ValueError, match="seeds × examples"):
+        stats.two_way_bootstrap(np.zeros(5))

@@ -234,7 +234,7 @@ def read_predictions(results_root, f):
     return _PREDICTIONS[key].copy()
 
 
-def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
+def partner_rows(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
     """The rows of ``method`` that a paired test of row ``r`` compares with, on the same model, pattern,
     evaluation set and dtype: the zero-shot run; the ICL teacher of the same k and seed; the PBFT student of
     the same training task and seed; the control students of the same training task and seed trained for
@@ -254,40 +254,64 @@ def _partner(runs: pd.DataFrame, method: str, r) -> pd.DataFrame:
     return sel if method == "pbft" else sel[sel["k"] == r["k"]]
 
 
-def _partner_predictions(runs, method, r, results_root):
-    rows = _partner(runs, method, r)
+def partner_predictions(runs, method, r, results_root):
+    rows = partner_rows(runs, method, r)
     return read_predictions(results_root, rows["predictions_file"].iloc[-1]) if len(rows) else None
 
 
 def distribution_checks(runs: pd.DataFrame, results_root) -> pd.DataFrame:
-    """Transfer *in distribution*, per CD student and evaluation set, against the control students trained
-    beside it: per example, KL(teacher ‖ student) and KL(teacher ‖ control) over the verbalizers (from the
+    """Transfer *in distribution*, per CD student and evaluation set, against the constant distribution at the
+    teacher's mean (:func:`teacher_mean_check`, every student) and the control students trained beside it: per example, KL(teacher ‖ student) and KL(teacher ‖ control) over the verbalizers (from the
     prediction files), their means, and a two-sided Wilcoxon signed-rank test of the paired differences
     (``kl_p_vs_<control>``); ``closer_than_<control>``: the student's mean KL is lower at p < 0.05. Rows whose
     prediction files are missing are left out (a checkout with the tables only)."""
-    from scipy.stats import wilcoxon
-
-
     out = []
     for _, r in runs[runs["method"] == "cd"].iterrows():
-        tp, sp = _partner_predictions(runs, "icl", r, results_root), read_predictions(results_root, r["predictions_file"])
+        tp, sp = partner_predictions(runs, "icl", r, results_root), read_predictions(results_root, r["predictions_file"])
         if tp is None or sp is None:
             continue
         row = {c: r[c] for c in ("model", "pattern", "eval_set", "train_task", "k", "seed", "config")}
+        row.update(teacher_mean_check(tp, sp))
         for name, method in (("shuffled", "cd_shuffled"), ("self", "cd_self")):
-            cp = _partner_predictions(runs, method, r, results_root)
+            cp = partner_predictions(runs, method, r, results_root)
             if cp is None:
                 continue
             idx = sp.index[~(sp["skipped"] | tp.loc[sp.index, "skipped"] | cp.loc[sp.index, "skipped"])]
             lt = verbalizer_logp(tp.loc[idx])
             kl_s = kl_per_example(lt, verbalizer_logp(sp.loc[idx]))
             kl_c = kl_per_example(lt, verbalizer_logp(cp.loc[idx]))
-            pval = float(wilcoxon(kl_s, kl_c).pvalue) if np.any(kl_s != kl_c) else 1.0
+            pval, closer = paired_kl_test(kl_s, kl_c)
             row.update({"kl_student": float(kl_s.mean()), f"kl_{name}": float(kl_c.mean()),
-                        f"kl_p_vs_{name}": pval, f"closer_than_{name}": bool(kl_s.mean() < kl_c.mean() and pval < 0.05)})
-        if len(row) > 7:
-            out.append(row)
+                        f"kl_p_vs_{name}": pval, f"closer_than_{name}": closer})
+        out.append(row)
     return pd.DataFrame(out)
+
+
+def teacher_mean_check(teacher: pd.DataFrame, student: pd.DataFrame) -> dict:
+    """The first control of a distribution claim: the constant answer distribution at the teacher's mean (over
+    the evaluation set's examples) knows the teacher's label bias and nothing per example. Per example
+    KL(teacher ‖ student) against KL(teacher ‖ that constant), with a two-sided Wilcoxon signed-rank test:
+    ``kl_teacher_mean``, ``kl_p_vs_teacher_mean``, ``closer_than_teacher_mean`` (lower mean KL at p < 0.05)."""
+    idx = student.index[~(student["skipped"] | teacher.loc[student.index, "skipped"])]
+    lt = verbalizer_logp(teacher.loc[idx])
+    kl_s = kl_per_example(lt, verbalizer_logp(student.loc[idx]))
+    mean = np.log(np.exp(lt).mean(0, keepdims=True))
+    kl_c = kl_per_example(lt, np.broadcast_to(mean, lt.shape))
+    pval, closer = paired_kl_test(kl_s, kl_c)
+    return {"kl_student": float(kl_s.mean()), "kl_teacher_mean": float(kl_c.mean()), "kl_p_vs_teacher_mean": pval,
+            "closer_than_teacher_mean": closer}
+
+
+def paired_kl_test(kl_a, kl_b, tol: float = 1e-12) -> tuple[float, bool]:
+    """``(p, closer)``: a two-sided Wilcoxon signed-rank test of paired per-example KLs, differences within
+    ``tol`` counted as ties (rounding, not evidence: an exact copy would otherwise test 'significant'), and
+    whether ``a``'s mean KL is lower by more than ``tol`` at p < 0.05."""
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(kl_a, float) - np.asarray(kl_b, float)
+    d[np.abs(d) < tol] = 0.0
+    pval = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return pval, bool(d.mean() < -tol and pval < 0.05)
 
 
 CALIBRATED_PAIRS = (("icl", "zero-shot"), ("cd", "zero-shot"), ("cd", "cd_shuffled"), ("cd", "cd_self"), ("cd", "pbft"),
@@ -299,11 +323,12 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
     McNemar test of "right after calibration" (``pred_<kind>`` of the prediction files) for each pair in
     :data:`CALIBRATED_PAIRS` (ICL vs zero-shot; CD vs zero-shot, the control students and PBFT of the same
     seed). One row per (pair, kind, seed): both accuracies, the discordant counts, ``p`` and ``direction``
-    (``above``/``below`` at p < 0.05, else ``n.s.``). Rows without calibrated predictions are left out."""
+    (``above``/``below`` at p < 0.05, else ``n.s.``), and the same after Holm's correction over the whole table
+    (:func:`with_adjusted_p`). Rows without calibrated predictions are left out."""
     out = []
     for a_method, b_method in CALIBRATED_PAIRS:
         for _, r in runs[runs["method"] == a_method].iterrows():
-            pa, pb = read_predictions(results_root, r["predictions_file"]), _partner_predictions(runs, b_method, r, results_root)
+            pa, pb = read_predictions(results_root, r["predictions_file"]), partner_predictions(runs, b_method, r, results_root)
             if pa is None or pb is None:
                 continue
             for kind in kinds:
@@ -318,7 +343,19 @@ def calibrated_checks(runs: pd.DataFrame, results_root, kinds=("batch", "context
                             "acc_a": float(ra.mean()), "acc_b": float(rb.mean()), "only_a": t["only_a"],
                             "only_b": t["only_b"], "p": t["p"],
                             "direction": _direction(t["only_a"], t["only_b"], t["p"])})
-    return pd.DataFrame(out)
+    return with_adjusted_p(pd.DataFrame(out))
+
+
+def with_adjusted_p(checks: pd.DataFrame) -> pd.DataFrame:
+    """A table of paired tests with the family-wise and false-discovery corrections over all its rows (one
+    family): ``p_holm`` (Holm), ``p_bh`` (Benjamini-Hochberg) and ``direction_holm`` (the verdict at Holm p)."""
+    if not len(checks):
+        return checks
+    from ..stats import benjamini_hochberg, holm
+
+    checks = checks.assign(p_holm=holm(checks["p"]), p_bh=benjamini_hochberg(checks["p"]))
+    checks["direction_holm"] = [_direction(a, b, p) for a, b, p in zip(checks["only_a"], checks["only_b"], checks["p_holm"])]
+    return checks
 
 
 def _direction(only_a, only_b, p, alpha: float = 0.05) -> str:
@@ -343,12 +380,12 @@ def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
     and ``<a>_vs_<b>``: above / below at p < 0.05, n.s., or not tested)."""
     out = []
     for _, r in runs[runs["method"] == "cd_ensemble"].iterrows():
-        part = {m: _partner(runs, m, r) for m in ("icl_ensemble", "cd", "zero-shot")}
+        part = {m: partner_rows(runs, m, r) for m in ("icl_ensemble", "cd", "zero-shot")}
         # single-prompt ICL: the run of icl_k, which the McNemar tests compared with (k where icl_k is absent)
         at_icl_k = r.copy()
         if pd.notna(r.get("icl_k")):
             at_icl_k["k"] = r["icl_k"]
-        part["icl"] = _partner(runs, "icl", at_icl_k)
+        part["icl"] = partner_rows(runs, "icl", at_icl_k)
         row = {c: r[c] for c in ("eval_set", "train_task", "k", "seed")}
         row.update({"m": int(r["ensemble_m"]), "total_demos": int(r["ensemble_m"] * r["k"]), "icl_k": r.get("icl_k")})
         for name, rows_ in (("zeroshot", part["zero-shot"]), ("icl", part["icl"]), ("icl_ensemble", part["icl_ensemble"]),

@@ -193,6 +193,11 @@ CHECKS = {s.name: s for s in [  # notebook 04's tables
         "acc_icl_ensemble"), migrations=_SAME),
     TableSchema("break_even.csv", 2, {**_GROUP, **cols(
         "int: n_seeds n_students; float: s_per_query_icl s_per_query_student cd_once_s break_even_cached")}, migrations=_SAME),
+    TableSchema("contrasts.csv", 2, cols(
+        "str: family contrast a b measure column model pattern eval_set train_task config seeds verdict; "
+        "int: k n_seeds n_examples; float: estimate ci_lo ci_hi ci_examples_lo ci_examples_hi ci_seeds_lo ci_seeds_hi "
+        "p p_holm"), optional=cols("float: margin p_equivalence p_not_worse; bool: equivalent; str: question"),
+        migrations=_SAME),
     TableSchema("hans_subcases.csv", 2, cols(
         "str: run_key method_label train_task heuristic subcase; int: k seed label n; float: acc"), migrations=_SAME),
 ]}
