@@ -74,8 +74,9 @@ capability-matrix: venv  ## the smoke profile under five CPU kernel settings: th
 select-recipe: venv  ## choose the CD recipe on the development split (about 16 min; writes results/recipe_selection/)
 	$(PY) tools/select_recipe.py --profile $(PROFILE) --out results/recipe_selection
 
-bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio)
+bench: venv  ## prefix-reuse vs full-prompt ICL scoring (prints the speed ratio), then the achieved GFLOP/s of scoring and a training step against this host's matmul peak (float32, bf16)
 	$(PY) benchmarks/bench_prefix_reuse.py --k 16 --n 64
+	$(PY) benchmarks/bench_efficiency.py --n 64 --k 16 --json benchmarks/results/efficiency-$$(date +%F).json
 
 bench-cd: venv  ## CD training throughput: cached+batched teacher vs online teacher, 1 example/step (prints the ratio)
 	$(PY) benchmarks/bench_cd_throughput.py

@@ -232,6 +232,28 @@ def _cross_checks(values: dict) -> list[str]:
     return errs
 
 
+def precision_warnings(values: dict) -> list[str]:
+    """What a run's bfloat16 settings cost on this machine, said before it starts: on a CPU without native bf16
+    (:func:`probes.cpu_has_native_bf16`) bf16 autocast training and bf16 scoring are several times slower than
+    float32, not faster. Warnings, not errors: the run is valid, only slow."""
+    import torch
+
+    from .probes import cpu_has_native_bf16
+
+    on_cpu = values.get("device") == "cpu" or (values.get("device") in ("auto", None) and not torch.cuda.is_available())
+    if not on_cpu or cpu_has_native_bf16():
+        return []
+    out = []
+    if values.get("mixed_precision") == "bf16":
+        out.append("mixed_precision=bf16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): bf16-autocast "
+                   "training runs about 24x slower than float32 here (make bench); --set mixed_precision=no trains in "
+                   "float32 (another recipe, so its students are trained anew)")
+    if values.get("dtype") == "bfloat16":
+        out.append("dtype=bfloat16 on a CPU without native bfloat16: scoring runs about 7x slower than float32 here "
+                   "(make bench); --set dtype=float32")
+    return out
+
+
 def plan_checks(values: dict, notebooks) -> list[str]:
     """Problems between parameters of notebooks run together: 03 needs the ICL rows of 02 (its zero-shot
     run and one teacher per CD k and seed)."""

@@ -214,6 +214,11 @@ def run_profile(profile: str, overrides: dict, only=None, force: bool = False, l
     params = resolve_params(profile, overrides, force)
     nbs = select_notebooks(only)
     check_run(params, nbs)
+    if any(n[:2] in ("02", "03") for n in nbs):
+        from .params import precision_warnings
+
+        for w in precision_warnings(params):
+            print(f"warning: {w}", file=sys.stderr, flush=True)
     out_dir = results_dir(params["results_dir"], params["profile"])
     params["results_dir"] = repo_relative(out_dir)  # results/<profile> inside the checkout: the same on every machine
     os.environ[PIPELINE_PID_ENV] = str(os.getpid())  # kernels refuse to write once this process is gone

@@ -186,6 +186,16 @@ def device_capability(device: str) -> str:
     return torch.backends.cpu.get_cpu_capability() + (f"[{isa}]" if isa else "")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX: oneDNN's bf16 kernels). Without it bf16
+    runs through conversions: on an AVX2-only AMD EPYC, bf16 scoring took 7x and a bf16-autocast training step
+    24x the float32 time (benchmarks/results/efficiency-2026-12-06-epyc-avx2.json). True when torch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 @dataclass
 class TensorMemory:
     peak_mb: float = float("nan")  # weights (+ optimizer states) + the block's own tensors at their peak
