@@ -483,7 +483,9 @@ def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(
 
     dist = tables.distribution_checks(tables.unify(icl_rows, rows), out)  # in distribution, per example
     d4 = dist[dist["k"] == 4].iloc[0]
-    assert d4["kl_student"] == pytest.approx(cd4["kl_teacher_student"]) and len(dist) == 1  # k=2 has no control
+    assert d4["kl_student"] == pytest.approx(cd4["kl_teacher_student"]) and len(dist) == 2
+    d2 = dist[dist["k"] == 2].iloc[0]  # no control students at k=2: the teacher-mean constant only
+    assert np.isnan(d2["kl_shuffled"]) and d2["kl_teacher_mean"] >= 0 and 0 <= d2["kl_p_vs_teacher_mean"] <= 1
     for name in ("shuffled", "self"):
         assert d4[f"kl_{name}"] == pytest.approx(cd4[f"kl_teacher_{name}"]) and 0 <= d4[f"kl_p_vs_{name}"] <= 1
         assert d4[f"closer_than_{name}"] == (d4["kl_student"] < d4[f"kl_{name}"] and d4[f"kl_p_vs_{name}"] < 0.05)
