@@ -140,37 +140,31 @@ def control_tests(student_pred, teacher_pred, zeroshot_margin, alpha: float = 0.
     return out
 
 
-def holm(pvalues) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error control): with the m p-values sorted ascending,
-    ``p_(i) · (m − i + 1)``, made monotone by a running maximum and capped at 1; NaN stays NaN and does not
-    count in m."""
+def _adjusted(pvalues, step) -> np.ndarray:
+    """``step(sorted_p, m)`` applied to the non-NaN p-values in ascending order, capped at 1, put back in place."""
     p = np.asarray(pvalues, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = ~np.isnan(p)
     m = int(ok.sum())
     if m:
         order = np.argsort(p[ok], kind="stable")
-        adj = np.maximum.accumulate(p[ok][order] * (m - np.arange(m)))
         vals = np.empty(m)
-        vals[order] = np.minimum(adj, 1.0)
+        vals[order] = np.minimum(step(p[ok][order], m), 1.0)
         out[ok] = vals
     return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control): with the m p-values sorted ascending,
+    ``p_(i) · (m − i + 1)``, made monotone by a running maximum and capped at 1; NaN stays NaN and does not
+    count in m."""
+    return _adjusted(pvalues, lambda p, m: np.maximum.accumulate(p * (m - np.arange(m))))
 
 
 def benjamini_hochberg(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false-discovery-rate control): ``p_(i) · m / i``, made monotone
     from the largest down and capped at 1; NaN stays NaN and does not count in m."""
-    p = np.asarray(pvalues, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m:
-        order = np.argsort(p[ok], kind="stable")
-        adj = np.minimum.accumulate((p[ok][order] * m / np.arange(1, m + 1))[::-1])[::-1]
-        vals = np.empty(m)
-        vals[order] = np.minimum(adj, 1.0)
-        out[ok] = vals
-    return out
+    return _adjusted(pvalues, lambda p, m: np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1])
 
 
 def two_way_bootstrap(diff, n_boot: int = 4000, seed: int = 0, seeds: bool = True, examples: bool = True) -> np.ndarray:
