@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import holm, paired_contrast
-from .tables import partner_rows, read_predictions
+from .tables import partner_predictions, read_predictions
 
 EQUIVALENCE_MARGIN = 0.05  # accuracy (or agreement) points: "matches" means |a − b| < 0.05, fixed before any result
 N_BOOT = 4000
@@ -95,12 +95,8 @@ def difference_matrix(runs: pd.DataFrame, rows: pd.DataFrame, c: Contrast, resul
     per_seed = {}
     for _, r in rows.sort_values("seed").iterrows():
         pa = read_predictions(results_root, r["predictions_file"])
-        partner = partner_rows(runs, c.b, r)
-        pb = read_predictions(results_root, partner["predictions_file"].iloc[-1]) if len(partner) else None
-        teacher = None
-        if c.measure == "agrees":
-            t = partner_rows(runs, "icl", r)
-            teacher = read_predictions(results_root, t["predictions_file"].iloc[-1]) if len(t) else None
+        pb = partner_predictions(runs, c.b, r, results_root)
+        teacher = partner_predictions(runs, "icl", r, results_root) if c.measure == "agrees" else None
         if pa is None or pb is None or (c.measure == "agrees" and teacher is None):
             return np.empty((0, 0)), []
         per_seed[int(r["seed"])] = _scores(pa, teacher, c) - _scores(pb, teacher, c).reindex(pa.index)

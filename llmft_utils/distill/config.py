@@ -18,9 +18,10 @@ TRAIN_ATTENTION = ("auto", "eager", "sdpa")
 
 @dataclass
 class DistillConfig:
-    """The CD recipe. Its defaults are the study's recipe, chosen on the development split (docs/method.md,
-    ``make select-recipe``): the one place they are written; the profiles (and so the notebooks, the CLI and
-    ``llmft-study distill``) take them from here and state only what they change."""
+    """The CD recipe. Its defaults are the study's recipe (the target chosen on the development split by ``make
+    select-recipe``; the rest set earlier, docs/method.md says how): the one place they are written; the profiles
+    (and so the notebooks, the CLI and ``llmft-study distill``) take them from here and state only what they
+    change."""
     target: str = "topk"  # verbalizer | topk | full
     topk: int = 20  # support size for target="topk"
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
