@@ -90,10 +90,8 @@ def main() -> None:
         peak = matmul_peak(a.matmul, tdtype, a.repeats)
         lm = models.load_model(a.model, device="cpu", dtype=dtype)
         rows = {
-            "scoring k=0": lambda: scoring.evaluate(lm, ev, pat, ev.iloc[0:0], progress=False, memory=False,
-                                                    calibration=False),
-            f"scoring k={a.k}": lambda: scoring.evaluate(lm, ev, pat, demos, progress=False, memory=False,
-                                                         calibration=False),
+            "scoring k=0": lambda: scoring.evaluate(lm, ev, pat, ev.iloc[0:0], progress=False, extras=()),
+            f"scoring k={a.k}": lambda: scoring.evaluate(lm, ev, pat, demos, progress=False, extras=()),
         }
         base = models.load_model(a.model, device="cpu", dtype="float32") if dtype != "float32" else lm
         examples = distill.student_examples(base.tokenizer, pat, ev.head(a.train_n), None, base.max_context)

@@ -67,10 +67,10 @@ def model_check(a) -> dict:
         for kernel in ("fused", "math"):
             scoring.attention.SPLIT_KERNEL = kernel
             scoring.tokens._rows_cache.clear()
-            scoring.evaluate(lm, ev.head(16), pat, demos, progress=False, memory=False)  # warm-up
+            scoring.evaluate(lm, ev.head(16), pat, demos, progress=False, extras=("calibration",))  # warm-up
             _sync(a.device)
             t0 = time.perf_counter()
-            m, p = scoring.evaluate(lm, ev, pat, demos, progress=False, memory=False, max_tokens=a.max_tokens)
+            m, p = scoring.evaluate(lm, ev, pat, demos, progress=False, extras=("calibration",), max_tokens=a.max_tokens)
             _sync(a.device)
             got[kernel] = (m, p, time.perf_counter() - t0)
         scoring.attention.SPLIT_KERNEL = "auto"

@@ -36,7 +36,7 @@ def _variants(ev: pd.DataFrame, seed: int = 0) -> dict:
 
 
 def _scores(lm, frame, pattern, demos, **kw) -> pd.DataFrame:
-    _, preds = scoring.evaluate(lm, frame, pattern, demos, progress=False, memory=False, calibration=False, **kw)
+    _, preds = scoring.evaluate(lm, frame, pattern, demos, progress=False, extras=(), **kw)
     return preds.set_index("idx")
 
 

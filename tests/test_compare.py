@@ -159,8 +159,8 @@ def test_teacher_cache_key_holds_weights_versions_and_capability(tiny_lms):
     rt = distill.teacher_runtime(lm)
     assert set(rt) == {"weights_sha256", "torch", "transformers", "capability"}
     assert rt["capability"].startswith(torch.backends.cpu.get_cpu_capability())
-    key = lambda runtime: distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, distill.DistillConfig(target="verbalizer"),
-                                                    "float32", "cpu", runtime=runtime)
+    key = lambda runtime: distill.teacher_cache_key(distill.TeacherModel("tiny", "float32", "cpu", runtime), "rte", "gpt-3", 4,
+                                                    0, demos, ev, distill.DistillConfig(target="verbalizer"))
     base = key(rt)
     assert key(dict(rt)) == base
     for field, other in (("weights_sha256", "0" * 64), ("torch", "2.99.0"), ("transformers", "5.99.0"),
@@ -173,12 +173,10 @@ def test_a_cache_from_another_capability_is_recomputed(tiny_lms, tmp_path, monke
     ev, pool = toy_data.frames(4, 20)
     demos = data.sample_demonstrations(pool, 4, seed=0, exclude=ev)
     lm, cfg, pat = tiny_lms["llama"], distill.DistillConfig(target="verbalizer"), patterns.get_pattern("gpt-3")
-    k1 = distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, cfg, "float32", "cpu",
-                                   runtime=distill.teacher_runtime(lm))
-    assert not distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k1)["cache_hit"]
-    assert distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k1)["cache_hit"]
+    k1 = distill.teacher_cache_key(distill.TeacherModel.of(lm, "tiny"), "rte", "gpt-3", 4, 0, demos, ev, cfg)
+    assert not distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k1))["cache_hit"]
+    assert distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k1))["cache_hit"]
     monkeypatch.setattr(probes, "device_capability", lambda device: _other_capability())
-    k2 = distill.teacher_cache_key("tiny", "rte", "gpt-3", 4, 0, demos, ev, cfg, "float32", "cpu",
-                                   runtime=distill.teacher_runtime(lm))
-    assert k2 != k1 and not distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k2)["cache_hit"]
-    assert np.isfinite(distill.teacher_targets(lm, pat, demos, ev, cfg, tmp_path, k2)["logp"].numpy()).all()
+    k2 = distill.teacher_cache_key(distill.TeacherModel.of(lm, "tiny"), "rte", "gpt-3", 4, 0, demos, ev, cfg)
+    assert k2 != k1 and not distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k2))["cache_hit"]
+    assert np.isfinite(distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k2))["logp"].numpy()).all()

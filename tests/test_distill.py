@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from llmft_utils.study import cd_sweep, icl_sweep, paired
 from llmft_utils.study.plan import CDPlan, EnsembleSpec, EvalOptions, ICLPlan
 
 GPT3 = patterns.get_pattern("gpt-3")
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 
 
 def _logp(*rows):
@@ -235,8 +237,8 @@ def test_teacher_ensemble_is_the_mixture_of_its_prompts_projected_like_one_teach
     with pytest.raises(ValueError, match="combine"):
         distill.teacher_targets(tiny, GPT3, sets[:2], ev, distill.DistillConfig(target="verbalizer"), combine="median")
     # the key: every set and the rule enter it; a single teacher's key is unchanged by the new arguments
-    kw = dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=1, examples=ev, cfg=distill.DistillConfig(target="verbalizer"),
-              dtype="float32", device="cpu")
+    kw = dict(model=distill.TeacherModel("tiny"), task="rte", pattern="gpt-3", k=4, seed=1, examples=ev,
+              cfg=distill.DistillConfig(target="verbalizer"))
     keys = {distill.teacher_cache_key(demos=sets[0], **kw), distill.teacher_cache_key(demos=sets[:1], **kw),
             distill.teacher_cache_key(demos=sets[:2], **kw), distill.teacher_cache_key(demos=sets[:2], combine="logprob", **kw),
             distill.teacher_cache_key(demos=sets[::-1][:2], **kw)}
@@ -250,18 +252,18 @@ def test_teacher_cache_hit_and_invalidation(tiny, tmp_path):
     ev, pool = _frames(6)
     demos = data.sample_demonstrations(pool, 4, seed=0)
     cfg = distill.DistillConfig(target="topk", topk=5)
-    key = lambda **kw: distill.teacher_cache_key(**{**dict(model_id="tiny", task="rte", pattern="gpt-3", k=4, seed=0,
-                                                            demos=demos, examples=ev, cfg=cfg, dtype="float32",
-                                                            device="cpu"), **kw})
+    key = lambda **kw: distill.teacher_cache_key(**{**dict(model=distill.TeacherModel("tiny"), task="rte", pattern="gpt-3",
+                                                            k=4, seed=0, demos=demos, examples=ev, cfg=cfg), **kw})
     k0 = key()
-    a = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
-    b = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, k0)
+    a = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, k0))
+    b = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, k0))
     assert not a["cache_hit"] and b["cache_hit"]
     assert torch.equal(a["logp"], b["logp"]) and torch.equal(a["topk_ids"], b["topk_ids"])
     assert a["logp"].shape == (6, 6)  # top-5 + rest
     changed = [key(k=16), key(seed=1), key(demos=demos.iloc[::-1]), key(examples=ev.iloc[:5]),
                key(cfg=distill.DistillConfig(target="verbalizer")), key(cfg=distill.DistillConfig(target="topk", topk=5, temperature=2.0)),
-               key(model_id="other")]
+               key(model=distill.TeacherModel("other")), key(model=distill.TeacherModel("tiny", "bfloat16")),
+               key(model=distill.TeacherModel("tiny", device="cuda:0"))]
     assert len({k0, *changed}) == len(changed) + 1
 
 
@@ -442,6 +444,11 @@ def test_cd_sweep_end_to_end_rows_predictions_and_training_log(tmp_path):
     assert cd_log["lr"].max() == pytest.approx(1e-3)  # the linear schedule peaks at cfg.lr
     again = cd_sweep.run_cd_sweep(lm, out, CDPlan("gpt-3", ["toy"], [2], [0], 8, 2, cfg, 1), EvalOptions(force=True, progress=False))
     assert len(pd.read_csv(out / "train_log.csv")) == len(log) and len(again) == 2  # a rerun replaces, never adds
+    # every row's first columns (study/rows.py and the sweeps) in the order of the committed reference run; later
+    # columns depend on which comparisons a table's rows have
+    for table, last in (("icl.csv", "predictions_file"), ("cd.csv", "zeroshot_acc")):
+        fresh, ref = (list(pd.read_csv(f / table, nrows=0).columns) for f in (out, REFERENCE))
+        assert fresh[:fresh.index(last) + 1] == ref[:ref.index(last) + 1], table
 
 
 def test_control_students_shuffled_and_self_and_the_cd_rows_tested_against_them(tmp_path, monkeypatch):
@@ -531,7 +538,7 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     pool = pool.set_index(pool["idx"].astype(str), drop=False)
     member_lp = []
     for ids in sets:
-        _, p = scoring.evaluate(lm, ev, GPT3, pool.loc[ids], progress=False, memory=False, calibration=False)
+        _, p = scoring.evaluate(lm, ev, GPT3, pool.loc[ids], progress=False, extras=())
         member_lp.append(p[["logp_label0", "logp_label1"]].to_numpy())
     mix = np.log(np.mean(np.exp(member_lp), 0))
     got = pd.read_parquet(out / ens["predictions_file"])

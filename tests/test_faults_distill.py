@@ -33,8 +33,8 @@ def _frames(n=6, n_pool=12, seed=0):
 
 def _key(lm, demos, ev, cfg, pattern=GPT3, seed=0, dtype=None, device=None):
     """The key as run_cd_sweep builds it."""
-    return distill.teacher_cache_key(f"{lm.name}:{lm.source}", "rte", pattern, len(demos), seed, demos, ev, cfg,
-                                     dtype or lm.dtype, device or lm.device)
+    model = distill.TeacherModel(f"{lm.name}:{lm.source}", dtype or lm.dtype, device or lm.device)
+    return distill.teacher_cache_key(model, "rte", pattern, len(demos), seed, demos, ev, cfg)
 
 
 # ----------------------------------------------------------------------------- teacher cache
@@ -46,7 +46,7 @@ def test_the_same_teacher_targets_are_the_same_bytes(tiny, tmp_path):
     demos = data.sample_demonstrations(pool, 2, seed=0, exclude=ev)
     key = _key(tiny, demos, ev, TOPK)
     for sub in ("a", "b"):
-        distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path / sub, key)
+        distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, distill.TeacherCache(tmp_path / sub, key))
     assert (tmp_path / "a" / f"{key}.pt").read_bytes() == (tmp_path / "b" / f"{key}.pt").read_bytes()
 
 
@@ -79,23 +79,23 @@ def test_bad_cache_file_is_recomputed_with_a_warning(tiny, tmp_path, caplog, dam
     fresh = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK)
     key = _key(tiny, demos, ev, TOPK)
     path = tmp_path / f"{key}.pt"
-    distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path, key)
+    distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, distill.TeacherCache(tmp_path, key))
 
     def other():  # a valid file of the same n under another key (other demonstrations)
         d1 = data.sample_demonstrations(pool, 4, seed=1)
-        written = distill.teacher_targets(tiny, GPT3, d1, ev, TOPK, tmp_path, _key(tiny, d1, ev, TOPK, seed=1))
+        written = distill.teacher_targets(tiny, GPT3, d1, ev, TOPK, distill.TeacherCache(tmp_path, _key(tiny, d1, ev, TOPK, seed=1)))
         return Path(written["path"])
 
     hurt, reason = DAMAGE[damage]
     hurt(path, other)
     with caplog.at_level(logging.WARNING, logger="llmft_utils.distill.teacher"), \
             pytest.warns(RuntimeWarning, match=re.escape(str(path)) + f".*{reason}"):
-        got = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path, key)
+        got = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, distill.TeacherCache(tmp_path, key))
     assert any(str(path) in r.getMessage() and reason in r.getMessage() for r in caplog.records
                if r.name == "llmft_utils.distill.teacher")
     assert not got["cache_hit"]
     assert torch.equal(got["logp"], fresh["logp"]) and torch.equal(got["topk_ids"], fresh["topk_ids"])
-    again = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, tmp_path, key)
+    again = distill.teacher_targets(tiny, GPT3, demos, ev, TOPK, distill.TeacherCache(tmp_path, key))
     assert again["cache_hit"] and torch.equal(again["logp"], fresh["logp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
 
@@ -107,10 +107,10 @@ def test_force_recomputes_a_valid_cache_file(tiny, tmp_path, target):
     demos = data.sample_demonstrations(pool, 4, seed=0)
     cfg = distill.DistillConfig(target=target)
     key = _key(tiny, demos, ev, cfg)
-    first = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, key)
-    assert distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, key)["cache_hit"]
+    first = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, key))
+    assert distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, key))["cache_hit"]
     inode = os.stat(first["path"]).st_ino
-    forced = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, key, force=True)
+    forced = distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, key, force=True))
     assert not forced["cache_hit"] and torch.equal(forced["logp"], first["logp"])
     assert os.stat(forced["path"]).st_ino != inode  # a new file, renamed over the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.pt"]
@@ -144,7 +144,7 @@ def test_non_finite_teacher_outputs_raise_and_cache_nothing(tiny, tmp_path):
     demos = data.sample_demonstrations(pool, 4, seed=0)
     cfg = distill.DistillConfig(target="full", temperature=1e-5)
     with pytest.raises(FloatingPointError, match=r"stored as float16\) are non-finite for 6 of 6 examples"):
-        distill.teacher_targets(tiny, GPT3, demos, ev, cfg, tmp_path, _key(tiny, demos, ev, cfg))
+        distill.teacher_targets(tiny, GPT3, demos, ev, cfg, distill.TeacherCache(tmp_path, _key(tiny, demos, ev, cfg)))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -55,9 +55,12 @@ def test_split_prefix_attention_equals_broadcast_cache(tiny_lms, arch, kernel, m
     if kernel == "math":
         monkeypatch.setattr(scoring.attention, "MATH_MAX_SCORES", 3 * len(prefix_ids) * lm.model.config.num_attention_heads)
     assert scoring.uses_split_attention(lm.model, "cpu") and scoring.uses_split_attention(lm.model, "cuda")
-    split = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=True)
+    batches = scoring.forward.plan_batches(rows, 4)
+    split = scoring.forward.forward_rows(lm.model, rows, scoring.forward.Prefix(prefix_ids, kv), 0, "cpu", batches,
+                                          split=True)
     assert len(calls) == 2 * lm.model.config.num_hidden_layers * 3  # 2 partial attentions per layer and batch
-    cache = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, split=False)
+    cache = scoring.forward.forward_rows(lm.model, rows, scoring.forward.Prefix(prefix_ids, kv), 0, "cpu", batches,
+                                          split=False)
     assert np.abs(split[0] - cache[0]).max() < 1e-5 and (split[1] == cache[1]).all()
     assert lm.model.config._attn_implementation == "sdpa"  # restored after the split forward
 
@@ -80,8 +83,9 @@ def test_token_budget_batches_and_device_side_gather_match_fixed_batches(tiny_lm
     assert sorted(i for b in batches for i in b) == list(range(len(rows)))
     assert all(len(b) * max(len(rows[i].ids) for i in b) <= budget for b in batches) and len(batches) > 2
     kv = scoring.reuse.encode_prefix(lm.model, prefix_ids, "cpu")
-    fixed = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4)
-    tok = scoring.forward.forward_rows(lm.model, rows, prefix_ids, kv, 0, "cpu", 4, max_tokens=budget)
+    prefix_kv = scoring.forward.Prefix(prefix_ids, kv)
+    fixed = scoring.forward.forward_rows(lm.model, rows, prefix_kv, 0, "cpu", scoring.forward.plan_batches(rows, 4))
+    tok = scoring.forward.forward_rows(lm.model, rows, prefix_kv, 0, "cpu", batches)
     assert np.abs(fixed[0] - tok[0]).max(where=~np.isnan(fixed[0]), initial=0) < 1e-5
     assert (np.isnan(fixed[0]) == np.isnan(tok[0])).all() and (fixed[1] == tok[1]).all()
     for r, sc in zip(rows, fixed[0]):  # each label set's log-prob: summed over its tokens on the full prompt
@@ -327,7 +331,7 @@ def test_contextual_and_batch_calibration_by_hand(tiny_lms, arch):
     lm = tiny_lms[arch]
     ev, pool = _frames(12)
     demos = data.sample_demonstrations(pool, 4, 0)
-    m, preds = scoring.evaluate(lm, ev, GPT3, demos, progress=False, memory=False)
+    m, preds = scoring.evaluate(lm, ev, GPT3, demos, progress=False, extras=("calibration",))
     prefix = patterns.build_prefix(GPT3, demos)
     vids = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in GPT3.verbalizers]
 
@@ -347,3 +351,19 @@ def test_contextual_and_batch_calibration_by_hand(tiny_lms, arch):
     assert m["prior_label1_batch"] == pytest.approx(qb[1], abs=1e-5)
     # batch calibration moves the threshold to where the mean answer is uniform: both labels get predicted
     assert 0 < m["pred_label1_frac_batch"] < 1
+
+
+def test_evaluate_extras_are_what_it_measures_besides_the_scores():
+    """``extras``: the memory probe and the calibrated columns only when asked for; an unknown name is refused
+    before anything is scored."""
+    tok = models.tiny_tokenizer()
+    lm = models.wrap(models.tiny_model("llama", tok), tok)
+    ev, pool = _frames(4)
+    demos = data.sample_demonstrations(pool, 2, 0)
+    plain, _ = scoring.evaluate(lm, ev, GPT3, demos, progress=False, extras=())
+    both, _ = scoring.evaluate(lm, ev, GPT3, demos, progress=False)
+    assert "score_acc_contextual" in both and "score_acc_contextual" not in plain
+    assert both["mem_tensors_peak_mb"] > 0 and not plain["mem_tensors_peak_mb"] > 0
+    assert plain["score_acc"] == both["score_acc"]
+    with pytest.raises(ValueError, match="unknown extras.*calibrate"):
+        scoring.evaluate(lm, ev, GPT3, demos, progress=False, extras=("calibrate",))

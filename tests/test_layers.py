@@ -28,12 +28,7 @@ LAYERS = [
 ]
 MAX_LINES, MAX_PARAMS = 80, 10
 # functions over the limits today (name: (lines, parameters)); each may only shrink, and leaves the list below both
-OVERSIZED = {
-    "distill.teacher.teacher_targets": (48, 12),
-    "scoring.forward.forward_rows": (79, 13),
-    "distill.teacher.teacher_cache_key": (32, 12),
-    "scoring.evaluation.evaluate": (43, 11),
-}
+OVERSIZED: dict = {}
 
 
 def modules() -> dict[str, Path]:

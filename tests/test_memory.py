@@ -83,10 +83,10 @@ def test_batch_memory_depends_on_shapes_not_weights_so_a_kept_measurement_is_exa
     got = {}
     for k in (0, 4):
         demos = data.sample_demonstrations(pool, k, 0)
-        kept, _ = scoring.evaluate(a, ev, GPT3, demos, progress=False, calibration=False)
+        kept, _ = scoring.evaluate(a, ev, GPT3, demos, progress=False, extras=("memory",))
         scoring.scorer._BATCH_MEMORY.clear()
-        fresh, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
-        reused, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, calibration=False)
+        fresh, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, extras=("memory",))
+        reused, _ = scoring.evaluate(b, ev, GPT3, demos, progress=False, extras=("memory",))
         cols = ("mem_tensors_peak_mb", "mem_weights_mb", "mem_work_mb", "mem_method")
         assert [kept[c] for c in cols] == [fresh[c] for c in cols] == [reused[c] for c in cols]
         got[k] = fresh["mem_work_mb"]

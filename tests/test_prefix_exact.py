@@ -187,7 +187,7 @@ def test_self_check_costs_one_forward(lms, arch, monkeypatch):
     hook = lm.model.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                               with_kwargs=True)
     try:
-        m, _ = scoring.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False, memory=False)
+        m, _ = scoring.evaluate(lm, ev, GPT3, demos, batch_size=4, progress=False, extras=("calibration",))
     finally:
         hook.remove()
     assert [s[0] for s in shapes] == [1, 4, 4, 1, 1]  # prefix, 3 batches of queries, the check

@@ -19,10 +19,12 @@ from .config import DistillConfig
 from .export import save_student
 from .losses import distill_loss, divergence, forward_kl, generalized_jsd, gold_ce, reverse_kl, support_logits
 from .student_data import answer_position_logits, collate, student_examples
-from .teacher import answer_token_ids, combine_logp, target_extract, teacher_cache_key, teacher_runtime, teacher_targets
+from .teacher import (TeacherCache, TeacherModel, answer_token_ids, combine_logp, target_extract, teacher_cache_key,
+                      teacher_runtime, teacher_targets)
 from .training import Tracking, train_student, training_step_memory
 
 __all__ = ["config", "export", "losses", "student_data", "teacher", "training", "DistillConfig", "answer_position_logits",
            "answer_token_ids", "collate", "combine_logp", "distill_loss", "divergence", "forward_kl", "generalized_jsd",
-           "gold_ce", "reverse_kl", "save_student", "student_examples", "support_logits", "teacher_cache_key",
+           "gold_ce", "reverse_kl", "save_student", "student_examples", "support_logits", "TeacherCache", "TeacherModel",
+           "teacher_cache_key",
            "target_extract", "teacher_runtime", "teacher_targets", "Tracking", "train_student", "training_step_memory"]

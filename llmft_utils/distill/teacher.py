@@ -9,6 +9,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,26 +62,53 @@ def teacher_runtime(lm) -> dict:
             "capability": probes.device_capability(lm.device)}
 
 
-def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
-                      dtype, device, combine: str | None = None, runtime: dict | None = None) -> str:
+@dataclass(frozen=True)
+class TeacherModel:
+    """Which model computes a teacher, and how: ``id`` (name and source), ``dtype``, ``device`` (only its type
+    enters a key: ``cuda:0`` and ``cuda:1`` compute alike; cpu and cuda, or float32 and bfloat16, do not) and
+    ``runtime`` (:func:`teacher_runtime`: the weights' content hash, torch/transformers versions, device
+    capability; None leaves it out of the key)."""
+    id: str
+    dtype: object = "float32"
+    device: str = "cpu"
+    runtime: dict | None = None
+
+    @classmethod
+    def of(cls, lm, model_id: str) -> TeacherModel:
+        """The loaded model ``lm`` under the name ``model_id``, with its :func:`teacher_runtime`."""
+        return cls(model_id, lm.dtype, lm.device, teacher_runtime(lm))
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """Where a teacher's targets are cached: ``folder/<key>.pt``. ``force``: recompute them and replace the file."""
+    folder: Path
+    key: str
+    force: bool = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / f"{self.key}.pt"
+
+
+def teacher_cache_key(model: TeacherModel, task: str, pattern, k: int, seed: int, demos, examples, cfg: DistillConfig,
+                      combine: str | None = None) -> str:
     """Key of a teacher-cache file: a digest of everything that changes the cached values.
 
-    ``model_id`` (name and source), the teacher's ``dtype`` and ``device`` type (``cuda:0`` and ``cuda:1``
-    compute alike; cpu and cuda, or float32 and bfloat16, do not), the pattern's name, template, verbalizers
-    and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of a registered one),
-    ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with :func:`rows_digest` of their
-    ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id changes the key), the target,
-    ``topk`` (for ``target="topk"`` only), the temperature, ``CACHE_FORMAT`` and ``runtime``
-    (:func:`teacher_runtime`: the weights' content hash, torch/transformers versions, device capability). A teacher ensemble passes
-    ``demos`` as a list of frames (every set's ids and digest enter the key) and its ``combine`` rule. Pure: the
-    same arguments give the same key in every process."""
+    ``model`` (:class:`TeacherModel`: name and source, dtype, device type, runtime), the pattern's name,
+    template, verbalizers and separator (``pattern``: a :class:`~llmft_utils.patterns.Pattern`, or the name of
+    a registered one), ``k``, ``seed``, the ids of ``demos`` and ``examples`` (DataFrames) with
+    :func:`rows_digest` of their ``DEMO_COLUMNS`` / ``QUERY_COLUMNS`` (an edited text under an unchanged id
+    changes the key), the target, ``topk`` (for ``target="topk"`` only), the temperature and
+    ``CACHE_FORMAT``. A teacher ensemble passes ``demos`` as a list of frames (every set's ids and digest
+    enter the key) and its ``combine`` rule. Pure: the same arguments give the same key in every process."""
     p = get_pattern(pattern) if isinstance(pattern, str) else pattern
     sets = list(demos) if isinstance(demos, (list, tuple)) else [demos]
     ids = [[str(i) for i in d["idx"]] for d in sets]
     digests = [rows_digest(d, DEMO_COLUMNS) for d in sets]
     single = not isinstance(demos, (list, tuple))
-    fields = {"format": CACHE_FORMAT, "model": model_id, "task": task,
-              "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+    fields = {"format": CACHE_FORMAT, "model": model.id, "task": task,
+              "dtype": str(model.dtype).removeprefix("torch."), "device": torch.device(model.device).type,
               "pattern": [p.name, p.template, list(p.verbalizers), p.separator], "k": k, "seed": seed,
               "demos": ids[0] if single else ids, "demo_digest": digests[0] if single else digests,
               "examples": [str(i) for i in examples["idx"]],
@@ -89,8 +117,8 @@ def teacher_cache_key(model_id: str, task: str, pattern, k: int, seed: int, demo
               "temperature": cfg.temperature}
     if not single:
         fields["combine"] = combine or "prob"
-    if runtime is not None:  # teacher_runtime(lm): weights hash, library versions, device capability
-        fields["runtime"] = dict(runtime)
+    if model.runtime is not None:  # teacher_runtime(lm): weights hash, library versions, device capability
+        fields["runtime"] = dict(model.runtime)
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -168,11 +196,10 @@ def combine_logp(member_logp, combine: str = "prob") -> torch.Tensor:
     return total - math.log(m) if combine == "prob" else torch.log_softmax(total / m, -1)
 
 
-def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=None, key: str | None = None,
-                    batch_size: int = 8, progress: bool = False, force: bool = False, max_tokens: int = 0,
-                    combine: str = "prob") -> dict:
+def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache: TeacherCache | None = None,
+                    batch_size: int = 8, progress: bool = False, max_tokens: int = 0, combine: str = "prob") -> dict:
     """Teacher log-probs on the target support (temperature applied) for every example, with the
-    demonstrations as a reused prefix. Cached at ``cache_dir/<key>.pt`` when both are given; the
+    demonstrations as a reused prefix. Cached at ``cache.path`` (:class:`TeacherCache`) when given; the
     returned dict has ``logp`` (N, S), ``topk_ids`` (N, K) or None, ``cache_hit`` and ``seconds``.
 
     A **teacher ensemble** passes ``demos`` as a list of m demonstration sets: each prompt's full-vocabulary
@@ -181,13 +208,13 @@ def teacher_targets(lm, pattern, demos, examples, cfg: DistillConfig, cache_dir=
     distribution + rest, or the verbalizers). With one set it equals the single teacher.
 
     A cache file is used only when :func:`cache_problem` finds nothing wrong with it; otherwise (and
-    always with ``force=True``) the targets are recomputed and the file is replaced atomically
+    always with ``cache.force``) the targets are recomputed and the file is replaced atomically
     (:func:`llmft_utils.store.atomic_write`), with a warning that names the file and the reason.
     Non-finite teacher log-probs raise :class:`FloatingPointError` and nothing is written."""
     if combine not in ENSEMBLE_COMBINE:
         raise ValueError(f"unknown ensemble combine {combine!r}; use one of {ENSEMBLE_COMBINE}")
-    path = Path(cache_dir) / f"{key}.pt" if (cache_dir and key) else None
-    if path is not None and path.is_file() and not force:
+    path, key = (cache.path, cache.key) if cache is not None else (None, None)
+    if path is not None and path.is_file() and not cache.force:
         cached = _cached_targets(lm, pattern, examples, cfg, path, key)
         if cached is not None:
             return cached

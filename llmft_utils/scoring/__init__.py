@@ -14,7 +14,7 @@ otherwise that query is scored on its full prompt (counted in ``n_prefix_fallbac
 How the shared prefix is attended to: for Llama- and OPT-style models, on any device, by
 :func:`split_prefix_attention` (the prefix's keys/values are never copied per row; on CPU ~3x faster
 attention than a broadcast cache); otherwise by a key/value cache broadcast over the batch. Inputs go
-to the device once per run and results come back once (:func:`_forward_rows`).
+to the device once per run and results come back once (:func:`forward.forward_rows`).
 
 Exactness: a row is only scored on the reused prefix where that is exact for the model's kind of
 attention (:func:`exact_reuse_length`: unlimited for full attention, within the window for sliding

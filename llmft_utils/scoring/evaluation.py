@@ -51,13 +51,21 @@ def label_metrics(gold, lp, ok) -> tuple[np.ndarray, dict]:
         "ece": expected_calibration_error(gold[ok], lp[ok]) if n else float("nan")}
 
 
+EXTRAS = ("memory", "calibration")  # what evaluate also measures, untimed, unless told otherwise
+
+
 def evaluate(lm, eval_df: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame, batch_size: int = 8,
              reuse_prefix: bool = True, on_too_long: str = "error", progress: bool = True, max_tokens: int = 0,
-             memory: bool = True, calibration: bool = True):
+             extras=EXTRAS):
     """ICL evaluation of ``eval_df`` with the ``demos`` prefix. Returns ``(metrics, predictions)``.
     ``max_tokens > 0``: batches of up to that many padded tokens instead of ``batch_size`` rows.
-    ``memory``: also measure the tensor memory of the largest batch (:func:`largest_batch_memory`; untimed).
-    ``calibration``: also the contextual and batch calibrated predictions (:func:`calibrated_scores`; untimed)."""
+    ``extras``, measured after the timed scoring: ``"memory"``, the tensor memory of the largest batch
+    (:func:`largest_batch_memory`); ``"calibration"``, the contextual and batch calibrated predictions
+    (:func:`calibrated_scores`). ``extras=()``: neither."""
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown extras {sorted(unknown)}; choose from {EXTRAS}")
+    memory, calibration = (e in extras for e in EXTRAS)
     prefix = build_prefix(pattern, demos)
     queries = query_texts(pattern, eval_df, bool(prefix))
     with probe(lm.device) as pr:
@@ -170,7 +178,7 @@ def evaluate_ensemble(lm, eval_df: pd.DataFrame, pattern: Pattern, demo_sets: li
             members.append(known[j])
         else:
             members.append(evaluate(lm, eval_df, pattern, demos, batch_size=batch_size, progress=progress,
-                                    max_tokens=max_tokens, memory=False, calibration=False))
+                                    max_tokens=max_tokens, extras=()))
     m = len(members)
     gold = eval_df["label"].to_numpy()
     ok = ~np.any([p["skipped"].to_numpy(bool) for _, p in members], 0)
@@ -207,7 +215,7 @@ def full_prompt_cost(lm, ev: pd.DataFrame, pattern: Pattern, demos: pd.DataFrame
     if n <= 0 or not len(demos):
         return {}
     m, _ = evaluate(lm, ev.head(n), pattern, demos, batch_size=batch_size, reuse_prefix=False, on_too_long="skip",
-                    progress=False, max_tokens=max_tokens, memory=False, calibration=False)
+                    progress=False, max_tokens=max_tokens, extras=())
     return {"s_per_query_full_prompt": m["s_per_query"], "n_full_prompt_sample": m["n_eval"]}
 
 
@@ -223,7 +231,7 @@ def precision_flips(ref, preds: pd.DataFrame, eval_df: pd.DataFrame, pattern: Pa
     Untimed (not part of the run's cost)."""
     head = eval_df.head(n)
     _, rp = evaluate(ref, head, pattern, demos, batch_size=batch_size, on_too_long="skip", progress=False,
-                     max_tokens=max_tokens, memory=False, calibration=False)
+                     max_tokens=max_tokens, extras=())
     mine = preds.head(len(head))
     ok = ~(mine["skipped"].to_numpy(bool) | rp["skipped"].to_numpy(bool))
     cols = ["logp_label0", "logp_label1"]

@@ -3,6 +3,8 @@ label set, the prefix-reuse self-check, and sharding of batches over processes.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -77,9 +79,15 @@ def _to_device(batches: list[dict], device: str) -> list[dict]:
     return out
 
 
-def forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: int, device: str,
-                  batch_size: int, pbar=None, extract=None, split: bool | None = None, watch: int | None = None,
-                  max_tokens: int = 0, order=None):
+class Prefix(NamedTuple):
+    """The demonstration prefix of a forward: its token ``ids`` and their key/value cache ``kv``
+    (:func:`~llmft_utils.scoring.reuse.encode_prefix`; None: rows are scored as they are, without a prefix)."""
+    ids: list
+    kv: object = None
+
+
+def forward_rows(model, rows: list[Row], prefix: Prefix, pad_id: int, device: str, batches: list[list[int]],
+                  pbar=None, extract=None, split: bool | None = None, watch: int | None = None):
     """Log-prob sums per row and label set, the top-1 token at each row's answer position, ``extract``
     results and the watched row's answer-position log-probs.
 
@@ -92,12 +100,13 @@ def forward_rows(model, rows: list[Row], prefix_ids: list, prefix_kv, pad_id: in
     to the prefix with :func:`split_prefix_attention` (default: where supported); a forward in which it
     ran for fewer layers than the prefix cache has raises RuntimeError (the model would silently have
     scored without the prefix). ``watch``: a row index whose full answer-position log-softmax is the
-    fourth value returned (None without it), for :func:`_check_reuse`. Batches: see :func:`plan_batches`, or
-    ``order`` (lists of row indices) where given: then only those rows are scored, and the others keep
-    NaN scores, top-1 0 and zero ``extract`` results."""
+    fourth value returned (None without it), for :func:`_check_reuse`. ``batches``: lists of row indices
+    (:func:`plan_batches`, or a subset of them): only those rows are scored, and the others keep NaN scores,
+    top-1 0 and zero ``extract`` results."""
+    prefix_ids, prefix_kv = prefix
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
-    order = order or plan_batches(rows, batch_size, max_tokens)
+    order = batches
     batches = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in order]
                          + [{"rows": torch.tensor([i for idx in order for i in idx])}], device)
     where = batches.pop()["rows"]  # row index of each result, in batch order
@@ -177,8 +186,8 @@ def _check_reuse(model, prefix_ids: list, row: Row, scores, answer_logp, pad_id:
     matmuls: 0.0067 (in float32 there it stayed within 1e-3). The tolerances are 60x, 3x, 2x and 7x that.
     A wrong prefix is off by ~0.1-1 nats (a sliding window cutting the prefix) or more (no prefix):
     float32 catches both; half precision only the gross errors."""
-    ref_scores, _, _, ref_logp = forward_rows(model, [standalone_row(row, prefix_ids)], prefix_ids, None, pad_id,
-                                               device, 1, watch=0)
+    ref_scores, _, _, ref_logp = forward_rows(model, [standalone_row(row, prefix_ids)], Prefix(prefix_ids), pad_id,
+                                               device, [[0]], watch=0)
     top = ref_logp.topk(CHECK_TOP).indices
     diffs = np.concatenate([np.abs(scores - ref_scores[0])[~np.isnan(scores)],
                             (answer_logp[top] - ref_logp[top]).abs().numpy()])
@@ -218,8 +227,8 @@ def run_groups(lm, prefix_ids: list, reuse_rows: list, full_rows: list, batch_si
         scores, top1, ex, watched = np.full((len(group), len(group[0].sets)), np.nan), np.zeros(len(group), np.int64), \
             None, None  # a process with no batch (fewer batches than processes) scores nothing
         if mine:
-            scores, top1, ex, watched = forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size,
-                                                      pbar, extract, watch=watch, max_tokens=max_tokens, order=mine)
+            scores, top1, ex, watched = forward_rows(lm.model, group, Prefix(prefix_ids, kv), pad_id, lm.device, mine,
+                                                      pbar, extract, watch=watch)
         if kv is not None:
             _check_reuse(lm.model, prefix_ids, group[watch], scores[watch], watched, pad_id, lm.device)
         if world > 1:

@@ -15,7 +15,7 @@ from ..progress import bar
 from . import attention
 from .attention import uses_split_attention
 from .errors import PromptTooLongError
-from .forward import forward_rows, plan_batches, run_groups
+from .forward import Prefix, forward_rows, plan_batches, run_groups
 from .reuse import encode_prefix, plan_reuse, standalone_row
 from .tokens import Row, build_rows, split_prefix
 
@@ -156,7 +156,7 @@ def largest_batch_memory(lm, prefix_text: str, queries: list[str], verbalizers: 
         if best is not None:
             _, group, b, use_prefix = best
             kv = encode_prefix(lm.model, prefix_ids, lm.device) if (use_prefix and prefix_ids) else None
-            forward_rows(lm.model, group, prefix_ids, kv, pad_id, lm.device, batch_size, order=[b])
+            forward_rows(lm.model, group, Prefix(prefix_ids, kv), pad_id, lm.device, [b])
     if key is not None:
         _BATCH_MEMORY[key] = dataclasses.replace(m, by_kind_mb=dict(m.by_kind_mb or {}))
     return m

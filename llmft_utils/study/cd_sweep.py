@@ -41,7 +41,7 @@ from .. import data, dist, logs
 from ..data import transfer_set
 from ..distill import student_data, teacher, training
 from ..distill.export import run_command, save_student, should_save
-from ..distill.teacher import answer_token_ids, teacher_cache_key, teacher_runtime
+from ..distill.teacher import TeacherCache, TeacherModel, answer_token_ids, teacher_cache_key, teacher_runtime
 from ..distill.training import check_tracker, float32_copy, training_log, training_step_memory
 from ..models import wrap
 from ..patterns import get_pattern
@@ -52,6 +52,7 @@ from .keys import pool_digest, precision_tag
 from .lookup import icl_predictions, icl_runs, missing_icl_runs
 from .paired import agreement, controls_vs, paired_vs
 from .plan import CDPlan, EvalOptions, PlannedStudent
+from .rows import device_columns, eval_set_columns, predictions_file, process_columns, run_columns
 from .schema import StudyTable, read_predictions, write_predictions
 
 log = logs.get(__name__)
@@ -189,10 +190,9 @@ class CDSweep:
     def common_columns(self, key: str, method: str, task: str, es: str, es_in: str, k: int, seed: int) -> dict:
         """The first columns of every cd.csv row, in their order."""
         lm, einfo = self.lm, self.manifest["eval_sets"][es]
-        return {"run_key": key, "method": method, "model": self.model_name, "model_source": lm.source,
-                "device": lm.device, "dtype": lm.dtype, "random_init": lm.source.startswith("random-init"),
-                "n_processes": dist.world()[0], "train_task": task, "task": einfo["task"], "split": einfo["split"],
-                "in_domain": es == es_in, "pattern": self.pattern.name, "k": k, "seed": seed}
+        return {**run_columns(key, method, self.model_name, lm), **device_columns(lm), **process_columns(lm),
+                "train_task": task, "task": einfo["task"], "split": einfo["split"], "in_domain": es == es_in,
+                "pattern": self.pattern.name, "k": k, "seed": seed}
 
     # ------------------------------------------------------------------ a teacher ensemble at inference
 
@@ -217,15 +217,14 @@ class CDSweep:
             metrics, preds = evaluate_ensemble(self.lm, self.frames[es], self.pattern, sets, ens.combine,
                                                batch_size=self.ev.batch_size, progress=self.ev.progress,
                                                max_tokens=self.ev.max_tokens, known=known)
-            pfile = f"predictions/icl_ensemble__{ids_digest([key])}.parquet"
+            pfile = predictions_file("icl_ensemble", key)
             if self.main:
                 write_predictions(preds, self.out_dir / pfile)
             zrow, zpreds = self.icl(es, 0, 0)
             ik, ipreds = self.largest_icl(es, p.seed)
             rows.append({
                 **self.common_columns(key, "icl_ensemble", p.task, es, p.es_in, p.k, p.seed),
-                "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
-                "eval_ids_digest": einfo["ids_digest"], "demo_ids": demo_text, "zeroshot_acc": zrow["score_acc"],
+                **eval_set_columns(einfo), "demo_ids": demo_text, "zeroshot_acc": zrow["score_acc"],
                 "member0_reused": bool(known), **metrics, **paired_vs(preds, zpreds, "zeroshot"),
                 **paired_vs(preds, ipreds, "icl"), "icl_k": ik, "predictions_file": pfile, "profile": self.ev.profile,
                 **self.prov, "student_dir": ""})
@@ -249,10 +248,11 @@ class CDSweep:
         train = self.transfer_of(p.task, p.seed)
         tdemos = self.ensemble_sets(p.task, p.k, p.seed) if p.method == "cd_ensemble" else demos
         pool_name, combine = self.manifest["eval_sets"][p.es_in]["demo_pool"], self.plan.ensemble.combine
-        tkey = teacher_cache_key(f"{self.model_name}:{lm.source}", pool_name, pattern, p.k, p.seed, tdemos, train,
-                                 p.cfg, lm.dtype, lm.device, combine=combine, runtime=self.runtime)
-        teach = teacher.teacher_targets(lm, pattern, tdemos, train, p.cfg, self.out_dir / "teacher_cache", tkey,
-                                        batch_size=self.ev.batch_size, progress=self.ev.progress, force=self.ev.force,
+        model = TeacherModel(f"{self.model_name}:{lm.source}", lm.dtype, lm.device, self.runtime)
+        tkey = teacher_cache_key(model, pool_name, pattern, p.k, p.seed, tdemos, train, p.cfg, combine=combine)
+        teach = teacher.teacher_targets(lm, pattern, tdemos, train, p.cfg,
+                                        TeacherCache(self.out_dir / "teacher_cache", tkey, self.ev.force),
+                                        batch_size=self.ev.batch_size, progress=self.ev.progress,
                                         max_tokens=self.ev.max_tokens, combine=combine)
         demo_text = ";".join(map(str, demos["idx"]))
         if p.method == "cd_ensemble":  # every set, sets separated by '|'
@@ -314,7 +314,7 @@ class CDSweep:
         einfo, frame = self.manifest["eval_sets"][es], self.frames[es]
         metrics, preds = evaluate(slm, frame, self.pattern, frame.iloc[0:0], batch_size=self.ev.batch_size,
                                   progress=self.ev.progress, max_tokens=self.ev.max_tokens)
-        pfile = f"predictions/{p.method}__{ids_digest([key])}.parquet"
+        pfile = predictions_file(p.method, key)
         if self.main:
             write_predictions(preds, self.out_dir / pfile)
         zrow, zpreds = self.icl(es, 0, 0)
@@ -322,8 +322,7 @@ class CDSweep:
         fid = precision_flips(ref, preds, frame, self.pattern, frame.iloc[0:0], self.ev.fidelity_sample,
                               self.ev.batch_size, self.ev.max_tokens) if ref is not None else {}
         row = {**self.common_columns(key, p.method, p.task, es, p.es_in, p.k, p.seed), **train_cols,
-               "eval_full_size": einfo["full_size"], "eval_subsampled": einfo["subsampled"],
-               "eval_ids_digest": einfo["ids_digest"], "demo_ids": demo_text,
+               **eval_set_columns(einfo), "demo_ids": demo_text,
                "zeroshot_acc": zrow["score_acc"], **{f"cfg_{a}": b for a, b in asdict(p.cfg).items()},
                **cost, **metrics, **ag_z, **fid, "predictions_file": pfile, "profile": self.ev.profile, **self.prov}
         self.say(f"  {es}: acc={metrics['score_acc']:.3f} (zero-shot {zrow['score_acc']:.3f}, majority "

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import data, dist, logs
+from .. import data, logs
 from ..distill.training import float32_copy
 from ..models import weights_sha256
 from ..patterns import get_pattern
 from ..progress import RunCounter
 from ..scoring.evaluation import HALF_DTYPES, evaluate, full_prompt_cost, precision_flips
-from ..store import ids_digest, provenance
+from ..store import provenance
 from .keys import icl_key, pool_digest, precision_tag
 from .plan import EvalOptions, ICLPlan
+from .rows import device_columns, eval_set_columns, predictions_file, process_columns, run_columns
 from .schema import StudyTable, write_predictions
 
 log = logs.get(__name__)
@@ -55,16 +56,13 @@ def run_sweep(lm, out_dir, plan: ICLPlan, ev: EvalOptions = EvalOptions()):
                                 ev.max_tokens) if k else {}
         fid = precision_flips(ref, preds, frame, pattern, demos, ev.fidelity_sample, ev.batch_size,
                               ev.max_tokens) if ref is not None else {}
-        pfile = f"predictions/icl__{ids_digest([key])}.parquet"
+        pfile = predictions_file("icl", key)
         write_predictions(preds, out_dir / pfile)
-        row = {"run_key": key, "method": "zero-shot" if k == 0 else "icl", "model": model_name,
-               "model_source": lm.source, "n_params": lm.n_params, "device": lm.device, "dtype": lm.dtype,
-               "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k, "seed": seed,
-               "eval_full_size": info["full_size"], "eval_subsampled": info["subsampled"],
-               "eval_ids_digest": info["ids_digest"], "demo_pool": info["demo_pool"],
+        row = {**run_columns(key, "zero-shot" if k == 0 else "icl", model_name, lm), "n_params": lm.n_params,
+               **device_columns(lm), "task": info["task"], "split": info["split"], "pattern": pattern.name, "k": k,
+               "seed": seed, **eval_set_columns(info), "demo_pool": info["demo_pool"],
                "demo_ids": ";".join(map(str, demos["idx"])), "batch_size": ev.batch_size,
-               "max_batch_tokens": ev.max_tokens, "random_init": lm.source.startswith("random-init"),
-               "n_processes": dist.world()[0], "profile": ev.profile,
+               "max_batch_tokens": ev.max_tokens, **process_columns(lm), "profile": ev.profile,
                "predictions_file": pfile, **metrics, **cost, **fid, **prov}
         table.append([row])
         _report(lm, metrics, fid)
