@@ -543,6 +543,11 @@ def test_teacher_ensemble_sweep_rows_inference_and_student_against_single_prompt
     mix = np.log(np.mean(np.exp(member_lp), 0))
     got = pd.read_parquet(out / ens["predictions_file"])
     np.testing.assert_allclose(got[["logp_label0", "logp_label1"]].to_numpy(), mix, atol=1e-5)
+    for j, lp in enumerate(member_lp):  # each member's own answers are stored with the ensemble's
+        np.testing.assert_allclose(got[[f"member{j}_logp_label0", f"member{j}_logp_label1"]].to_numpy(), lp, atol=1e-5)
+        assert (got[f"member{j}_pred"].to_numpy() == lp.argmax(1)).all()
+    rates = [(lp.argmax(1) == 1).mean() for lp in member_lp]
+    assert (ens["member_label1_frac_min"], ens["member_label1_frac_max"]) == pytest.approx((min(rates), max(rates)))
     assert ens["score_acc"] == (mix.argmax(1) == ev["label"].to_numpy()).mean()
     assert ens["ensemble_m"] == 3 and ens["member0_reused"] and ens["icl_k"] == 4
     assert ens["wall_s"] > single["wall_s"]  # m prompts cost more than one

@@ -376,7 +376,8 @@ def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
     """Teacher ensembles, per evaluation set, training task, k, m and seed: the accuracies (raw and after batch
     calibration) of the zero-shot model, single-prompt ICL at ``icl_k`` (the largest k run, which the tests compare
     with), the ensemble at inference, single-prompt CD and
-    the ensemble student, with the exact McNemar tests the rows carry (:data:`ENSEMBLE_TESTS`: ``p_<a>_vs_<b>``
+    the ensemble student, the members' mean and best accuracy and the range of their label-1 rates (from the
+    ensemble at inference; NaN for rows written before they were recorded), with the exact McNemar tests the rows carry (:data:`ENSEMBLE_TESTS`: ``p_<a>_vs_<b>``
     and ``<a>_vs_<b>``: above / below at p < 0.05, n.s., or not tested)."""
     out = []
     for _, r in runs[runs["method"] == "cd_ensemble"].iterrows():
@@ -392,6 +393,9 @@ def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
                             ("cd", part["cd"]), ("cd_ensemble", pd.DataFrame([r]))):
             for col, suffix in (("score_acc", ""), ("score_acc_batch", "_batch")):
                 row[f"acc_{name}{suffix}"] = float(rows_[col].iloc[-1]) if len(rows_) and col in rows_ else float("nan")
+        ens = part["icl_ensemble"].iloc[-1] if len(part["icl_ensemble"]) else {}
+        for col in ("member_acc_mean", "member_acc_max", "member_label1_frac_min", "member_label1_frac_max"):
+            row[col] = float(ens.get(col, float("nan")))  # the ensemble against its mean and its best member
         row["agree_teacher_cd_ensemble"] = r.get("agree_teacher_student", float("nan"))
         row["agree_teacher_cd"] = float(part["cd"]["agree_teacher_student"].iloc[-1]) if len(part["cd"]) else float("nan")
         for a, b, _ in ENSEMBLE_TESTS:

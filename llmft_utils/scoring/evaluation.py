@@ -171,7 +171,9 @@ def evaluate_ensemble(lm, eval_df: pd.DataFrame, pattern: Pattern, demo_sets: li
     (the single-prompt ICL run of set 0). Returns ``(metrics, predictions)`` like :func:`evaluate`; the cost
     columns add up the members (``wall_s``, ``s_per_query``, prefix and query tokens read per query),
     ``peak_mem_mb`` is the largest member's, and the top-1 format columns are NaN (the combined top-1 token
-    is not formed). Contextual calibration combines the members' content-free answers the same way."""
+    is not formed). The predictions hold each member's too (``member<j>_pred``, ``member<j>_logp_label0/1``) and the
+    metrics the range of the members' label-1 rates. Contextual calibration combines the members' content-free
+    answers the same way."""
     members = []
     for j, demos in enumerate(demo_sets):
         if known and j in known:
@@ -198,9 +200,14 @@ def evaluate_ensemble(lm, eval_df: pd.DataFrame, pattern: Pattern, demo_sets: li
         "peak_mem_delta_mb": float(max(mm["peak_mem_delta_mb"] for mm, _ in members)),
         "mem_kind": members[0][0]["mem_kind"], "ensemble_m": m, "ensemble_combine": combine,
         "member_acc_mean": float(np.mean(accs)), "member_acc_min": float(np.min(accs)),
-        "member_acc_max": float(np.max(accs))})
+        "member_acc_max": float(np.max(accs)),
+        "member_label1_frac_min": float(min(mm["pred_label1_frac"] for mm, _ in members)),
+        "member_label1_frac_max": float(max(mm["pred_label1_frac"] for mm, _ in members))})
     preds = pd.DataFrame({"idx": eval_df["idx"].to_numpy(), "label": gold, "pred": pred, "logp_label0": lp[:, 0],
                           "logp_label1": lp[:, 1], "top1_token": -1, "top1_is_verbalizer": np.nan, "skipped": ~ok})
+    for j, (_, p) in enumerate(members):  # each member's own answers, so its label bias can be checked per example
+        for c in ("pred", "logp_label0", "logp_label1"):
+            preds[f"member{j}_{c}"] = p[c].to_numpy()
     cf = combine_label_logprobs([content_free_logprobs(lm, pattern, build_prefix(pattern, d), batch_size, max_tokens)
                                  for d in demo_sets], combine)
     return _completed(metrics, preds, eval_df, calibrated_scores(lm, pattern, "", lp, ok, gold, cf_lp=cf))

@@ -211,7 +211,8 @@ class CDSweep:
             if str(row0["demo_ids"]) == ";".join(map(str, sets[0]["idx"])):
                 m0 = {c: row0[c] for c in ("score_acc", "wall_s", "s_per_query", "tokens_processed", "prefix_tokens",
                                            "n_prefix_fallback", "query_tokens_mean", "scoring", "peak_mem_mb",
-                                           "peak_mem_delta_mb", "mem_kind", "single_token_verbalizers")}
+                                           "peak_mem_delta_mb", "mem_kind", "single_token_verbalizers",
+                                           "pred_label1_frac")}
                 m0["prefix_reuse_note"] = row0["prefix_reuse_note"] if isinstance(row0["prefix_reuse_note"], str) else ""
                 known[0] = (m0, preds0)
             metrics, preds = evaluate_ensemble(self.lm, self.frames[es], self.pattern, sets, ens.combine,

@@ -169,6 +169,7 @@ CD = TableSchema(
                                                     "member_acc_max mcnemar_p_vs_icl")}},
     optional={**_PROVENANCE_MORE, **_FIDELITY, **cols(
         "str: student_dir teacher_cache_hit teacher_same_demos member0_reused; float: controls_k "
+        "member_label1_frac_min member_label1_frac_max "
         "student_only_right_vs_teacher teacher_only_right agree_teacher_shuffled agree_teacher_self "
         "mcnemar_p_vs_constant_control mcnemar_p_vs_bias_matched_control mcnemar_p_vs_shuffled_control "
         "mcnemar_p_vs_self_control kl_teacher_shuffled kl_teacher_self student_only_right_vs_pbft pbft_only_right "
@@ -190,7 +191,8 @@ CHECKS = {s.name: s for s in [  # notebook 04's tables
         "str: eval_set train_task a b calibration direction; int: k seed n only_a only_b; float: acc_a acc_b p"), migrations=_SAME),
     TableSchema("ensemble_checks.csv", 2, cols(
         "str: eval_set train_task; int: k seed m total_demos; float: acc_zeroshot acc_icl acc_cd acc_cd_ensemble "
-        "acc_icl_ensemble"), migrations=_SAME),
+        "acc_icl_ensemble"), optional=cols("float: member_acc_mean member_acc_max member_label1_frac_min "
+                                           "member_label1_frac_max"), migrations=_SAME),
     TableSchema("break_even.csv", 2, {**_GROUP, **cols(
         "int: n_seeds n_students; float: s_per_query_icl s_per_query_student cd_once_s break_even_cached")}, migrations=_SAME),
     TableSchema("contrasts.csv", 2, cols(
