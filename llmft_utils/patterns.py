@@ -31,6 +31,11 @@ PATTERNS: dict[str, Pattern] = {
     "gpt-3": Pattern("gpt-3", "{premise} question: {hypothesis} Yes or No? answer:", (" Yes", " No")),
     "eval-harness": Pattern("eval-harness", "{premise} \nQuestion: {hypothesis} True or False?\nAnswer:",
                             (" True", " False")),
+    # Not llmft's: the instruction models' own turn format (ChatML, used by SmolLM2-Instruct and Qwen2.5-Instruct;
+    # no system turn). Each demonstration is a user turn and the assistant's answer; the separator closes the
+    # answer's turn, so the query starts with <|im_end|>, a special token no merge can cross.
+    "chatml": Pattern("chatml", "<|im_start|>user\n{premise}\nQuestion: Does this imply that \"{hypothesis}\"? "
+                      "Yes or No?<|im_end|>\n<|im_start|>assistant\n", ("Yes", "No"), separator="<|im_end|>\n"),
 }
 
 

@@ -52,7 +52,7 @@ def test_auto_precision_is_tf32_on_cuda_and_float32_elsewhere(monkeypatch):
 
 def test_tiny_models_build():
     tok = models.tiny_tokenizer()
-    for arch in ("opt", "llama"):
+    for arch in models.TINY_ARCHS:
         m = models.tiny_model(arch, tok)
         assert m.config.vocab_size == len(tok)
     with pytest.raises(ValueError, match="unknown tiny architecture"):
@@ -61,11 +61,13 @@ def test_tiny_models_build():
 
 def test_random_init_shapes_have_the_real_parameter_counts():
     """``random:<shape>`` models have the real models' sizes: SmolLM2-135M as the embedded model loads
-    (n_params in results/reference/icl.csv), OPT-125m and OPT-1.3b as published on the Hub."""
+    (n_params in results/reference/icl.csv), OPT-125m and OPT-1.3b as published on the Hub, Qwen2.5-Coder-0.5B
+    as its fetched GGUF file loads (untied output matrix: 494,032,768 + 151,936 x 896; tests/test_qwen.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    want = {"smollm2-135m": 134_515_008, "opt-125m": 125_239_296, "opt-1.3b": 1_315_758_080}
+    want = {"smollm2-135m": 134_515_008, "opt-125m": 125_239_296, "opt-1.3b": 1_315_758_080,
+            "qwen2.5-coder-0.5b": 630_167_424}
     assert set(want) == set(models.SHAPES)
     for shape, n in want.items():
         with torch.device("meta"):

@@ -37,14 +37,14 @@ def _config(arch: str, vocab: int, window: int = WINDOW):
 
 
 def _lm(arch: str, tok, window: int = WINDOW):
-    if arch in ("opt", "llama"):
+    if arch in models.TINY_ARCHS:  # opt, llama, qwen2 (the structure of qwen2.5-coder-0.5b)
         return models.wrap(models.tiny_model(arch, tok, max_positions=4096), tok, name=f"tiny-{arch}")
     torch.manual_seed(0)
     return models.wrap(transformers.AutoModelForCausalLM.from_config(_config(arch, len(tok), window)), tok,
                        name=f"tiny-{arch}")
 
 
-ARCHS = ["opt", "llama", "gpt2", "mistral", "gemma3-hybrid", "qwen2-hybrid"]
+ARCHS = ["opt", "llama", "qwen2", "gpt2", "mistral", "gemma3-hybrid", "qwen2-hybrid"]
 SLIDING = ("mistral", "gemma3-hybrid", "qwen2-hybrid")
 
 
@@ -147,7 +147,7 @@ def test_split_kernel_that_did_not_run_raises(lms, arch, monkeypatch):
         scoring.evaluate(lms[arch], ev, GPT3, data.sample_demonstrations(pool, 2, seed=0), progress=False)
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2"], ids=["split", "broadcast"])
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "qwen2"], ids=["split", "broadcast", "broadcast-qwen2"])
 @pytest.mark.parametrize("teacher", [False, True], ids=["score", "teacher"])
 def test_self_check_catches_a_corrupted_prefix(lms, arch, teacher, monkeypatch):
     """Prefix values off by one position (the reference, run without the prefix cache, is untouched): the
