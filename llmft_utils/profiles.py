@@ -53,8 +53,8 @@ PROFILES: dict[str, dict] = {
             "cd_ks": [4, 16, 32], "n_transfer": 64, "pbft_n": 16, "pbft_epochs": 4,
             "ensemble_m": 0},  # the timed GPU grid of issue 12; ensembles and the llmft grid are in "full"
     # the main comparison on a model whose ICL is above the majority class (Qwen2.5-Coder-0.5B-Instruct, opt-in:
-    # `make qwen`), sized for <= 60 min on 2 CPU cores (a 630M-parameter model: ~0.3 s per query, ~10.5 s per
-    # training step of 8): five seeds, CD students on MNLI only (their HANS scores are the out-of-domain test),
+    # `make qwen`), sized for <= 60 min on 2 CPU cores with a 15% margin (measured: 48 min of notebooks; a
+    # 630M-parameter model: ~0.3 s per MNLI query, ~10.5 s per training step of 8): five seeds, CD students on MNLI only (their HANS scores are the out-of-domain test),
     # the shuffled control, no PBFT and no ensembles; RTE is scored by ICL only, on 20 rows (01 always
     # prepares it), and nothing is claimed from it; float32 training (no bf16 flip rate has been measured)
     "qwen": {**_COMMON, "profile": "qwen", "model": "qwen2.5-coder-0.5b", "save_students": "first",
@@ -109,7 +109,8 @@ TIMINGS: dict[str, Timing] = {
     "full": Timing(None, "", "", "many hours on 2 CPU cores; never run end to end"),
     "gpu": Timing(35 * 60.0, "one NVIDIA H200", "2026-11", "docs/gpu.md: one seed took 206 s, times ten seeds "
                   "and the larger k", measured=False),
-    "qwen": Timing(None, "", "", "not run yet"),
+    "qwen": Timing(2896.6, "cpu:AMD EPYC x2 threads", "2026-12-07", "results/reference-qwen/run_manifest.json",
+                   setup_s=VENV_SETUP_S),
 }
 TEST_SUITE = Timing(712.0, "cpu:AMD EPYC (AVX2, no AVX512) x2 threads", "2026-12-06", ".ci/run on a clean clone (CI log)",
                     what="of `make test`, set-up included")

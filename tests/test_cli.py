@@ -69,7 +69,7 @@ def test_profiles_verb_equals_list_profiles_and_prints_host_and_date(capsys):
     assert data["smoke"]["parameters"] == profiles.PROFILES["smoke"]
 
 
-@pytest.mark.parametrize("name", ["smoke", "default"])
+@pytest.mark.parametrize("name", ["smoke", "default", "qwen"])
 def test_timings_are_the_committed_manifests(name):
     """The measured times are the run manifests' wall time, host and date, not numbers typed in twice."""
     t = profiles.TIMINGS[name]

@@ -117,10 +117,10 @@ def _doc_rows(path):
     return rows
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+@pytest.mark.parametrize("doc", ["docs/results.md"])
 @pytest.mark.skipif(not (REFERENCE / "summary.csv").is_file(), reason="no committed reference results")
 def test_headline_table_is_the_reference_summary(doc):
-    """Every number of the headline table (README and docs/results.md) is summary.csv's, as rounded there."""
+    """Every number of the SmolLM2 reference's headline table (docs/results.md) is summary.csv's, as rounded there."""
     summary = schema.read_table(REFERENCE / "summary.csv")
     rows = _doc_rows(repo_root() / doc)
     assert len(rows) == 20
@@ -163,3 +163,73 @@ def test_a_verdict_from_one_seed_says_so(tmp_path):
     t = contrasts.contrast_table(one, tmp_path, n_boot=500)
     row = _row(t, "CD − shuffled control, agreement with the teacher")
     assert row["n_seeds"] == 1 and np.isnan(row["ci_seeds_lo"]) and row["verdict"] == "a > b (one seed)"
+
+
+def test_four_questions_take_accuracy_from_the_contrasts_and_cost_per_seed_from_the_rows(tmp_path):
+    """In domain and out of domain are the primary "CD − ICL teacher" rows as they are; time is the student's
+    seconds per query over its own ICL teacher's (same seed), memory the difference of their scoring tensors,
+    each with a t-interval over the seeds, and a verdict only where that interval excludes 1 (or 0)."""
+    runs = _runs(tmp_path, cd_flip=0.3, shuffled_agree=0.6)
+    cost = {"icl": (0.40, 900.0), "cd": (0.10, 300.0)}  # s per query, MB: the student 4x faster, 600 MB less
+    runs["s_per_query"] = [cost.get(m, (0.1, 300.0))[0] * (1 + 0.05 * s) for m, s in zip(runs["method"], runs["seed"])]
+    runs["mem_tensors_peak_mb"] = [cost.get(m, (0.1, 300.0))[1] + 7 * s for m, s in zip(runs["method"], runs["seed"])]
+    runs["n_eval"] = N
+    t = contrasts.contrast_table(runs, tmp_path, n_boot=1000)
+    q = contrasts.four_questions(t, runs).set_index("question")
+    acc = _row(t, "CD − ICL teacher, in domain")
+    assert q.loc["in domain", "estimate"] == acc["estimate"] and q.loc["in domain", "verdict"] == acc["verdict"] == "a < b"
+    assert q.loc["time", "estimate"] == pytest.approx(0.25) and q.loc["time", "ci_hi"] < 1 and q.loc["time", "verdict"] == "a < b"
+    assert q.loc["memory", "estimate"] == pytest.approx(-600) and q.loc["memory", "verdict"] == "a < b"
+    assert (q["n_seeds"] == 3).all() and "out of domain" not in q.index  # no HANS rows here
+    runs.loc[(runs["method"] == "cd") & (runs["seed"] == 2), "s_per_query"] = 1.0  # one seed slower than its teacher
+    q = contrasts.four_questions(t, runs).set_index("question")
+    assert q.loc["time", "ci_lo"] < 1 < q.loc["time", "ci_hi"] and q.loc["time", "verdict"] == "undecided"
+    md = contrasts.four_questions_markdown(contrasts.four_questions(t, runs))
+    assert md.count("\n") == 1 + len(q) and "| time | seconds per query, CD student ÷ ICL teacher |" in md
+
+
+QWEN_REFERENCE = repo_root() / "results" / "reference-qwen"
+
+
+@pytest.mark.skipif(not (QWEN_REFERENCE / "contrasts.csv").is_file(), reason="no committed Qwen reference run")
+def test_the_qwen_reference_answers_the_four_questions_as_the_readme_says():
+    """results/reference-qwen (profile qwen): its contrasts.csv is what its committed predictions give, and the
+    README and docs/results.md show its four-questions table and docs/results.md its contrast tables, as computed."""
+    from llmft_utils.analysis import tables
+
+    runs, _ = tables.evaluated(tables.unify(schema.read_table(QWEN_REFERENCE / "icl.csv"),
+                                            schema.read_table(QWEN_REFERENCE / "cd.csv")))
+    again = contrasts.contrast_table(runs, QWEN_REFERENCE)
+    stored = schema.read_table(QWEN_REFERENCE / "contrasts.csv")
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), stored[again.columns].reset_index(drop=True),
+                                  check_dtype=False, atol=1e-12)
+    table = contrasts.four_questions_markdown(contrasts.four_questions(stored, runs))
+    readme, doc = ((repo_root() / f).read_text() for f in ("README.md", "docs/results.md"))
+    assert table in readme and table in doc
+    assert contrasts.markdown(stored, "primary") in doc and contrasts.markdown(stored, "secondary") in doc
+    assert set(runs["model"]) == {"qwen2.5-coder-0.5b"} and set(runs["seed"]) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.skipif(not (QWEN_REFERENCE / "summary.csv").is_file(), reason="no committed Qwen reference run")
+def test_the_readme_prose_on_the_qwen_run_is_its_files():
+    """The numbers the README's prose quotes about the Qwen run and SmolLM2's prompts, from the committed files."""
+    import json
+
+    readme = " ".join((repo_root() / "README.md").read_text().split())
+    s = schema.read_table(QWEN_REFERENCE / "summary.csv")
+    mnli = s[s["eval_set"] == "mnli/validation_matched"].set_index("method_label")
+    icl, zero = mnli.loc["ICL k=8"], mnli.loc["zero-shot"]
+    assert (f"from {zero['score_acc_mean']:.3f} (zero-shot" in readme and f"to {icl['score_acc_mean']:.3f} "
+            f"[{icl['score_acc_ci_lo']:.3f}, {icl['score_acc_ci_hi']:.3f}] (majority class {icl['majority_acc_mean']:.3f}" in readme)
+    d = schema.read_table(QWEN_REFERENCE / "distribution_checks.csv")
+    assert f"{int((~d['closer_than_teacher_mean'].astype(bool)).sum())} of {len(d)})" in readme
+    b = schema.read_table(QWEN_REFERENCE / "break_even.csv").set_index("eval_set").loc["mnli/validation_matched"]
+    assert f"training ({b['cd_once_s']:.0f} s)" in readme and f"or {b['break_even_full']:.0f} without a prefix cache" in readme
+    assert f"about {round(b['break_even_cached'], -1):,.0f} cached-prefix queries" in readme
+    probe = [json.loads(x) for x in (repo_root() / "benchmarks/results/icl-prompts-smollm2-2026-12-07.jsonl").read_text().splitlines()]
+    chat = {r["k"]: r["acc"] for r in probe if r["pattern"] == "chatml"}
+    assert f"gives {chat[0]:.3f} at k = 0 and {chat[16]:.3f} at k = 16" in readme
+    k32 = [r["acc"] for r in probe if r["k"] == 32]
+    assert f"patterns {min(k32):.3f}–{max(k32):.3f}" in readme
+    cal = [v for r in probe if r["pattern"] == "gpt-3" and r["k"] == 16 for v in (r["acc_batch"], r["acc_contextual"])]
+    assert f"calibrated: {min(cal):.3f}–{max(cal):.3f})" in readme
