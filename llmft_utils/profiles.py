@@ -54,9 +54,10 @@ PROFILES: dict[str, dict] = {
             "ensemble_m": 0},  # the timed GPU grid of issue 12; ensembles and the llmft grid are in "full"
     # the main comparison on a model whose ICL is above the majority class (Qwen2.5-Coder-0.5B-Instruct, opt-in:
     # `make qwen`), sized for <= 60 min on 2 CPU cores with a 15% margin (measured: 48 min of notebooks; a
-    # 630M-parameter model: ~0.3 s per MNLI query, ~10.5 s per training step of 8): five seeds, CD students on MNLI only (their HANS scores are the out-of-domain test),
-    # the shuffled control, no PBFT and no ensembles; RTE is scored by ICL only, on 20 rows (01 always
-    # prepares it), and nothing is claimed from it; float32 training (no bf16 flip rate has been measured)
+    # 630M-parameter model: ~0.3 s per MNLI query, ~10.5 s per training step of 8): five seeds, CD students on
+    # MNLI only (their HANS scores are the out-of-domain test), the shuffled control, no PBFT and no ensembles;
+    # RTE is scored by ICL only, on 20 rows (01 always prepares it), and nothing is claimed from it; float32
+    # training (no bf16 flip rate has been measured)
     "qwen": {**_COMMON, "profile": "qwen", "model": "qwen2.5-coder-0.5b", "save_students": "first",
              "mnli_eval_n": 160, "rte_eval_n": 20, "hans_eval_n": 120, "ks": [0, 8], "seeds": [0, 1, 2, 3, 4],
              "cd_tasks": ["mnli"], "ood_train_tasks": ["mnli"], "controls": ["shuffled"], "control_tasks": ["mnli"],

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import holm, paired_contrast
-from .tables import partner_predictions, partner_rows, read_predictions
+from .tables import partner_predictions, partner_rows, read_predictions, t_ci
 
 EQUIVALENCE_MARGIN = 0.05  # accuracy (or agreement) points: "matches" means |a − b| < 0.05, fixed before any result
 N_BOOT = 4000
@@ -187,28 +187,28 @@ COST_MEASURES = (
 def _cost_rows(runs: pd.DataFrame) -> list[dict]:
     """Time and memory of each CD group on its in-domain set: per seed the student's value against its ICL
     teacher's (same model, pattern, set, k and seed), then the mean and a 95% t-interval over seeds."""
-    from .tables import t_ci
-
     out = []
     cd = runs[runs["method"] == "cd"]
     cd = cd[[_selected(r, "in_domain") for _, r in cd.iterrows()]] if len(cd) else cd
     keys = ["model", "pattern", "eval_set", "train_task", "k", "config"]
     for question, col, kind, measure in COST_MEASURES:
+        if col not in runs:  # tables written before the column was recorded
+            continue
         for vals, rows in cd.groupby(keys, sort=True, dropna=False):
             per_seed = {}
             for _, r in rows.iterrows():
                 teacher = partner_rows(runs, "icl", r)
-                if len(teacher) and col in r and pd.notna(r[col]) and pd.notna(teacher[col].iloc[-1]):
-                    a, b = float(r[col]), float(teacher[col].iloc[-1])
+                a, b = r[col], teacher[col].iloc[-1] if len(teacher) else np.nan
+                if pd.notna(a) and pd.notna(b):
                     per_seed[int(r["seed"])] = a / b if kind == "ratio" else a - b
             if not per_seed:
                 continue
-            est, lo, hi = t_ci(list(per_seed.values()))
+            est, lo, hi = t_ci(list(per_seed.values()))  # one seed: NaN bounds, so undecided below
             null = 1.0 if kind == "ratio" else 0.0
             said = "a < b" if hi < null else ("a > b" if lo > null else "undecided")
-            out.append({"question": question, "measure": measure, **dict(zip(keys, vals)), "n_seeds": len(per_seed),
-                        "n_examples": int(rows["n_eval"].iloc[0]), "estimate": est, "ci_lo": lo, "ci_hi": hi,
-                        "interval": "95% t-interval over seeds", "verdict": said if len(per_seed) > 1 else "undecided"})
+            out.append({"question": question, "measure": measure, "kind": kind, **dict(zip(keys, vals)),
+                        "n_seeds": len(per_seed), "n_examples": int(rows["n_eval"].iloc[0]), "estimate": est,
+                        "ci_lo": lo, "ci_hi": hi, "interval": "95% t-interval over seeds", "verdict": said})
     return out
 
 
@@ -222,7 +222,7 @@ def four_questions(contrasts: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     for question, name in acc:
         sel = contrasts[contrasts["contrast"] == name] if len(contrasts) else contrasts
         for _, r in sel.iterrows():
-            rows.append({"question": question, "measure": "accuracy, CD student − ICL teacher",
+            rows.append({"question": question, "measure": "accuracy, CD student − ICL teacher", "kind": "difference",
                          **{c: r[c] for c in ("model", "pattern", "eval_set", "train_task", "k", "config", "n_seeds",
                                               "n_examples", "estimate", "ci_lo", "ci_hi")},
                          "interval": "95% two-way bootstrap, seeds and examples", "verdict": r["verdict"]})
@@ -235,8 +235,9 @@ def four_questions_markdown(table: pd.DataFrame) -> str:
     lines = ["| question | measure | eval set (k) | seeds × examples | estimate | 95% interval | over | verdict |",
              "|" + "---|" * 8]
     for _, r in table.iterrows():
-        est = f"{r['estimate']:.2f}×" if "÷" in r["measure"] else f3(r["estimate"])
-        ci = (f"[{r['ci_lo']:.2f}, {r['ci_hi']:.2f}]" if "÷" in r["measure"] else f"[{f3(r['ci_lo'])}, {f3(r['ci_hi'])}]")
+        ratio = r["kind"] == "ratio"
+        est = f"{r['estimate']:.2f}×" if ratio else f3(r["estimate"])
+        ci = f"[{r['ci_lo']:.2f}, {r['ci_hi']:.2f}]" if ratio else f"[{f3(r['ci_lo'])}, {f3(r['ci_hi'])}]"
         lines.append(f"| {r['question']} | {r['measure']} | {r['eval_set']} ({int(r['k'])}) | {int(r['n_seeds'])} × "
                      f"{int(r['n_examples'])} | {est} | {ci} | {r['interval'].removeprefix('95% ')} | {r['verdict']} |")
     return "\n".join(lines)

@@ -26,5 +26,5 @@ from .training import Tracking, train_student, training_step_memory
 __all__ = ["config", "export", "losses", "student_data", "teacher", "training", "DistillConfig", "answer_position_logits",
            "answer_token_ids", "collate", "combine_logp", "distill_loss", "divergence", "forward_kl", "generalized_jsd",
            "gold_ce", "reverse_kl", "save_student", "student_examples", "support_logits", "TeacherCache", "TeacherModel",
-           "teacher_cache_key",
-           "target_extract", "teacher_runtime", "teacher_targets", "Tracking", "train_student", "training_step_memory"]
+           "teacher_cache_key", "target_extract", "teacher_runtime", "teacher_targets", "Tracking", "train_student",
+           "training_step_memory"]

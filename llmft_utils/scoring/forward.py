@@ -106,12 +106,11 @@ def forward_rows(model, rows: list[Row], prefix: Prefix, pad_id: int, device: st
     prefix_ids, prefix_kv = prefix
     P = len(prefix_ids) if prefix_kv is not None else 0
     split = bool(P) and (uses_split_attention(model, device) if split is None else split)
-    order = batches
-    batches = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in order]
-                         + [{"rows": torch.tensor([i for idx in order for i in idx])}], device)
-    where = batches.pop()["rows"]  # row index of each result, in batch order
+    inputs = _to_device([_batch_inputs([rows[i] for i in idx], pad_id) for idx in batches]
+                        + [{"rows": torch.tensor([i for idx in batches for i in idx])}], device)
+    where = inputs.pop()["rows"]  # row index of each result, in batch order
     sums, tops, ext, finite, watched = [], [], [], torch.ones((), dtype=torch.bool, device=device), None
-    for idx, bt in zip(order, batches):
+    for idx, bt in zip(batches, inputs):
         B, L = bt["ids"].shape
         mask = bt["mask"]
         pos = (mask.cumsum(1) - 1).clamp(min=0) + P
