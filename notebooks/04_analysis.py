@@ -200,7 +200,11 @@ if paired:
 # student (`cd_ensemble`, the same transfer queries as CD) it answers at zero-shot cost. Per seed and
 # evaluation set, exact McNemar tests on the same examples: the ensemble student against single-prompt CD, against
 # single-prompt ICL at the largest k run (`icl_k`) and against its teacher; the ensemble at inference
-# against single-prompt ICL (`ensemble_checks.csv`). The finding below is written from these numbers.
+# against single-prompt ICL (`ensemble_checks.csv`). The finding below is written from these numbers. Then the
+# ensemble at inference against its own members, from the member predictions it stores
+# (`ensemble_members.csv`): its mean member (difference with a 95% interval over the examples) and its best
+# member (exact McNemar; the best is picked on these same examples, which favours it), and each member's
+# label-1 rate, which says whether the members' label biases could cancel.
 
 # %%
 ens = tables.ensemble_checks(runs)
@@ -210,6 +214,12 @@ if len(ens):
             "acc_cd_ensemble", "cd_ensemble_vs_cd", "cd_ensemble_vs_icl", "cd_ensemble_vs_teacher", "icl_ensemble_vs_icl"]
     print(ens[show].round(3).to_string(index=False))
 print(tables.ensemble_finding(ens))
+members = tables.ensemble_members(runs, out)
+if len(members):
+    schema.write_table(members, out / "ensemble_members.csv")
+    print(members[["eval_set", "seed", "m", "acc_icl_ensemble", "acc_member_mean", "ensemble_minus_mean_member",
+                   "ci_lo", "ci_hi", "acc_member_best", "p_vs_best_member", "vs_best_member", "member_label1_fracs",
+                   "gold_label1_frac"]].round(3).to_string(index=False))
 
 # %% [markdown]
 # ## Accuracy against the number of demonstrations

@@ -399,3 +399,60 @@ def test_training_cost_legend_names_every_bar_colour():
     fig = plots.training_cost(tables.unify(_icl_rows(), _cd_rows()))
     names = {t.get_text() for t in fig.legends[0].get_texts()}
     assert {"training: CD", "training: PBFT"} <= names and any(n.startswith("teacher caching") for n in names)
+
+
+def _ensemble_fixture(tmp_path, member_right, ensemble_right, label1=None):
+    """One icl_ensemble row whose prediction file stores members with the given per-example correctness."""
+    n = len(ensemble_right)
+    gold = np.zeros(n, dtype=int) if label1 is None else np.asarray(label1)
+    flip = lambda right: np.where(np.asarray(right, bool), gold, 1 - gold)  # noqa: E731
+    preds = pd.DataFrame({"idx": np.arange(n), "label": gold, "pred": flip(ensemble_right),
+                          "logp_label0": -0.5, "logp_label1": -0.9, "skipped": False})
+    for j, right in enumerate(member_right):
+        preds[f"member{j}_pred"] = flip(right)
+    (tmp_path / "predictions").mkdir(exist_ok=True)
+    preds.to_parquet(tmp_path / "predictions" / "ens.parquet")
+    return pd.DataFrame([{"method": "icl_ensemble", "eval_set": "mnli/validation_matched", "train_task": "mnli",
+                          "k": 4, "seed": 0, "ensemble_m": len(member_right), "predictions_file": "predictions/ens.parquet"}])
+
+
+def test_ensemble_members_compares_with_the_mean_and_the_best_member(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    best = rng.random(n) < 0.75
+    members = [rng.random(n) < 0.5, best, rng.random(n) < 0.55]
+    ens = best.copy()
+    ens[:60] = ~best[:60]  # 60 discordant pairs against the best member, split by where best was right
+    runs = _ensemble_fixture(tmp_path, members, ens)
+    row = tables.ensemble_members(runs, tmp_path).iloc[0]
+    accs = [m.mean() for m in members]
+    assert row["best_member"] == 1 and row["acc_member_best"] == pytest.approx(max(accs))
+    assert row["acc_member_mean"] == pytest.approx(np.mean(accs))
+    assert row["ensemble_minus_mean_member"] == pytest.approx(ens.mean() - np.mean(accs))
+    assert row["ci_lo"] < row["ensemble_minus_mean_member"] < row["ci_hi"]
+    only_e, only_b = int((ens & ~best).sum()), int((~ens & best).sum())
+    assert (row["only_ensemble_right"], row["only_best_right"]) == (only_e, only_b) and only_e + only_b == 60
+    assert row["vs_best_member"] == ("below" if row["p_vs_best_member"] < 0.05 else "n.s.") and only_b > only_e
+    assert row["member_accs"] == ";".join(f"{a:.4f}" for a in accs)
+    # label-1 rates: every gold label is 0 here, so a member's label-1 rate is its error rate
+    assert row["member_label1_fracs"] == ";".join(f"{1 - a:.4f}" for a in accs)
+    # rows written before member predictions were stored are left out, not guessed
+    pd.read_parquet(tmp_path / "predictions" / "ens.parquet").drop(
+        columns=[f"member{j}_pred" for j in range(3)]).to_parquet(tmp_path / "predictions" / "ens.parquet")
+    assert tables.ensemble_members(runs, tmp_path).empty
+
+
+F32 = repo_root() / "results" / "reference-f32-seed0"
+
+
+@pytest.mark.skipif(not (F32 / "predictions").is_dir(), reason="no committed float32 run")
+def test_committed_ensemble_members_recompute_from_the_predictions():
+    runs, _ = tables.evaluated(tables.unify(schema.read_table(F32 / "icl.csv"), schema.read_table(F32 / "cd.csv")))
+    again = tables.ensemble_members(runs, F32)
+    pd.testing.assert_frame_equal(again, schema.read_table(F32 / "ensemble_members.csv"), check_dtype=False)
+    row = again.iloc[0]
+    doc = (repo_root() / "docs" / "results.md").read_text()
+    for quoted in (f"{row['acc_icl_ensemble']:.3f}", f"{row['acc_member_mean']:.3f}", f"{row['acc_member_best']:.3f}",
+                   f"{row['ensemble_minus_mean_member']:+.3f} [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}]",
+                   f"p = {row['p_vs_best_member']:.2f}"):
+        assert quoted in doc, quoted

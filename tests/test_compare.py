@@ -180,3 +180,79 @@ def test_a_cache_from_another_capability_is_recomputed(tiny_lms, tmp_path, monke
     k2 = distill.teacher_cache_key(distill.TeacherModel.of(lm, "tiny"), "rte", "gpt-3", 4, 0, demos, ev, cfg)
     assert k2 != k1 and not distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k2))["cache_hit"]
     assert np.isfinite(distill.teacher_targets(lm, pat, demos, ev, cfg, distill.TeacherCache(tmp_path, k2))["logp"].numpy()).all()
+
+
+def _as_float32_run(src: Path, dest: Path) -> Path:
+    """``src`` as if its students had trained in float32: cfg_mixed_precision 'no' and another recipe digest in
+    every student key (what a real float32 run's keys hold), predictions unchanged."""
+    b = _clone(src, dest)
+    cd = pd.read_csv(b / "cd.csv")
+    student = cd["cfg_mixed_precision"].notna()
+    cd.loc[student, "cfg_mixed_precision"] = "no"
+    parts = cd.loc[student, "run_key"].str.split("|")
+    cd.loc[student, "run_key"] = parts.map(lambda p: "|".join(p[:7] + ["f32digest00"] + p[8:]))
+    cd.to_csv(b / "cd.csv", index=False)
+    return b
+
+
+def _flip(path: Path, n: int) -> None:
+    p = pd.read_parquet(path)
+    p.loc[p.index[:n], "pred"] = 1 - p.loc[p.index[:n], "pred"]
+    p.to_parquet(path)
+
+
+def test_across_precision_matches_students_on_everything_but_the_field(ref_copy, tmp_path, capsys):
+    b = _as_float32_run(ref_copy, tmp_path / "b")
+    assert not len(compare.compare_rows(compare.load_runs(ref_copy), compare.load_runs(b), ref_copy, b,
+                                        compare.TOLERANCES["loose"])[0].query("kind == 'trained'"))  # keys differ
+    x = compare.compare_across(ref_copy, b, "mixed_precision")
+    assert x.values == {"a": ["bf16"], "b": ["no"]} and not x.only_a and not x.only_b
+    rates = x.rates()
+    assert rates["inference"]["rows"] == 14 and rates["trained"]["rows"] == 26 and rates["noise"]["rows"] == 6
+    assert rates["trained"]["flipped"] == 0 and x.within_bar
+    # 3% of one CD row: the pooled rate stays far under 2%, the row under 5%: within; 6% of it: that row is over
+    cd_row = _row_file(b, "cd")
+    _flip(cd_row, 12)  # 12 of 400
+    x = compare.compare_across(ref_copy, b, "mixed_precision")
+    assert x.rates()["trained"]["flipped"] == 12 and x.rates()["trained"]["max_row_flip_rate"] == pytest.approx(0.03)
+    assert x.within_bar
+    p = pd.read_parquet(cd_row)
+    p.loc[p.index[:24], "pred"] = 1 - pd.read_parquet(_row_file(ref_copy, "cd")).loc[p.index[:24], "pred"]
+    p.to_parquet(cd_row)
+    x = compare.compare_across(ref_copy, b, "mixed_precision")
+    assert x.rates()["trained"]["max_row_flip_rate"] == pytest.approx(0.06) and not x.within_bar
+    # the noise-driven self control is shown, not counted
+    _flip(_row_file(b, "cd_self"), 200)
+    assert compare.compare_across(ref_copy, b).rates()["noise"]["flipped"] == 200
+    assert compare.compare_across(ref_copy, b).rates()["trained"]["flipped"] == 24
+    # the CLI: exit 1 when not within the bar, 2 when the runs share the field's value, JSON written
+    out = tmp_path / "x.json"
+    assert pipeline.main(["compare", str(ref_copy), str(b), "--across", "mixed_precision", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "NOT within" in text and "bf16" in text
+    assert json.loads(out.read_text())["within_bar"] is False
+    assert pipeline.main(["compare", str(ref_copy), str(ref_copy), "--across", "mixed_precision"]) == 2
+    assert pipeline.main(["compare", str(ref_copy), str(b), "--across", "no_such_field"]) == 2
+
+
+F32 = REFERENCE.parent / "reference-f32-seed0"
+
+
+@pytest.mark.skipif(not (F32 / "predictions").is_dir(), reason="no committed float32 run")
+def test_the_committed_bf16_against_float32_measurement_is_its_files():
+    """The measurement behind the profiles' float32 training (results/reproducibility/default_bf16_vs_float32.*)
+    recomputes from the two committed runs, and the numbers the README and the docs quote are its numbers."""
+    x = compare.compare_across(REFERENCE, F32, "mixed_precision")
+    r = x.rates()
+    assert (r["trained"]["rows"], r["trained"]["flipped"], r["trained"]["predictions"]) == (7, 173, 3040)
+    assert r["inference"]["flipped"] == 0 and r["inference"]["predictions"] == 2437 and not x.within_bar
+    stored = json.loads((REFERENCE.parent / "reproducibility" / "default_bf16_vs_float32.json").read_text())
+    for kind, numbers in r.items():
+        assert stored["rates"][kind] == pytest.approx(numbers), kind
+    assert stored["within_bar"] is False
+    pooled, worst = f"{r['trained']['flip_rate']:.1%}", f"{r['trained']['max_row_flip_rate']:.0%}"
+    root = REFERENCE.parent.parent
+    for doc in ("README.md", "docs/reproducibility.md", "docs/performance.md"):
+        text = (root / doc).read_text()
+        assert f"{r['trained']['flipped']} of {r['trained']['predictions']}" in text and pooled in text \
+            and worst in text, doc

@@ -233,3 +233,49 @@ def test_the_readme_prose_on_the_qwen_run_is_its_files():
     assert f"patterns {min(k32):.3f}–{max(k32):.3f}" in readme
     cal = [v for r in probe if r["pattern"] == "gpt-3" and r["k"] == 16 for v in (r["acc_batch"], r["acc_contextual"])]
     assert f"calibrated: {min(cal):.3f}–{max(cal):.3f})" in readme
+
+
+@pytest.mark.skipif(not (QWEN_REFERENCE / "train_log.csv").is_file(), reason="no committed Qwen reference run")
+def test_the_qwen_training_diagnosis_is_its_files():
+    """Why the Qwen student does not move toward its teacher (README, docs/results.md): the first-step loss jump in
+    the reference's CD students, the 32-step follow-up and the learning rates tried on the development split."""
+    root = repo_root()
+    readme, doc = (root / "README.md").read_text(), (root / "docs" / "results.md").read_text()
+    log = pd.read_csv(QWEN_REFERENCE / "train_log.csv")
+    cd = log[log["student"].str.startswith("cd|")].groupby("student")
+    first, second, last = cd["loss"].nth(0), cd["loss"].nth(1), cd.tail(1)["loss"]
+    span = lambda s, f: f"{f(s.min())}–{f(s.max())}"  # noqa: E731
+    two = lambda v: f"{v:.2f}"  # noqa: E731
+    one = lambda v: f"{v:.1f}"  # noqa: E731
+    assert len(first) == 5 and span(first, two) == "0.05–0.13" and span(second, one) == "3.9–7.4"
+    assert span(last, two) == "0.04–0.59" and (cd["lr"].nth(0) == 3e-5).all()
+    grad = cd["grad_norm"]
+    assert f"{grad.nth(1).min():.0f}–{grad.nth(1).max():.0f}" == "261–457"
+    assert f"{grad.nth(0).min():.0f}–{grad.nth(0).max():.0f}" == "26–54"
+    for text in (readme, doc):
+        assert "0.05–0.13" in text and "3.9–7.4" in text
+    assert "261–457" in doc and "26–54" in doc and "0.04–0.59" in doc
+    # the 32-step follow-up (two seeds)
+    part = root / "results" / "qwen-n64-partial"
+    long_log = pd.read_csv(part / "train_log.csv").groupby("student")
+    assert (long_log["lr"].nth(0) == 7.5e-6).all() and (long_log.size() == 32).all()
+    jumps = sorted(f"{v:.1f}" for v in long_log["loss"].nth(1))
+    assert f"to {jumps[0]} and {jumps[1]} nats" in doc
+    rows = pd.read_csv(part / "cd.csv")
+    mnli = rows[rows["task"] == "mnli"].sort_values("seed")
+    assert list(mnli["n_train"]) == [64, 64] and list(mnli["seed"]) == [0, 1]
+    assert f"end at {mnli['score_acc'].iloc[0]:.4f} and {mnli['score_acc'].iloc[1]:.3f}" in doc
+    assert f"teachers at {mnli['teacher_acc'].iloc[0]:.3f} and {mnli['teacher_acc'].iloc[1]:.4f}" in doc
+    # the learning rates on the development split
+    sel = pd.read_csv(root / "results" / "recipe_selection_qwen" / "selection.csv").set_index("candidate")
+    kl = [f"{sel.loc[c, 'kl_teacher_student']:.3f}" for c in ("lr3e-06", "lr1e-05", "lr3e-05")]
+    agree = [f"{sel.loc[c, 'agree_teacher_student']:.3f}" for c in ("lr3e-06", "lr1e-05", "lr3e-05")]
+    assert all(float(k) > sel["kl_teacher_zeroshot"].iloc[0] for k in kl)
+    assert f"{', '.join(kl)} against the zero-shot model's {sel['kl_teacher_zeroshot'].iloc[0]:.3f}" in doc
+    assert f"agreement {', '.join(agree)} against {sel['agree_teacher_zeroshot'].iloc[0]:.3f}" in doc
+    import json
+    choice = json.loads((root / "results" / "recipe_selection_qwen" / "choice.json").read_text())
+    best = sel.loc[choice["chosen"]]
+    assert choice["chosen"] == "lr1e-06" and f"(agreement {best['agree_teacher_student']:.3f}, KL " \
+        f"{best['kl_teacher_student']:.3f})" in doc
+    assert f"{choice['wall_s'] / 60:.0f} min" in doc and f"({best['teacher_acc']:.3f}; majority" in doc

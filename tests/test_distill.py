@@ -87,12 +87,16 @@ def test_topk_target_without_teacher_ids_says_what_to_do():
 
 
 def test_the_recipe_default_lives_in_distill_config():
-    """DistillConfig's defaults are the study's recipe: the default profile states none of it (only bf16 autocast),
-    and recipe_params / config_from_params are inverses."""
+    """DistillConfig's defaults are the study's recipe: the CPU profiles state none of it (float32 training since bf16
+    autocast failed its flip bar; only the gpu profile adds bf16 autocast), and recipe_params / config_from_params
+    are inverses."""
     from llmft_utils.profiles import PROFILES
     from llmft_utils.study.plan import config_from_params, recipe_params
 
-    assert config_from_params(PROFILES["default"]) == distill.DistillConfig(mixed_precision="bf16")
+    for name in ("default", "qwen"):
+        assert config_from_params(PROFILES[name]) == distill.DistillConfig(), name
+    assert config_from_params(PROFILES["full"]) == distill.DistillConfig(epochs=2)
+    assert config_from_params(PROFILES["gpu"]) == distill.DistillConfig(mixed_precision="bf16")
     cfg = distill.DistillConfig(target="full", topk=7, loss="jsd", temperature=2.0, alpha=0.5, epochs=3, batch_size=2,
                                 lr=1e-3, lr_schedule="constant", mixed_precision="bf16", lora_r=4)
     assert config_from_params(recipe_params(cfg)) == cfg

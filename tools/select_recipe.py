@@ -1,6 +1,7 @@
 """Choose the CD recipe on the development split (``llmft_utils.selection``; the rule is in its docstring).
 
     python tools/select_recipe.py --profile default --out results/recipe_selection      # ~10 min on 2 cores
+    python tools/select_recipe.py --profile qwen --seeds 0 --lrs 3e-5,3e-6,1e-6 --out results/recipe_selection_qwen
 
 Prepares the profile's data with its ``dev_n`` (the same development rows notebook 01 holds out of the
 pools), scores the teacher (largest ``cd_k``) and zero-shot model there, trains one CD student per
@@ -29,7 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="default", choices=sorted(pipeline.PROFILES))
     ap.add_argument("--out", default="results/recipe_selection")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--lrs", default="", help="instead of the module's candidates, the profile's recipe at each of "
+                    "these peak learning rates (comma-separated, in order of preference on ties), e.g. 3e-5,1e-5,3e-6")
     a = ap.parse_args(argv)
+    candidates = ({f"lr{float(x):g}": {"lr": float(x)} for x in a.lrs.split(",")} if a.lrs
+                  else selection.CANDIDATES)
     p = dict(pipeline.PROFILES[a.profile])
     out = Path(a.out)
     work = out / "work"
@@ -38,10 +43,11 @@ def main(argv=None) -> int:
     data.prepare_study_data(work, data.STUDY_EVAL_SETS, sizes, data_dir=p["data_dir"] or None, seed=p["eval_seed"],
                             dev_n=p["dev_n"])
     lm = models.load_model(p["model"], device=p["device"], dtype=p["dtype"])
-    table = selection.run_selection(lm, work, p, seeds=[int(s) for s in a.seeds.split(",")], progress=False)
-    choice = selection.choose(table, selection.CANDIDATES)
+    table = selection.run_selection(lm, work, p, candidates, seeds=[int(s) for s in a.seeds.split(",")], progress=False)
+    choice = selection.choose(table, candidates)
     keep = ["candidate", "task", "split", "seed", "k", "n_eval", "score_acc", "agree_teacher_student",
-            "kappa_teacher_student", "kl_teacher_student", "agree_teacher_zeroshot", "non_verbalizer_frac",
+            "kappa_teacher_student", "kl_teacher_student", "agree_teacher_zeroshot", "kl_teacher_zeroshot",
+            "non_verbalizer_frac",
             "teacher_non_verbalizer_frac", "format_gap", "teacher_acc", "zeroshot_acc", "train_s",
             *[c for c in table if c.startswith("recipe_")]]
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +58,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: choice[k] for k in ("chosen", "format_criterion_met", "rule", "recipe")}, indent=1))
     for c, v in choice["candidates"].items():
         print(f"{c:16s} format gap by task {v['format_gap_by_task']}  agreement {v['agree_teacher_mean']:.3f}  "
-              f"kappa {v['kappa_teacher_mean']:.3f}  dev acc {v['dev_acc_mean']:.3f}")
+              f"kappa {v['kappa_teacher_mean']:.3f}  KL {v['kl_teacher_mean']:.4f}  dev acc {v['dev_acc_mean']:.3f}")
     return 0
 
 

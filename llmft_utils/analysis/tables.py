@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..stats import kl_per_example, mcnemar_exact, verbalizer_logp
+from ..stats import kl_per_example, mcnemar_exact, paired_contrast, verbalizer_logp
 from ..study import schema
 
 
@@ -405,6 +405,46 @@ def ensemble_checks(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"p_{a}_vs_{b}"] = pval
             row[f"{a}_vs_{b}"] = _direction(get(f"student_only_right_vs_{b}"), get(f"{b}_only_right"), pval)
         out.append(row)
+    return pd.DataFrame(out)
+
+
+def ensemble_members(runs: pd.DataFrame, root) -> pd.DataFrame:
+    """Each teacher ensemble at inference against its own members, on the same examples (from the member
+    predictions its file stores: ``member<j>_pred``; rows written before they were stored are left out):
+
+    - the mean member: ``ensemble_minus_mean_member`` = mean over examples of (ensemble right − share of members
+      right), with its 95% bootstrap interval over the examples and two-sided p (:func:`llmft_utils.stats.paired_contrast`);
+    - the best member (the most accurate on these very examples, so the comparison favours the member): exact
+      McNemar, ``p_vs_best_member`` and ``vs_best_member`` (above / below at p < 0.05, n.s.);
+    - each member's accuracy and label-1 rate (``member_accs``, ``member_label1_fracs``): members biased to
+      opposite labels would show rates on both sides of the gold rate."""
+    out = []
+    for _, r in runs[runs["method"] == "icl_ensemble"].iterrows():
+        preds = read_predictions(root, r.get("predictions_file"))
+        if preds is None or "member0_pred" not in preds:
+            continue
+        if "skipped" in preds:
+            preds = preds[~preds["skipped"].astype(bool)]
+        m = int(r["ensemble_m"])
+        gold = preds["label"].to_numpy()
+        member_pred = np.stack([preds[f"member{j}_pred"].to_numpy() for j in range(m)])
+        member_right = member_pred == gold
+        right = preds["pred"].to_numpy() == gold
+        accs = member_right.mean(1)
+        best = int(np.argmax(accs))
+        vs_mean = paired_contrast((right - member_right.mean(0))[None, :])
+        mc = mcnemar_exact(right, member_right[best])
+        out.append({"eval_set": r["eval_set"], "train_task": r["train_task"], "k": int(r["k"]), "seed": int(r["seed"]),
+                    "m": m, "n": int(len(gold)), "gold_label1_frac": float(gold.mean()),
+                    "acc_icl_ensemble": float(right.mean()),
+                    "member_accs": ";".join(f"{a:.4f}" for a in accs),
+                    "member_label1_fracs": ";".join(f"{f:.4f}" for f in member_pred.mean(1)),
+                    "acc_member_mean": float(accs.mean()), "ensemble_minus_mean_member": vs_mean["estimate"],
+                    "ci_lo": vs_mean["ci_lo"], "ci_hi": vs_mean["ci_hi"], "p_vs_mean_member": vs_mean["p"],
+                    "best_member": best, "acc_member_best": float(accs[best]),
+                    "only_ensemble_right": mc["only_a"], "only_best_right": mc["only_b"],
+                    "p_vs_best_member": mc["p"],
+                    "vs_best_member": _direction(mc["only_a"], mc["only_b"], mc["p"])})
     return pd.DataFrame(out)
 
 

@@ -193,6 +193,10 @@ CHECKS = {s.name: s for s in [  # notebook 04's tables
         "str: eval_set train_task; int: k seed m total_demos; float: acc_zeroshot acc_icl acc_cd acc_cd_ensemble "
         "acc_icl_ensemble"), optional=cols("float: member_acc_mean member_acc_max member_label1_frac_min "
                                            "member_label1_frac_max"), migrations=_SAME),
+    TableSchema("ensemble_members.csv", 2, cols(
+        "str: eval_set train_task member_accs member_label1_fracs vs_best_member; int: k seed m n best_member "
+        "only_ensemble_right only_best_right; float: gold_label1_frac acc_icl_ensemble acc_member_mean "
+        "ensemble_minus_mean_member ci_lo ci_hi p_vs_mean_member acc_member_best p_vs_best_member"), migrations=_SAME),
     TableSchema("break_even.csv", 2, {**_GROUP, **cols(
         "int: n_seeds n_students; float: s_per_query_icl s_per_query_student cd_once_s break_even_cached")}, migrations=_SAME),
     TableSchema("contrasts.csv", 2, cols(

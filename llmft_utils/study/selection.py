@@ -72,7 +72,9 @@ def run_selection(lm, out_dir, p: dict, candidates: dict = CANDIDATES, tasks=Non
                                             ood_train_tasks=(), controls=(), ensemble=EnsembleSpec(),
                                             save_students="none", log_with="")
         got = run_cd_sweep(lm, out_dir, cd, ev.narrowed(batch_size=q["batch_size"], model_name=q["model"]))
-        rows.append(got.assign(candidate=name, **{f"recipe_{a}": q[a] for a in RECIPE_KEYS}))
+        tags = pd.DataFrame({"candidate": name, **{f"recipe_{a}": [q[a]] * len(got) for a in RECIPE_KEYS}},
+                            index=got.index)
+        rows.append(pd.concat([got, tags], axis=1))  # one concat: no fragmented frame from many inserts
     table = pd.concat(rows, ignore_index=True)
     icl_rows = read_table(out_dir / "icl.csv")
     teach = icl_rows[icl_rows["k"] == k].set_index(["task", "seed"])["non_verbalizer_frac"]
@@ -86,7 +88,7 @@ def choose(table: pd.DataFrame, candidates=None, max_gap: float = FORMAT_GAP) ->
     candidate's per-task format gap and mean agreement with the teacher."""
     order = list(candidates or dict.fromkeys(table["candidate"]))
     per = table.groupby(["candidate", "task"])[["format_gap", "agree_teacher_student", "score_acc",
-                                                 "kappa_teacher_student"]].mean()
+                                                 "kappa_teacher_student", "kl_teacher_student"]].mean()
     summary = {}
     for c in order:
         g = per.loc[c]
@@ -94,6 +96,7 @@ def choose(table: pd.DataFrame, candidates=None, max_gap: float = FORMAT_GAP) ->
                       "worst_format_gap": float(g["format_gap"].max()),
                       "agree_teacher_mean": float(g["agree_teacher_student"].mean()),
                       "kappa_teacher_mean": float(g["kappa_teacher_student"].mean()),
+                      "kl_teacher_mean": float(g["kl_teacher_student"].mean()),
                       "dev_acc_mean": float(g["score_acc"].mean())}
     keep = [c for c in order if summary[c]["worst_format_gap"] <= max_gap]
     if keep:
