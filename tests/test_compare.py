@@ -256,3 +256,21 @@ def test_the_committed_bf16_against_float32_measurement_is_its_files():
         text = (root / doc).read_text()
         assert f"{r['trained']['flipped']} of {r['trained']['predictions']}" in text and pooled in text \
             and worst in text, doc
+
+
+def test_across_another_recipe_field_reports_flips_without_a_bar(ref_copy, tmp_path, capsys):
+    """--across lr: rows matched on everything but the lr, flips reported; the precision bar does not apply."""
+    b = _clone(ref_copy, tmp_path / "b")
+    cd = pd.read_csv(b / "cd.csv")
+    student = cd["cfg_lr"].notna()
+    cd.loc[student, "cfg_lr"] = cd.loc[student, "cfg_lr"] * 10
+    cd.loc[student, "run_key"] = cd.loc[student, "run_key"].str.split("|").map(
+        lambda p: "|".join(p[:7] + ["lrdigest000"] + p[8:]))
+    cd.to_csv(b / "cd.csv", index=False)
+    _flip(_row_file(b, "cd"), 40)
+    x = compare.compare_across(ref_copy, b, "lr")
+    assert x.bar is None and x.within_bar is None and x.rates()["trained"]["flipped"] == 40
+    assert not x.only_a and not x.only_b
+    assert pipeline.main(["compare", str(ref_copy), str(b), "--across", "lr"]) == 0
+    out = capsys.readouterr().out
+    assert "across lr" in out and "bar for a bf16" not in out
