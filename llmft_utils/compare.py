@@ -34,6 +34,7 @@ import pandas as pd
 from . import store
 from .analysis import tables
 from .study import schema
+from .study.keys import with_recipe
 
 INFERENCE_METHODS = ("zero-shot", "icl", "icl_ensemble")
 # Students whose training signal is zero up to rounding: the self-distillation control learns the zero-shot
@@ -346,12 +347,10 @@ class PrecisionBar:
 
 
 PRECISION_BAR = PrecisionBar()
-RECIPE_PART = 7  # a student key's recipe digest: method|model|task|pattern|k|seed|n|RECIPE|pool|precision|...
-
 
 def rekey_across(runs: pd.DataFrame, field: str) -> pd.DataFrame:
-    """``runs`` with each student row's recipe digest (:data:`RECIPE_PART` of its key) replaced by its recipe
-    without ``field`` (every ``cfg_*`` column but ``cfg_<field>``), so that two runs differing in that one
+    """``runs`` with each student row's recipe digest (:func:`~llmft_utils.study.keys.with_recipe`) replaced by its
+    recipe without ``field`` (every ``cfg_*`` column but ``cfg_<field>``), so that two runs differing in that one
     recipe field match row for row. Rows without a recipe (zero-shot, ICL, teacher ensembles) keep their key."""
     cfg = sorted(c for c in runs.columns if c.startswith("cfg_") and c != f"cfg_{field}")
     if f"cfg_{field}" not in runs.columns:
@@ -360,9 +359,8 @@ def rekey_across(runs: pd.DataFrame, field: str) -> pd.DataFrame:
     for i, row in runs.iterrows():
         if pd.isna(row[f"cfg_{field}"]) or row[f"cfg_{field}"] == "":
             continue
-        parts = str(row["run_key"]).split("|")
-        parts[RECIPE_PART] = "recipe-but-" + field + ":" + ",".join(f"{c[4:]}={_text(row[c])}" for c in cfg)
-        out.at[i, "run_key"] = "|".join(parts)
+        recipe = "recipe-but-" + field + ":" + ",".join(f"{c[4:]}={_text(row[c])}" for c in cfg)
+        out.at[i, "run_key"] = with_recipe(str(row["run_key"]), recipe)
     return out
 
 

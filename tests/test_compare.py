@@ -10,6 +10,7 @@ import torch
 import toy_data
 
 from llmft_utils import compare, data, distill, models, patterns, pipeline, probes, store
+from llmft_utils.study import keys
 from llmft_utils.study.plan import EvalOptions, ICLPlan
 
 REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
@@ -189,8 +190,7 @@ def _as_float32_run(src: Path, dest: Path) -> Path:
     cd = pd.read_csv(b / "cd.csv")
     student = cd["cfg_mixed_precision"].notna()
     cd.loc[student, "cfg_mixed_precision"] = "no"
-    parts = cd.loc[student, "run_key"].str.split("|")
-    cd.loc[student, "run_key"] = parts.map(lambda p: "|".join(p[:7] + ["f32digest00"] + p[8:]))
+    cd.loc[student, "run_key"] = cd.loc[student, "run_key"].map(lambda k: keys.with_recipe(k, "f32digest00"))
     cd.to_csv(b / "cd.csv", index=False)
     return b
 
@@ -199,6 +199,13 @@ def _flip(path: Path, n: int) -> None:
     p = pd.read_parquet(path)
     p.loc[p.index[:n], "pred"] = 1 - p.loc[p.index[:n], "pred"]
     p.to_parquet(path)
+
+
+def test_with_recipe_replaces_the_recipe_digest_of_a_student_key():
+    base = lambda recipe: keys.student_key_base("cd", "m", "mnli", "gpt-3", 16, 0, 64, recipe, "abc", "float32@cpu")  # noqa: E731
+    assert keys.with_recipe(base("41af743ac0"), "other") == base("other")
+    row = keys.eval_key(base("41af743ac0") + "|m4-prob", "mnli/validation_matched", "e0")
+    assert keys.with_recipe(row, "other") == keys.eval_key(base("other") + "|m4-prob", "mnli/validation_matched", "e0")
 
 
 def test_across_precision_matches_students_on_everything_but_the_field(ref_copy, tmp_path, capsys):
@@ -264,8 +271,7 @@ def test_across_another_recipe_field_reports_flips_without_a_bar(ref_copy, tmp_p
     cd = pd.read_csv(b / "cd.csv")
     student = cd["cfg_lr"].notna()
     cd.loc[student, "cfg_lr"] = cd.loc[student, "cfg_lr"] * 10
-    cd.loc[student, "run_key"] = cd.loc[student, "run_key"].str.split("|").map(
-        lambda p: "|".join(p[:7] + ["lrdigest000"] + p[8:]))
+    cd.loc[student, "run_key"] = cd.loc[student, "run_key"].map(lambda k: keys.with_recipe(k, "lrdigest000"))
     cd.to_csv(b / "cd.csv", index=False)
     _flip(_row_file(b, "cd"), 40)
     x = compare.compare_across(ref_copy, b, "lr")

@@ -36,6 +36,18 @@ def student_key_base(method: str, model_name: str, task: str, pattern: str, k: i
     return f"{method}|{model_name}|{task}|{pattern}|k{k}|s{seed}|n{n_train}|{recipe}|pool{pool}|{precision}"
 
 
+# where the recipe digest sits in a student key (and in every row key built on it), read off the key itself
+_RECIPE_PART = student_key_base("", "", "", "", 0, 0, 0, "\x00", "", "").split("|").index("\x00")
+
+
+def with_recipe(key: str, recipe: str) -> str:
+    """A student row's key (:func:`student_key_base`, :func:`eval_key`) with its recipe digest replaced by
+    ``recipe``: ``llmft-study compare --across`` matches two runs' students on everything else this way."""
+    parts = key.split("|")
+    parts[_RECIPE_PART] = recipe
+    return "|".join(parts)
+
+
 def eval_key(key_base: str, es: str, eval_digest: str) -> str:
     """The run key of a student's row on evaluation set ``es``."""
     return f"{key_base}|{es}|eval{eval_digest}"
